@@ -1,0 +1,1 @@
+"""radflow Prefect flows and the ``radflow`` command line."""

@@ -1,0 +1,78 @@
+"""``radflow demo``: sample studies → simulator → screening flow → a summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from flows.progress import run_with_progress
+from flows.screen import screen
+from simulator.process import running_simulator
+from simulator.samples import build_sample_folder
+
+__all__ = ["run_demo"]
+
+DEMO_KEY_ENV = "RADFLOW_DEMO_KEY"
+
+
+def demo_config(base_url: str, language: str) -> dict:
+    """Both panel models pointed at the simulator, as a user would point them at a gateway."""
+    return {
+        "language": language,
+        "preprocess": {"max_edge": 1024, "window": "auto"},
+        "models": [
+            {"name": "gpt-4o", "provider": "openai", "model": "gpt-4o",
+             "base_url": base_url + "/v1", "api_key_env": DEMO_KEY_ENV, "max_concurrency": 8,
+             "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
+            {"name": "claude", "provider": "anthropic", "model": "claude-sonnet-4-5",
+             "base_url": base_url, "api_key_env": DEMO_KEY_ENV, "max_concurrency": 8,
+             "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}},
+        ],
+    }
+
+
+def summary_table(dest: Path) -> Table:
+    table = Table(title="radflow demo — SIMULATED readings (test double), not medical opinions")
+    for col in ("study", "modality", "consensus", "urgency", "agreement", "review", "tokens", "cost $"):
+        table.add_column(col, justify="right" if col in ("agreement", "tokens", "cost $") else "left")
+    for path in sorted(dest.glob("studies/*/report.json")):
+        r = json.loads(path.read_text())
+        c = r["consensus"]
+        modality = ", ".join(sorted({i["modality"] or "?" for i in r["images"]}))
+        verdict = {True: "[red]abnormal", False: "[green]normal", None: "no reading"}[c["abnormal"]]
+        tokens = sum(x["input_tokens"] + x["output_tokens"] for x in r["readings"])
+        table.add_row(
+            "…" + r["study_instance_uid"][-22:], modality, verdict, c["urgency"] or "-",
+            f"{c['agreement']:.0%}", "yes" if c["needs_review"] else "no", str(tokens),
+            f"{r['cost_usd']:.4f}",
+        )
+    return table
+
+
+def run_demo(out: Path, *, synthetic: int, latency: float, language: str) -> None:
+    console = Console()
+    samples, dest = out / "samples", out / "reports"
+    made = build_sample_folder(samples, synthetic=synthetic)
+    console.print(f"sample folder {samples}: {len(made)} files "
+                  f"({sum('synthetic' in k for k in made)} synthetic, "
+                  f"{sum(k.startswith('real/') for k in made)} from pydicom-data, 1 non-DICOM)")
+    with running_simulator("--latency", str(latency), "--seed", "7") as sim:
+        console.print(f"simulator (test double) on {sim.url}")
+        config = out / "radflow.yaml"
+        config.write_text(yaml.safe_dump(demo_config(sim.url, language), sort_keys=False))
+        os.environ.setdefault(DEMO_KEY_ENV, "demo-key-not-secret")
+        summary = run_with_progress(screen(str(samples), str(dest), str(config), force=True))
+    console.print(summary_table(dest))
+    console.print(
+        f"{summary.reported} reports, {summary.errors} error records, {summary.model_calls} "
+        f"model calls, {summary.input_tokens + summary.output_tokens} tokens, "
+        f"${summary.cost_usd:.4f} (simulated)\n"
+        f"reports: {dest}/studies/<StudyInstanceUID>/report.json and report.md\n"
+        f"errors:  {dest}/errors/   run summary: {dest}/runs/{summary.run_id}.json",
+        highlight=False,
+    )

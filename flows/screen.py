@@ -1,0 +1,127 @@
+"""The screening flow: discover → (per study: preprocess → diagnose → consensus → report) → summary."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from tasks.config import load_settings
+from tasks.diagnose import Panel, load_prompt
+from tasks.discover import Inventory, Study, discover_studies
+from tasks.report import report_key, write_error, write_run_summary
+from tasks.schema import ErrorRecord, RunSummary
+from tasks.storage import Store, open_store, read_json
+from tasks.study import StudyOutcome, screen_study
+
+__all__ = ["progress_hook", "screen"]
+
+# The CLI sets this to drive its progress bar: called with (done, total, outcome or None).
+progress_hook: ContextVar[Callable[[int, int, StudyOutcome | None], None] | None] = ContextVar(
+    "radflow_progress_hook", default=None
+)
+
+
+def _already_reported(dest: Store, study: Study) -> bool:
+    previous = read_json(dest, report_key(study.study_instance_uid))
+    return bool(previous) and previous.get("inputs_fingerprint") == study.fingerprint
+
+
+def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
+    return [
+        ErrorRecord(source=i.ref.uri, reason=f"study {study.study_instance_uid} failed: {reason}",
+                    kind="StudyFailed", stage="screen", study_instance_uid=study.study_instance_uid)
+        for i in study.instances
+    ]
+
+
+@flow(name="screen", flow_run_name="screen-{source}", log_prints=True)
+async def screen(
+    source: str,
+    out: str,
+    config: str | None = None,
+    limit: int | None = None,
+    force: bool = False,
+) -> RunSummary:
+    """Screen every study under ``source`` and write reports under ``out``.
+
+    Studies already reported from the same inputs are skipped unless ``force``.
+    """
+    logger = get_run_logger()
+    started = datetime.now(UTC)
+    settings = load_settings(config)
+    src, dest = open_store(source), open_store(out)
+    inventory: Inventory = await asyncio.to_thread(discover_studies, src)
+    for record in inventory.errors:
+        write_error(dest, record)
+    studies = inventory.studies[:limit] if limit else inventory.studies
+    pending = [s for s in studies if force or not _already_reported(dest, s)]
+    skipped = len(studies) - len(pending)
+    logger.info("%d studies, %d to read, %d already reported", len(studies), len(pending), skipped)
+
+    summary = RunSummary(
+        run_id=str(flow_run.get_id() or started.strftime("%Y%m%dT%H%M%S")),
+        source=source,
+        dest=out,
+        studies=len(studies),
+        skipped=skipped,
+        errors=len(inventory.errors),
+        started_at=started,
+    )
+    hook = progress_hook.get()
+    if hook:
+        hook(0, len(pending), None)
+    if pending:
+        prompt = load_prompt(settings.language)
+        panel = Panel(settings)
+        window = asyncio.Semaphore(settings.max_studies_in_flight)
+
+        async def one(study: Study) -> StudyOutcome:
+            async with window:
+                state = await screen_study(
+                    study, src, dest, settings, panel, prompt, return_state=True
+                )
+            if state.is_completed():
+                return await state.aresult()
+            reason = state.message or "unknown error"
+            records = _failed_study_errors(study, reason)
+            for record in records:
+                write_error(dest, record)
+            return StudyOutcome(study.study_instance_uid, None, records)
+
+        try:
+            for done, next_outcome in enumerate(asyncio.as_completed([one(s) for s in pending]), 1):
+                outcome = await next_outcome
+                _add(summary, outcome)
+                if hook:
+                    hook(done, len(pending), outcome)
+        finally:
+            await panel.aclose()
+    summary.finished_at = datetime.now(UTC)
+    key = write_run_summary(dest, summary)
+    logger.info(
+        "reported %d of %d studies (%d skipped, %d degraded, %d for review, %d errors), "
+        "%d model calls, $%.4f; summary at %s",
+        summary.reported, summary.studies, summary.skipped, summary.degraded,
+        summary.needs_review, summary.errors, summary.model_calls, summary.cost_usd, key,
+    )
+    return summary
+
+
+def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
+    summary.errors += len(outcome.errors)
+    report = outcome.report
+    if report is None:
+        return
+    summary.reported += 1
+    summary.degraded += report.status == "degraded"
+    summary.needs_review += report.consensus.needs_review
+    summary.model_calls += len(report.readings)
+    summary.input_tokens += sum(r.input_tokens for r in report.readings)
+    summary.output_tokens += sum(r.output_tokens for r in report.readings)
+    summary.cost_usd = round(summary.cost_usd + report.cost_usd, 6)
+    summary.simulated = summary.simulated or report.simulated

@@ -1,0 +1,326 @@
+"""HTTP server of the simulator: POST /v1/chat/completions (OpenAI), POST /v1/messages
+(Anthropic), GET /stats. A TEST DOUBLE: every answer names ``radflow-simulator`` as its model
+and says in its rationale that it is simulated."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from simulator.vision import Profile, anthropic_image_tokens, judge, openai_image_tokens
+
+__all__ = ["Faults", "SimState", "create_app", "parse_faults"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_PREFIX = "radflow-simulator/"
+FAULT_KINDS = ("429", "500", "timeout", "malformed", "refusal")
+
+_TEXT = {
+    "en": {
+        "finding": "SIMULATED: focal bright lesion",
+        "differential": ["SIMULATED: mass", "SIMULATED: nodule", "SIMULATED: artefact"],
+        "exam": "SIMULATED: contrast-enhanced follow-up",
+        "rationale": "radflow simulator (test double), not a medical opinion: bright-blob "
+        "detector {seen}, answer drawn with sensitivity {sens:.2f} and specificity {spec:.2f}.",
+        "seen": ("saw a lesion", "saw no lesion"),
+        "refusal": "SIMULATED refusal: I can't help with that.",
+    },
+    "ko": {
+        "finding": "시뮬레이션: 국소 고음영 병변",
+        "differential": ["시뮬레이션: 종괴", "시뮬레이션: 결절", "시뮬레이션: 인공물"],
+        "exam": "시뮬레이션: 조영 증강 추적 검사",
+        "rationale": "radflow 시뮬레이터(테스트용 대역)의 답이며 의학적 소견이 아닙니다: 밝은 "
+        "병변 검출기가 {seen}, 민감도 {sens:.2f}, 특이도 {spec:.2f}로 답을 정했습니다.",
+        "seen": ("병변을 보았고", "병변을 보지 못했고"),
+        "refusal": "시뮬레이션 거절: 도와드릴 수 없습니다.",
+    },
+}
+
+
+def parse_faults(spec: str | None) -> dict[str, float]:
+    """``429:0.1,500:0.05,timeout:0.02,malformed:0.05,refusal:0.02`` → rates per kind."""
+    rates: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        kind, _, rate = part.partition(":")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f'unknown fault "{kind}" (known: {", ".join(FAULT_KINDS)})')
+        try:
+            value = float(rate)
+        except ValueError:
+            raise ValueError(f'fault "{kind}" needs a rate like {kind}:0.1, got "{part}"') from None
+        if not 0 <= value <= 1:
+            raise ValueError(f'fault rate for "{kind}" must be in [0, 1], got {value}')
+        rates[kind] = value
+    if sum(rates.values()) > 1:
+        raise ValueError(f"fault rates add up to more than 1: {spec}")
+    return rates
+
+
+@dataclass
+class Faults:
+    rates: dict[str, float] = field(default_factory=dict)
+    retry_after: float = 1.0
+    timeout_sleep: float = 60.0
+
+
+@dataclass
+class SimState:
+    """Counters the tests read through GET /stats."""
+
+    seed: int = 0
+    latency: float = 0.0
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    faults: Faults = field(default_factory=Faults)
+    requests: Counter = field(default_factory=Counter)
+    answered: Counter = field(default_factory=Counter)
+    injected: Counter = field(default_factory=Counter)
+    in_flight: Counter = field(default_factory=Counter)
+    peak_in_flight: Counter = field(default_factory=Counter)
+    attempts: Counter = field(default_factory=Counter)
+    bodies: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    record_bodies: bool = False
+
+    def profile(self, model: str) -> Profile:
+        return self.profiles.get(model, self.profiles.get("*", Profile()))
+
+
+def _language(system_text: str) -> str:
+    return "ko" if any("\uac00" <= ch <= "\ud7a3" for ch in system_text) else "en"
+
+
+def _fault(state: SimState, body: bytes) -> str | None:
+    """Seeded per request body and attempt: a retried request draws again."""
+    key = hashlib.sha256(body).hexdigest()
+    state.attempts[key] += 1
+    digest = hashlib.sha256(f"{state.seed}\0{key}\0{state.attempts[key]}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for kind in FAULT_KINDS:
+        edge += state.faults.rates.get(kind, 0.0)
+        if u < edge:
+            return kind
+    return None
+
+
+def _fill(schema: dict, values: dict) -> dict:
+    """An instance of ``schema`` (an object schema) using ``values`` for the known fields."""
+    out = {}
+    for name, prop in schema.get("properties", {}).items():
+        if name in values:
+            out[name] = values[name]
+        elif "enum" in prop:
+            out[name] = prop["enum"][0]
+        else:
+            out[name] = {"string": "", "array": [], "boolean": False, "integer": 0,
+                         "number": 0.0, "object": {}}.get(prop.get("type"), None)
+    return out
+
+
+def _reading(pngs: list[bytes], model: str, lang: str, state: SimState) -> dict:
+    profile = state.profile(model)
+    v = judge(pngs, model, profile, state.seed)
+    t = _TEXT[lang]
+    return {
+        "abnormal": v.abnormal,
+        "findings": [t["finding"]] if v.abnormal else [],
+        "differentials": t["differential"] if v.abnormal else [],
+        "urgency": v.urgency,
+        "recommended_exams": [t["exam"]] if v.abnormal else [],
+        "rationale": t["rationale"].format(
+            seen=t["seen"][0 if v.lesion else 1], sens=profile.sensitivity,
+            spec=profile.specificity,
+        ),
+    }
+
+
+def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(
+        {"type": "error", "error": {"type": kind, "message": f"radflow simulator: {message}"}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _authorised(request: Request) -> bool:
+    bearer = request.headers.get("authorization", "")
+    return bool(request.headers.get("x-api-key") or bearer.removeprefix("Bearer ").strip())
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(png)).size
+
+
+def _text_tokens(text: str) -> int:
+    return math.ceil(len(text.encode()) / 4)
+
+
+def create_app(state: SimState) -> Starlette:
+    async def guarded(request: Request, protocol: str) -> JSONResponse:
+        if not _authorised(request):
+            return _error(401, "missing API key", "authentication_error")
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+            model = str(body["model"])
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "body must be JSON with a model", "invalid_request_error")
+        state.requests[model] += 1
+        if state.record_bodies:
+            state.bodies[model].append(raw.decode("utf-8", "replace"))
+        state.in_flight[model] += 1
+        state.peak_in_flight[model] = max(state.peak_in_flight[model], state.in_flight[model])
+        try:
+            if state.latency:
+                await asyncio.sleep(state.latency)
+            fault = _fault(state, raw)
+            if fault:
+                state.injected[fault] += 1
+            if fault == "429":
+                return _error(429, "rate limited (injected)", "rate_limit_error",
+                              {"retry-after": f"{state.faults.retry_after:g}"})
+            if fault == "500":
+                return _error(500, "server error (injected)", "api_error")
+            if fault == "timeout":
+                await asyncio.sleep(state.faults.timeout_sleep)
+                return _error(504, "timed out (injected)", "timeout_error")
+            handler = _openai if protocol == "openai" else _anthropic
+            response = handler(body, model, state, fault)
+            state.answered[model] += 1
+            return response
+        finally:
+            state.in_flight[model] -= 1
+
+    async def chat_completions(request: Request) -> JSONResponse:
+        return await guarded(request, "openai")
+
+    async def messages(request: Request) -> JSONResponse:
+        return await guarded(request, "anthropic")
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse({
+            "test_double": True,
+            "requests": dict(state.requests),
+            "answered": dict(state.answered),
+            "injected": dict(state.injected),
+            "in_flight": dict(state.in_flight),
+            "peak_in_flight": dict(state.peak_in_flight),
+        })
+
+    async def bodies(request: Request) -> JSONResponse:
+        return JSONResponse(dict(state.bodies))
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "test_double": True})
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/stats", stats, methods=["GET"]),
+        Route("/bodies", bodies, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+    ])
+
+
+def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONResponse:
+    system, pngs, tokens_in = "", [], 0
+    for msg in body.get("messages", []):
+        content = msg.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
+            if part.get("type") == "text":
+                tokens_in += _text_tokens(part["text"])
+                if msg.get("role") in ("system", "developer"):
+                    system += part["text"]
+            elif part.get("type") == "image_url":
+                url = part["image_url"]["url"]
+                png = base64.b64decode(url.split(",", 1)[1])
+                pngs.append(png)
+                tokens_in += openai_image_tokens(*_png_size(png), part["image_url"].get("detail", "high"))
+    lang = _language(system)
+    message: dict = {"role": "assistant", "content": None, "refusal": None}
+    if fault == "refusal":
+        message["refusal"] = _TEXT[lang]["refusal"]
+        text = message["refusal"]
+    else:
+        fmt = body.get("response_format") or {}
+        schema = fmt.get("json_schema", {}).get("schema") if fmt.get("type") == "json_schema" else None
+        reading = _reading(pngs, model, lang, state)
+        text = json.dumps(_fill(schema, reading) if schema else reading, ensure_ascii=False)
+        if fault == "malformed":
+            text = text[: len(text) // 2]
+        message["content"] = text
+    tokens_out = _text_tokens(text)
+    return JSONResponse({
+        "id": f"chatcmpl-sim-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": MODEL_PREFIX + model,
+        "system_fingerprint": "radflow-simulator-test-double",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
+                  "total_tokens": tokens_in + tokens_out},
+    })
+
+
+def _anthropic(body: dict, model: str, state: SimState, fault: str | None) -> JSONResponse:
+    system = body.get("system") or ""
+    if isinstance(system, list):
+        system = "".join(b.get("text", "") for b in system)
+    tokens_in, pngs = _text_tokens(system), []
+    for msg in body.get("messages", []):
+        content = msg.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
+            if part.get("type") == "text":
+                tokens_in += _text_tokens(part["text"])
+            elif part.get("type") == "image":
+                png = base64.b64decode(part["source"]["data"])
+                pngs.append(png)
+                tokens_in += anthropic_image_tokens(*_png_size(png))
+    lang = _language(system)
+    tools = {t["name"]: t for t in body.get("tools", [])}
+    choice = body.get("tool_choice") or {}
+    tool = tools.get(choice.get("name")) if choice.get("type") == "tool" else None
+    if fault == "refusal":
+        content, stop = [{"type": "text", "text": _TEXT[lang]["refusal"]}], "refusal"
+    else:
+        reading = _reading(pngs, model, lang, state)
+        if tool:
+            payload = _fill(tool["input_schema"], reading)
+            if fault == "malformed":
+                payload = {"abnormal": "perhaps"}
+            content = [{"type": "tool_use", "id": f"toolu_sim_{uuid.uuid4().hex[:12]}",
+                        "name": tool["name"], "input": payload}]
+            stop = "tool_use"
+        else:
+            text = json.dumps(reading, ensure_ascii=False)
+            content = [{"type": "text", "text": text[: len(text) // 2] if fault else text}]
+            stop = "end_turn"
+    tokens_out = _text_tokens(json.dumps(content, ensure_ascii=False))
+    return JSONResponse({
+        "id": f"msg_sim_{uuid.uuid4().hex[:12]}",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL_PREFIX + model,
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
+    })

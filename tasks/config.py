@@ -1,0 +1,197 @@
+"""radflow settings: one pydantic model loaded from YAML (``--config``, ``$RADFLOW_CONFIG``,
+``./radflow.yaml``, else the built-in defaults)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+
+__all__ = [
+    "Gateway",
+    "Language",
+    "ModelConfig",
+    "PreprocessConfig",
+    "Price",
+    "Provider",
+    "ReviewConfig",
+    "Settings",
+    "WindowName",
+    "load_settings",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Provider(StrEnum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+class Language(StrEnum):
+    KO = "ko"
+    EN = "en"
+
+
+class WindowName(StrEnum):
+    """How stored values become display grey levels (see ``tasks.preprocess``)."""
+
+    AUTO = "auto"
+    HEADER = "header"
+    NONE = "none"
+    LUNG = "lung"
+    MEDIASTINUM = "mediastinum"
+    BONE = "bone"
+    BRAIN = "brain"
+    ABDOMEN = "abdomen"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Price(_Strict):
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million input tokens")
+    output_per_mtok: float = Field(0.0, ge=0, description="USD per million output tokens")
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+class _Endpoint(_Strict):
+    base_url: str | None = Field(None, description="OpenAI-/Anthropic-compatible endpoint URL")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    api_key_block: str | None = Field(None, description="name of a Prefect Secret block")
+
+
+class Gateway(_Endpoint):
+    """One relay and one key for every model of the panel; each model may override."""
+
+
+class ModelConfig(_Endpoint):
+    name: str = Field(..., min_length=1, max_length=64, description="label used in reports")
+    provider: Provider = Field(..., description="wire protocol: openai | anthropic")
+    model: str = Field(..., min_length=1, description="model id sent to the API")
+    max_concurrency: int = Field(8, ge=1, le=512, description="in-flight calls for this model")
+    weight: float = Field(1.0, ge=0, le=100, description="consensus weight")
+    price: Price = Field(default_factory=Price, description="USD per million tokens")
+    timeout_seconds: float = Field(120.0, gt=0, le=3600, description="per-call timeout")
+    max_retries: int = Field(2, ge=0, le=10, description="SDK retries on 429/5xx/timeouts")
+    max_output_tokens: int = Field(1024, ge=64, le=32768, description="answer token budget")
+    extra_headers: dict[str, str] = Field(default_factory=dict, description="sent on every call")
+
+    def endpoint(self, gateway: Gateway | None) -> tuple[str | None, str | None, str | None]:
+        """(base_url, api_key_env, api_key_block) with the gateway filling what is unset."""
+        g = gateway or Gateway()
+        key_env, key_block = self.api_key_env, self.api_key_block
+        if key_env is None and key_block is None:
+            key_env, key_block = g.api_key_env, g.api_key_block
+        return self.base_url or g.base_url, key_env, key_block
+
+    def api_key(self, gateway: Gateway | None) -> SecretStr:
+        """The key from the env var or Prefect Secret block named in the config."""
+        _, key_env, key_block = self.endpoint(gateway)
+        if key_block:
+            from prefect.blocks.system import Secret
+
+            return SecretStr(str(Secret.load(key_block).get()))
+        if not key_env:
+            raise ConfigError(f'model "{self.name}" names no api_key_env or api_key_block')
+        value = os.environ.get(key_env)
+        if not value:
+            raise ConfigError(
+                f'environment variable "{key_env}" for model "{self.name}" is not set',
+                hint=f"export {key_env}=... (the key is never logged)",
+            )
+        return SecretStr(value)
+
+
+class PreprocessConfig(_Strict):
+    max_edge: int = Field(1024, ge=0, le=8192, description="long edge in px; 0 = no resize")
+    window: WindowName = Field(WindowName.AUTO, description="grey-level window")
+    burned_in: Literal["refuse", "allow"] = Field(
+        "refuse", description="BurnedInAnnotation=YES: refuse (error record) or allow"
+    )
+    max_images_per_study: int = Field(
+        4, ge=1, le=32, description="key images sent per study (one per series, middle slice)"
+    )
+
+
+class ReviewConfig(_Strict):
+    min_agreement: float = Field(
+        1.0, ge=0, le=1, description="flag a study for review below this agreement"
+    )
+
+
+def _default_models() -> list[ModelConfig]:
+    return [
+        ModelConfig(
+            name="gpt-4o",
+            provider=Provider.OPENAI,
+            model="gpt-4o",
+            api_key_env="OPENAI_API_KEY",
+            price=Price(input_per_mtok=2.5, output_per_mtok=10.0),
+        ),
+        ModelConfig(
+            name="claude",
+            provider=Provider.ANTHROPIC,
+            model="claude-sonnet-4-5",
+            api_key_env="ANTHROPIC_API_KEY",
+            price=Price(input_per_mtok=3.0, output_per_mtok=15.0),
+        ),
+    ]
+
+
+class Settings(_Strict):
+    language: Language = Field(Language.KO, description="report and prompt language")
+    source: str | None = Field(None, description="default SOURCE for scheduled runs")
+    output: str | None = Field(None, description="default DEST for scheduled runs")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    gateway: Gateway | None = Field(None, description="shared endpoint for all models")
+    models: list[ModelConfig] = Field(default_factory=_default_models, min_length=1)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    max_studies_in_flight: int = Field(
+        64, ge=1, le=4096, description="studies being read at once (bounds memory)"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load settings from ``path``, ``$RADFLOW_CONFIG``, ``./radflow.yaml`` or the defaults."""
+    if path is None:
+        path = os.environ.get("RADFLOW_CONFIG") or (
+            "radflow.yaml" if Path("radflow.yaml").is_file() else None
+        )
+    if path is None:
+        logger.info("no config file; using built-in defaults")
+        return Settings()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f'cannot read config "{path}": {exc.strerror}') from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'config "{path}" is not valid YAML: {exc}') from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f'config "{path}" must be a YAML mapping')
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f'config "{path}" is invalid: {errors}') from exc

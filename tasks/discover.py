@@ -1,0 +1,158 @@
+"""Find studies: read DICOM headers only, group instances by StudyInstanceUID and series."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.errors import CorruptDicom, NotDicom, RadflowError, UnsupportedImage
+from tasks.schema import ErrorRecord
+from tasks.storage import ObjectRef, Store
+
+__all__ = ["Instance", "Inventory", "Study", "discover_studies", "group_instances", "read_header"]
+
+logger = logging.getLogger(__name__)
+
+# A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters. Checked because the
+# StudyInstanceUID names a folder under DEST.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# Header elements the pipeline needs; everything else (names, IDs, dates) is never kept.
+_CONTEXT_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientSex", "PatientAge")
+
+
+@dataclass(frozen=True)
+class Instance:
+    ref: ObjectRef
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    modality: str
+    instance_number: int | None
+    frames: int
+    header: dict[str, str]  # the raw _CONTEXT_TAGS values; de-identified by tasks.context
+
+
+@dataclass
+class Study:
+    study_instance_uid: str
+    instances: list[Instance] = field(default_factory=list)
+
+    @property
+    def series(self) -> dict[str, list[Instance]]:
+        out: dict[str, list[Instance]] = {}
+        for inst in self.instances:
+            out.setdefault(inst.series_instance_uid, []).append(inst)
+        return out
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({i.modality for i in self.instances if i.modality})
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the input objects (key, size, version): a rerun skips the study on a match."""
+        h = hashlib.sha256()
+        for inst in sorted(self.instances, key=lambda i: i.ref.key):
+            h.update(f"{inst.ref.key}\0{inst.ref.size}\0{inst.ref.version}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Inventory:
+    studies: list[Study]
+    errors: list[ErrorRecord]
+
+
+def _uid(ds: pydicom.Dataset, keyword: str, source: str) -> str:
+    value = str(ds.get(keyword, "") or "").strip().rstrip("\0")
+    if not value:
+        raise UnsupportedImage(f'"{source}" has no {keyword}')
+    if len(value) > 64 or not _UID.match(value):
+        raise CorruptDicom(f'"{source}" has an invalid {keyword} "{value[:80]}"')
+    return value
+
+
+def read_header(store: Store, ref: ObjectRef) -> Instance:
+    """Parse the header of one object (no pixel data) into an :class:`Instance`."""
+    if ref.size == 0:
+        raise NotDicom(f'"{ref.uri}" is empty (0 bytes)')
+    try:
+        with store.open_read(ref.key) as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    except InvalidDicomError as exc:
+        raise NotDicom(f'"{ref.uri}" is not a DICOM file: no DICM preamble') from exc
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, OSError) as exc:
+        raise CorruptDicom(f'"{ref.uri}" has an unreadable header: {exc}') from exc
+    study = _uid(ds, "StudyInstanceUID", ref.uri)
+    series = _uid(ds, "SeriesInstanceUID", ref.uri)
+    sop = _uid(ds, "SOPInstanceUID", ref.uri)
+    if "Rows" not in ds or "Columns" not in ds:
+        sop_class = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
+        raise UnsupportedImage(f'"{ref.uri}" holds no image ({sop_class}): no Rows/Columns')
+    try:
+        number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") is not None else None
+    except (TypeError, ValueError):
+        number = None
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        frames = 1
+    header = {k: str(ds.get(k, "") or "") for k in _CONTEXT_TAGS}
+    return Instance(ref, study, series, sop, header["Modality"], number, frames, header)
+
+
+def group_instances(instances: Iterable[Instance]) -> tuple[list[Study], list[ErrorRecord]]:
+    """Group by StudyInstanceUID; a repeated SOPInstanceUID becomes an error record."""
+    studies: dict[str, Study] = {}
+    seen: dict[str, str] = {}
+    errors: list[ErrorRecord] = []
+    for inst in sorted(instances, key=lambda i: i.ref.key):
+        if inst.sop_instance_uid in seen:
+            errors.append(
+                ErrorRecord(
+                    source=inst.ref.uri,
+                    reason=f"duplicate instance: SOPInstanceUID {inst.sop_instance_uid} "
+                    f'is already read from "{seen[inst.sop_instance_uid]}"',
+                    kind="DuplicateInstance",
+                    stage="discover",
+                    study_instance_uid=inst.study_instance_uid,
+                )
+            )
+            continue
+        seen[inst.sop_instance_uid] = inst.ref.uri
+        studies.setdefault(inst.study_instance_uid, Study(inst.study_instance_uid))
+        studies[inst.study_instance_uid].instances.append(inst)
+    for study in studies.values():
+        study.instances.sort(
+            key=lambda i: (i.series_instance_uid, i.instance_number or 0, i.ref.key)
+        )
+    return sorted(studies.values(), key=lambda s: s.study_instance_uid), errors
+
+
+def error_record(ref: ObjectRef, exc: RadflowError, stage: str) -> ErrorRecord:
+    return ErrorRecord(source=ref.uri, reason=str(exc), kind=exc.kind, stage=stage)
+
+
+@task(name="discover-studies", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def discover_studies(store: Store) -> Inventory:
+    """List the source and read every header; unreadable objects become error records."""
+    instances: list[Instance] = []
+    errors: list[ErrorRecord] = []
+    for ref in store.list():
+        try:
+            instances.append(read_header(store, ref))
+        except RadflowError as exc:
+            errors.append(error_record(ref, exc, "discover"))
+    studies, dupes = group_instances(instances)
+    logger.info("found %d studies in %d instances, %d errors", len(studies), len(instances),
+                len(errors) + len(dupes))
+    return Inventory(studies, errors + dupes)

@@ -1,0 +1,68 @@
+"""Exception types of radflow, each with a default message and a hint of what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "CorruptDicom",
+    "NotDicom",
+    "PhiRisk",
+    "ProviderError",
+    "RadflowError",
+    "StorageError",
+    "UnsupportedImage",
+]
+
+
+class RadflowError(Exception):
+    """Base class: ``str(err)`` is one line naming the input and the reason."""
+
+    default = "radflow failed"
+    hint = ""
+
+    def __init__(self, message: str | None = None, *, hint: str | None = None) -> None:
+        self.hint = hint if hint is not None else type(self).hint
+        super().__init__(message or self.default)
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+class ConfigError(RadflowError):
+    default = "the configuration is invalid"
+    hint = "check the YAML against the Config section of the README"
+
+
+class NotDicom(RadflowError):
+    default = "not a DICOM file"
+    hint = "only DICOM Part 10 files are screened; remove other files from the source"
+
+
+class CorruptDicom(RadflowError):
+    default = "the DICOM file is corrupt or truncated"
+    hint = "re-export the instance from the PACS"
+
+
+class UnsupportedImage(RadflowError):
+    default = "the DICOM object holds no image radflow can render"
+    hint = "only image objects (CT, MR, CR, DX, US, ...) with pixel data are screened"
+
+
+class PhiRisk(RadflowError):
+    default = "the image may carry burned-in patient identifiers"
+    hint = "de-identify the pixels first, or set preprocess.burned_in: allow"
+
+
+class ProviderError(RadflowError):
+    default = "the model provider failed"
+    hint = "check base_url, the API key variable and the provider's status"
+
+
+class StorageError(RadflowError):
+    default = "storage access failed"
+    hint = "check the path or bucket, the credentials and the permissions"
