@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -31,15 +30,19 @@ def _fail(exc: Exception, code: int = 2) -> typer.Exit:
 def screen(
     source: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local folder")],
     out: Annotated[str, typer.Option("--out", help="destination: s3://bucket/prefix or a folder")],
-    config: Annotated[Path | None, typer.Option(help="config YAML (else $RADFLOW_CONFIG, ./radflow.yaml)")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="config YAML (else $RADFLOW_CONFIG, ./radflow.yaml)")
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="screen at most N studies")] = None,
     force: Annotated[bool, typer.Option(help="re-read studies that are already reported")] = False,
 ) -> None:
     """Screen every study under SOURCE and write reports under DEST."""
     from flows.progress import run_with_progress
     from flows.screen import screen as screen_flow
+    from tasks.config import load_settings
 
     try:
+        load_settings(config)  # fail fast, before a Prefect run exists
         summary = run_with_progress(
             screen_flow(source, out, str(config) if config else None, limit, force)
         )
@@ -73,10 +76,14 @@ def preprocess(
             image = prepare(str(path), config, name=str(path))
         except RadflowError as exc:
             failed += 1
-            err.print(f"{path}: {exc.kind}: {exc.args[0]}", markup=False, highlight=False, soft_wrap=True)
+            err.print(
+                f"{path}: {exc.kind}: {exc.args[0]}", markup=False, highlight=False, soft_wrap=True
+            )
             continue
         (out / f"{path.stem}.png").write_bytes(image.png)
-        print(f"{path} → {out / (path.stem + '.png')} ({image.width}×{image.height}, {image.window})")
+        print(
+            f"{path} → {out / (path.stem + '.png')} ({image.width}×{image.height}, {image.window})"
+        )
     if failed:
         raise typer.Exit(1)
 
@@ -86,11 +93,20 @@ def simulator(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8787,
     latency: Annotated[float, typer.Option(min=0, help="seconds added to every answer")] = 0.0,
-    faults: Annotated[str | None, typer.Option(help="e.g. 429:0.1,500:0.05,timeout:0.02,malformed:0.05,refusal:0.02")] = None,
+    faults: Annotated[
+        str | None,
+        typer.Option(help="e.g. 429:0.1,500:0.05,timeout:0.02,malformed:0.05,refusal:0.02"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
-    profile: Annotated[list[str] | None, typer.Option(help="MODEL=SENS,SPEC (MODEL may be *); repeatable")] = None,
-    retry_after: Annotated[float, typer.Option(min=0, help="Retry-After seconds on injected 429s")] = 1.0,
-    record_bodies: Annotated[bool, typer.Option(help="keep request bodies for GET /bodies")] = False,
+    profile: Annotated[
+        list[str] | None, typer.Option(help="MODEL=SENS,SPEC (MODEL may be *); repeatable")
+    ] = None,
+    retry_after: Annotated[
+        float, typer.Option(min=0, help="Retry-After seconds on injected 429s")
+    ] = 1.0,
+    record_bodies: Annotated[
+        bool, typer.Option(help="keep request bodies for GET /bodies")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="no access log")] = False,
 ) -> None:
     """Offline model server (OpenAI + Anthropic wire protocols) — a TEST DOUBLE for demo and tests."""
@@ -108,17 +124,34 @@ def simulator(
             profiles[name] = Profile(float(sens), float(spec))
     except ValueError as exc:
         raise _fail(exc) from None
-    state = SimState(seed=seed, latency=latency, profiles=profiles,
-                     faults=Faults(rates, retry_after=retry_after), record_bodies=record_bodies)
-    err.print(f"radflow simulator — a TEST DOUBLE, not a medical model — on http://{host}:{port}"
-              f" (latency {latency:g} s, faults {faults or 'none'}, seed {seed})", highlight=False)
-    uvicorn.run(create_app(state), host=host, port=port, log_level="warning" if quiet else "info",
-                access_log=not quiet, timeout_keep_alive=30, backlog=4096)
+    state = SimState(
+        seed=seed,
+        latency=latency,
+        profiles=profiles,
+        faults=Faults(rates, retry_after=retry_after),
+        record_bodies=record_bodies,
+    )
+    err.print(
+        f"radflow simulator — a TEST DOUBLE, not a medical model — on http://{host}:{port}"
+        f" (latency {latency:g} s, faults {faults or 'none'}, seed {seed})",
+        highlight=False,
+    )
+    uvicorn.run(
+        create_app(state),
+        host=host,
+        port=port,
+        log_level="warning" if quiet else "info",
+        access_log=not quiet,
+        timeout_keep_alive=30,
+        backlog=4096,
+    )
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="folder for samples, config and reports")] = Path("demo-output"),
+    out: Annotated[Path, typer.Option(help="folder for samples, config and reports")] = Path(
+        "demo-output"
+    ),
     synthetic: Annotated[int, typer.Option(min=0, help="synthetic studies to add")] = 6,
     latency: Annotated[float, typer.Option(min=0, help="simulated model latency (s)")] = 0.5,
     language: Annotated[str, typer.Option(help="report language: ko | en")] = "ko",

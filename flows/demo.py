@@ -26,20 +26,43 @@ def demo_config(base_url: str, language: str) -> dict:
         "language": language,
         "preprocess": {"max_edge": 1024, "window": "auto"},
         "models": [
-            {"name": "gpt-4o", "provider": "openai", "model": "gpt-4o",
-             "base_url": base_url + "/v1", "api_key_env": DEMO_KEY_ENV, "max_concurrency": 8,
-             "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
-            {"name": "claude", "provider": "anthropic", "model": "claude-sonnet-4-5",
-             "base_url": base_url, "api_key_env": DEMO_KEY_ENV, "max_concurrency": 8,
-             "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}},
+            {
+                "name": "gpt-4o",
+                "provider": "openai",
+                "model": "gpt-4o",
+                "base_url": base_url + "/v1",
+                "api_key_env": DEMO_KEY_ENV,
+                "max_concurrency": 8,
+                "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+            },
+            {
+                "name": "claude",
+                "provider": "anthropic",
+                "model": "claude-sonnet-4-6",
+                "base_url": base_url,
+                "api_key_env": DEMO_KEY_ENV,
+                "max_concurrency": 8,
+                "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+            },
         ],
     }
 
 
 def summary_table(dest: Path) -> Table:
     table = Table(title="radflow demo — SIMULATED readings (test double), not medical opinions")
-    for col in ("study", "modality", "consensus", "urgency", "agreement", "review", "tokens", "cost $"):
-        table.add_column(col, justify="right" if col in ("agreement", "tokens", "cost $") else "left")
+    for col in (
+        "study",
+        "modality",
+        "consensus",
+        "urgency",
+        "agreement",
+        "review",
+        "tokens",
+        "cost $",
+    ):
+        table.add_column(
+            col, justify="right" if col in ("agreement", "tokens", "cost $") else "left"
+        )
     for path in sorted(dest.glob("studies/*/report.json")):
         r = json.loads(path.read_text())
         c = r["consensus"]
@@ -47,8 +70,13 @@ def summary_table(dest: Path) -> Table:
         verdict = {True: "[red]abnormal", False: "[green]normal", None: "no reading"}[c["abnormal"]]
         tokens = sum(x["input_tokens"] + x["output_tokens"] for x in r["readings"])
         table.add_row(
-            "…" + r["study_instance_uid"][-22:], modality, verdict, c["urgency"] or "-",
-            f"{c['agreement']:.0%}", "yes" if c["needs_review"] else "no", str(tokens),
+            "…" + r["study_instance_uid"][-22:],
+            modality,
+            verdict,
+            c["urgency"] or "-",
+            f"{c['agreement']:.0%}",
+            "yes" if c["needs_review"] else "no",
+            str(tokens),
             f"{r['cost_usd']:.4f}",
         )
     return table
@@ -58,9 +86,11 @@ def run_demo(out: Path, *, synthetic: int, latency: float, language: str) -> Non
     console = Console()
     samples, dest = out / "samples", out / "reports"
     made = build_sample_folder(samples, synthetic=synthetic)
-    console.print(f"sample folder {samples}: {len(made)} files "
-                  f"({sum('synthetic' in k for k in made)} synthetic, "
-                  f"{sum(k.startswith('real/') for k in made)} from pydicom-data, 1 non-DICOM)")
+    console.print(
+        f"sample folder {samples}: {len(made)} files "
+        f"({sum('synthetic' in k for k in made)} synthetic, "
+        f"{sum(k.startswith('real/') for k in made)} from pydicom-data, 1 non-DICOM)"
+    )
     with running_simulator("--latency", str(latency), "--seed", "7") as sim:
         console.print(f"simulator (test double) on {sim.url}")
         config = out / "radflow.yaml"

@@ -33,8 +33,13 @@ def _already_reported(dest: Store, study: Study) -> bool:
 
 def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
     return [
-        ErrorRecord(source=i.ref.uri, reason=f"study {study.study_instance_uid} failed: {reason}",
-                    kind="StudyFailed", stage="screen", study_instance_uid=study.study_instance_uid)
+        ErrorRecord(
+            source=i.ref.uri,
+            reason=f"study {study.study_instance_uid} failed: {reason}",
+            kind="StudyFailed",
+            stage="screen",
+            study_instance_uid=study.study_instance_uid,
+        )
         for i in study.instances
     ]
 
@@ -106,8 +111,15 @@ async def screen(
     logger.info(
         "reported %d of %d studies (%d skipped, %d degraded, %d for review, %d errors), "
         "%d model calls, $%.4f; summary at %s",
-        summary.reported, summary.studies, summary.skipped, summary.degraded,
-        summary.needs_review, summary.errors, summary.model_calls, summary.cost_usd, key,
+        summary.reported,
+        summary.studies,
+        summary.skipped,
+        summary.degraded,
+        summary.needs_review,
+        summary.errors,
+        summary.model_calls,
+        summary.cost_usd,
+        key,
     )
     return summary
 

@@ -38,11 +38,23 @@ class SimulatorProcess:
 
 
 @contextlib.contextmanager
-def running_simulator(*args: str, port: int | None = None, wait: float = 30.0) -> Iterator[SimulatorProcess]:
+def running_simulator(
+    *args: str, port: int | None = None, wait: float = 30.0
+) -> Iterator[SimulatorProcess]:
     """Start ``radflow simulator`` with ``args``; wait until /health answers; stop it after."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "flows.cli", "simulator", "--host", "127.0.0.1",
-           "--port", str(port), "--quiet", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--quiet",
+        *args,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -62,7 +61,7 @@ def synthetic_ct(
     ds.Modality = "CT"
     ds.BodyPartExamined = "CHEST"
     ds.InstanceNumber = instance
-    ds.PatientName = "SYNTHETIC^PATIENT^%d" % seed
+    ds.PatientName = f"SYNTHETIC^PATIENT^{seed}"
     ds.PatientID = f"SYN-{seed:06d}"
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "F" if seed % 2 else "M"

@@ -127,8 +127,14 @@ def _fill(schema: dict, values: dict) -> dict:
         elif "enum" in prop:
             out[name] = prop["enum"][0]
         else:
-            out[name] = {"string": "", "array": [], "boolean": False, "integer": 0,
-                         "number": 0.0, "object": {}}.get(prop.get("type"), None)
+            out[name] = {
+                "string": "",
+                "array": [],
+                "boolean": False,
+                "integer": 0,
+                "number": 0.0,
+                "object": {},
+            }.get(prop.get("type"))
     return out
 
 
@@ -143,7 +149,8 @@ def _reading(pngs: list[bytes], model: str, lang: str, state: SimState) -> dict:
         "urgency": v.urgency,
         "recommended_exams": [t["exam"]] if v.abnormal else [],
         "rationale": t["rationale"].format(
-            seen=t["seen"][0 if v.lesion else 1], sens=profile.sensitivity,
+            seen=t["seen"][0 if v.lesion else 1],
+            sens=profile.sensitivity,
             spec=profile.specificity,
         ),
     }
@@ -192,8 +199,12 @@ def create_app(state: SimState) -> Starlette:
             if fault:
                 state.injected[fault] += 1
             if fault == "429":
-                return _error(429, "rate limited (injected)", "rate_limit_error",
-                              {"retry-after": f"{state.faults.retry_after:g}"})
+                return _error(
+                    429,
+                    "rate limited (injected)",
+                    "rate_limit_error",
+                    {"retry-after": f"{state.faults.retry_after:g}"},
+                )
             if fault == "500":
                 return _error(500, "server error (injected)", "api_error")
             if fault == "timeout":
@@ -213,14 +224,16 @@ def create_app(state: SimState) -> Starlette:
         return await guarded(request, "anthropic")
 
     async def stats(request: Request) -> JSONResponse:
-        return JSONResponse({
-            "test_double": True,
-            "requests": dict(state.requests),
-            "answered": dict(state.answered),
-            "injected": dict(state.injected),
-            "in_flight": dict(state.in_flight),
-            "peak_in_flight": dict(state.peak_in_flight),
-        })
+        return JSONResponse(
+            {
+                "test_double": True,
+                "requests": dict(state.requests),
+                "answered": dict(state.answered),
+                "injected": dict(state.injected),
+                "in_flight": dict(state.in_flight),
+                "peak_in_flight": dict(state.peak_in_flight),
+            }
+        )
 
     async def bodies(request: Request) -> JSONResponse:
         return JSONResponse(dict(state.bodies))
@@ -228,14 +241,16 @@ def create_app(state: SimState) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True, "test_double": True})
 
-    return Starlette(routes=[
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/messages", messages, methods=["POST"]),
-        Route("/stats", stats, methods=["GET"]),
-        Route("/bodies", bodies, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/messages", messages, methods=["POST"]),
+            Route("/stats", stats, methods=["GET"]),
+            Route("/bodies", bodies, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
 
 
 def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONResponse:
@@ -252,7 +267,9 @@ def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONR
                 url = part["image_url"]["url"]
                 png = base64.b64decode(url.split(",", 1)[1])
                 pngs.append(png)
-                tokens_in += openai_image_tokens(*_png_size(png), part["image_url"].get("detail", "high"))
+                tokens_in += openai_image_tokens(
+                    *_png_size(png), part["image_url"].get("detail", "high")
+                )
     lang = _language(system)
     message: dict = {"role": "assistant", "content": None, "refusal": None}
     if fault == "refusal":
@@ -260,23 +277,32 @@ def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONR
         text = message["refusal"]
     else:
         fmt = body.get("response_format") or {}
-        schema = fmt.get("json_schema", {}).get("schema") if fmt.get("type") == "json_schema" else None
+        schema = (
+            fmt.get("json_schema", {}).get("schema") if fmt.get("type") == "json_schema" else None
+        )
         reading = _reading(pngs, model, lang, state)
         text = json.dumps(_fill(schema, reading) if schema else reading, ensure_ascii=False)
         if fault == "malformed":
             text = text[: len(text) // 2]
         message["content"] = text
     tokens_out = _text_tokens(text)
-    return JSONResponse({
-        "id": f"chatcmpl-sim-{uuid.uuid4().hex[:12]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": MODEL_PREFIX + model,
-        "system_fingerprint": "radflow-simulator-test-double",
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
-        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
-                  "total_tokens": tokens_in + tokens_out},
-    })
+    return JSONResponse(
+        {
+            "id": f"chatcmpl-sim-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": MODEL_PREFIX + model,
+            "system_fingerprint": "radflow-simulator-test-double",
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            ],
+            "usage": {
+                "prompt_tokens": tokens_in,
+                "completion_tokens": tokens_out,
+                "total_tokens": tokens_in + tokens_out,
+            },
+        }
+    )
 
 
 def _anthropic(body: dict, model: str, state: SimState, fault: str | None) -> JSONResponse:
@@ -306,21 +332,29 @@ def _anthropic(body: dict, model: str, state: SimState, fault: str | None) -> JS
             payload = _fill(tool["input_schema"], reading)
             if fault == "malformed":
                 payload = {"abnormal": "perhaps"}
-            content = [{"type": "tool_use", "id": f"toolu_sim_{uuid.uuid4().hex[:12]}",
-                        "name": tool["name"], "input": payload}]
+            content = [
+                {
+                    "type": "tool_use",
+                    "id": f"toolu_sim_{uuid.uuid4().hex[:12]}",
+                    "name": tool["name"],
+                    "input": payload,
+                }
+            ]
             stop = "tool_use"
         else:
             text = json.dumps(reading, ensure_ascii=False)
             content = [{"type": "text", "text": text[: len(text) // 2] if fault else text}]
             stop = "end_turn"
     tokens_out = _text_tokens(json.dumps(content, ensure_ascii=False))
-    return JSONResponse({
-        "id": f"msg_sim_{uuid.uuid4().hex[:12]}",
-        "type": "message",
-        "role": "assistant",
-        "model": MODEL_PREFIX + model,
-        "content": content,
-        "stop_reason": stop,
-        "stop_sequence": None,
-        "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
-    })
+    return JSONResponse(
+        {
+            "id": f"msg_sim_{uuid.uuid4().hex[:12]}",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL_PREFIX + model,
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
+        }
+    )

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["Profile", "Verdict", "anthropic_image_tokens", "detect_lesion", "judge",
-           "openai_image_tokens"]
+__all__ = [
+    "Profile",
+    "Verdict",
+    "anthropic_image_tokens",
+    "detect_lesion",
+    "judge",
+    "openai_image_tokens",
+]
 
 
 @dataclass(frozen=True)
@@ -26,9 +32,9 @@ class Profile:
 
 @dataclass(frozen=True)
 class Verdict:
-    lesion: bool        # what the detector saw
-    extent: float       # share of the image covered by saturated blobs
-    abnormal: bool      # what this simulated model answers
+    lesion: bool  # what the detector saw
+    extent: float  # share of the image covered by saturated blobs
+    abnormal: bool  # what this simulated model answers
     urgency: str
 
 
@@ -57,10 +63,7 @@ def judge(pngs: list[bytes], model: str, profile: Profile, seed: int) -> Verdict
     extent = max((s[1] for s in seen), default=0.0)
     u = _uniform(seed, model, *(hashlib.sha256(p).hexdigest() for p in pngs))
     abnormal = u < profile.sensitivity if lesion else u >= profile.specificity
-    if not abnormal:
-        urgency = "normal"
-    else:
-        urgency = "immediate" if lesion and extent > 0.02 else "follow_up"
+    urgency = "normal" if not abnormal else "immediate" if lesion and extent > 0.02 else "follow_up"
     return Verdict(lesion, extent, abnormal, urgency)
 
 

@@ -142,7 +142,7 @@ def _default_models() -> list[ModelConfig]:
         ModelConfig(
             name="claude",
             provider=Provider.ANTHROPIC,
-            model="claude-sonnet-4-5",
+            model="claude-sonnet-4-6",
             api_key_env="ANTHROPIC_API_KEY",
             price=Price(input_per_mtok=3.0, output_per_mtok=15.0),
         ),

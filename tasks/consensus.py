@@ -45,8 +45,15 @@ def build_consensus(
         reasons.append(f"no reading from {', '.join(failed)}")
     if not ok:
         reasons.append("no model produced a reading")
-        return Consensus(abnormal=None, urgency=None, score=None, agreement=0.0,
-                         needs_review=True, review_reasons=reasons, rule=RULE)
+        return Consensus(
+            abnormal=None,
+            urgency=None,
+            score=None,
+            agreement=0.0,
+            needs_review=True,
+            review_reasons=reasons,
+            rule=RULE,
+        )
     used = {r.model: float(weights.get(r.model, 1.0)) for r in ok}
     total = sum(used.values())
     if total > 0:

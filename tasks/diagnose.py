@@ -75,12 +75,16 @@ class ModelClient:
             default_headers=cfg.extra_headers or None,
         )
         if cfg.provider is Provider.OPENAI:
-            self.client: openai.AsyncOpenAI | anthropic.AsyncAnthropic = openai.AsyncOpenAI(**common)
+            self.client: openai.AsyncOpenAI | anthropic.AsyncAnthropic = openai.AsyncOpenAI(
+                **common
+            )
         else:
             self.client = anthropic.AsyncAnthropic(**common)
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
 
-    async def read(self, pngs: list[bytes], context: dict[str, str], prompt: Prompt) -> ModelReading:
+    async def read(
+        self, pngs: list[bytes], context: dict[str, str], prompt: Prompt
+    ) -> ModelReading:
         """One call; every failure becomes a reading with ``ok=False`` and its error."""
         meta = dict(
             model=self.cfg.name,
@@ -194,7 +198,9 @@ class Panel:
     def __init__(self, settings: Settings) -> None:
         self.clients = [ModelClient(cfg, settings) for cfg in settings.models]
 
-    async def read(self, pngs: list[bytes], context: dict[str, str], prompt: Prompt) -> list[ModelReading]:
+    async def read(
+        self, pngs: list[bytes], context: dict[str, str], prompt: Prompt
+    ) -> list[ModelReading]:
         return list(await asyncio.gather(*(c.read(pngs, context, prompt) for c in self.clients)))
 
     async def aclose(self) -> None:

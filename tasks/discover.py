@@ -9,9 +9,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydicom.errors import InvalidDicomError
 
 from tasks.errors import CorruptDicom, NotDicom, RadflowError, UnsupportedImage
 from tasks.schema import ErrorRecord
@@ -153,6 +153,10 @@ def discover_studies(store: Store) -> Inventory:
         except RadflowError as exc:
             errors.append(error_record(ref, exc, "discover"))
     studies, dupes = group_instances(instances)
-    logger.info("found %d studies in %d instances, %d errors", len(studies), len(instances),
-                len(errors) + len(dupes))
+    logger.info(
+        "found %d studies in %d instances, %d errors",
+        len(studies),
+        len(instances),
+        len(errors) + len(dupes),
+    )
     return Inventory(studies, errors + dupes)

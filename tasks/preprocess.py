@@ -82,7 +82,9 @@ def _first(value: object) -> float:
     return float(value)
 
 
-def _grey_levels(values: np.ndarray, ds: pydicom.Dataset, window: WindowName) -> tuple[np.ndarray, str]:
+def _grey_levels(
+    values: np.ndarray, ds: pydicom.Dataset, window: WindowName
+) -> tuple[np.ndarray, str]:
     """Stored values → display grey 0..255 (float), and a label of the window used."""
     modality = apply_modality_lut(values, ds)
     has_voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
@@ -99,10 +101,7 @@ def _grey_levels(values: np.ndarray, ds: pydicom.Dataset, window: WindowName) ->
             return window_to_grey(modality, c, w, fn), f"header {c:g}/{w:g} {fn.lower()}"
         if window is WindowName.HEADER:
             raise UnsupportedImage("the header has no window (WindowCenter/Width or VOI LUT)")
-        if str(ds.get("Modality", "")) == "CT":
-            window = WindowName.MEDIASTINUM
-        else:
-            window = WindowName.NONE
+        window = WindowName.MEDIASTINUM if str(ds.get("Modality", "")) == "CT" else WindowName.NONE
     if window is WindowName.NONE:
         lo, hi = float(np.min(modality)), float(np.max(modality))
         if hi <= lo:
@@ -112,7 +111,9 @@ def _grey_levels(values: np.ndarray, ds: pydicom.Dataset, window: WindowName) ->
     return window_to_grey(modality, c, w), f"{window.value} {c:g}/{w:g}"
 
 
-def _render_mono(frame: np.ndarray, ds: pydicom.Dataset, window: WindowName) -> tuple[np.ndarray, str]:
+def _render_mono(
+    frame: np.ndarray, ds: pydicom.Dataset, window: WindowName
+) -> tuple[np.ndarray, str]:
     if np.issubdtype(frame.dtype, np.integer) and frame.size > 1:
         # One lookup table from stored value to grey level instead of float math per pixel.
         lo, hi = int(frame.min()), int(frame.max())
@@ -143,7 +144,9 @@ def _render_colour(frame: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, 
     return np.clip(rgb, 0, 255).astype(np.uint8), "colour"
 
 
-def render(ds: pydicom.Dataset, window: WindowName | str = WindowName.AUTO) -> tuple[np.ndarray, str, int | None]:
+def render(
+    ds: pydicom.Dataset, window: WindowName | str = WindowName.AUTO
+) -> tuple[np.ndarray, str, int | None]:
     """Decode the key frame of ``ds`` and map it to 8-bit display values.
 
     PS3.3 C.11.2.1: modality LUT before VOI; MONOCHROME1 inverted after VOI. Multi-frame
@@ -157,10 +160,19 @@ def render(ds: pydicom.Dataset, window: WindowName | str = WindowName.AUTO) -> t
     index = frames // 2 if frames > 1 else None
     try:
         frame = pixel_array(ds, index=index) if index is not None else ds.pixel_array
-    except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError, KeyError) as exc:
+    except (
+        ValueError,
+        RuntimeError,
+        NotImplementedError,
+        TypeError,
+        AttributeError,
+        KeyError,
+    ) as exc:
         tsuid = ds.file_meta.get("TransferSyntaxUID", "unknown") if ds.file_meta else "unknown"
         name = getattr(tsuid, "name", tsuid)
-        raise CorruptDicom(f'pixel data (transfer syntax "{name}") cannot be decoded: {exc}') from exc
+        raise CorruptDicom(
+            f'pixel data (transfer syntax "{name}") cannot be decoded: {exc}'
+        ) from exc
     if pi in _MONO:
         if frame.ndim != 2:
             raise CorruptDicom(f"monochrome image decoded to shape {frame.shape}")

@@ -111,7 +111,8 @@ def render_markdown(report: Report) -> str:
         f"> {t['disclaimer']}",
         "",
         f"- {t['status']}: {report.status}",
-        f"- {t['result']}: **{result}**" + (f" (score {c.score:.2f})" if c.score is not None else ""),
+        f"- {t['result']}: **{result}**"
+        + (f" (score {c.score:.2f})" if c.score is not None else ""),
         f"- {t['urgency']}: **{urgency}**",
         f"- {t['agreement']}: {c.agreement:.0%}",
         f"- {t['review']}: {t['yes'] if c.needs_review else t['no']}"
@@ -165,7 +166,9 @@ def write_report(store: Store, report: Report, pngs: dict[str, bytes]) -> None:
     for sha, png in pngs.items():
         store.write_bytes(report_key(uid, image_name(sha)), png, "image/png")
     store.write_bytes(
-        report_key(uid, "report.md"), render_markdown(report).encode(), "text/markdown; charset=utf-8"
+        report_key(uid, "report.md"),
+        render_markdown(report).encode(),
+        "text/markdown; charset=utf-8",
     )
     store.write_bytes(
         report_key(uid), report.model_dump_json(indent=2).encode(), "application/json"
@@ -173,7 +176,9 @@ def write_report(store: Store, report: Report, pngs: dict[str, bytes]) -> None:
 
 
 def write_error(store: Store, record: ErrorRecord) -> None:
-    store.write_bytes(error_key(record), record.model_dump_json(indent=2).encode(), "application/json")
+    store.write_bytes(
+        error_key(record), record.model_dump_json(indent=2).encode(), "application/json"
+    )
 
 
 def write_run_summary(store: Store, summary: RunSummary) -> str:

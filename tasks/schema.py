@@ -44,7 +44,9 @@ class Reading(BaseModel):
 
     abnormal: bool = Field(description="true if any abnormality is visible")
     findings: list[str] = Field(description="visible findings, one short phrase each")
-    differentials: list[str] = Field(description="up to three differential diagnoses, likeliest first")
+    differentials: list[str] = Field(
+        description="up to three differential diagnoses, likeliest first"
+    )
     urgency: Literal["immediate", "follow_up", "normal"] = Field(
         description="immediate (treat now) | follow_up | normal"
     )

@@ -60,8 +60,13 @@ def prepare_study(
                 break
             except RadflowError as exc:
                 errors.append(
-                    ErrorRecord(source=inst.ref.uri, reason=str(exc), kind=exc.kind,
-                                stage="preprocess", study_instance_uid=study.study_instance_uid)
+                    ErrorRecord(
+                        source=inst.ref.uri,
+                        reason=str(exc),
+                        kind=exc.kind,
+                        stage="preprocess",
+                        study_instance_uid=study.study_instance_uid,
+                    )
                 )
     return images, errors
 
@@ -120,7 +125,9 @@ async def screen_study(
         simulated=any(r.simulated for r in readings),
         radflow_version=tasks.__version__,
     )
-    await asyncio.to_thread(write_report, dest, report, {img.sha256: img.png for _, img in prepared})
+    await asyncio.to_thread(
+        write_report, dest, report, {img.sha256: img.png for _, img in prepared}
+    )
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",
         uid,

@@ -1,0 +1,41 @@
+# radflow — `make demo` and `make test` work on a machine with only python3, pip and make.
+PYTHON ?= python3
+UV := $(PYTHON) -m uv
+export UV_PYTHON := $(PYTHON)
+export UV_LINK_MODE := copy
+
+.PHONY: demo test test-unit lint format bench-screen clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make demo    run the screening flow on sample studies against the simulator"
+	@echo "make test    run the whole test suite (starts and stops its own servers)"
+	@echo "make lint    ruff lint + format check"
+
+# uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
+.venv/.synced: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv \
+		|| $(PYTHON) -m pip install --quiet --user --break-system-packages uv
+	@test -d .venv || $(UV) venv --quiet --python $(PYTHON)
+	$(UV) sync --frozen --quiet
+	@touch $@
+
+demo: .venv/.synced
+	.venv/bin/radflow demo --out demo-output
+
+test: .venv/.synced
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+test-unit: .venv/.synced
+	.venv/bin/python -m pytest -q -m "not e2e"
+
+lint: .venv/.synced
+	.venv/bin/ruff check flows tasks simulator tests
+	.venv/bin/ruff format --check flows tasks simulator tests
+
+format: .venv/.synced
+	.venv/bin/ruff format flows tasks simulator tests
+	.venv/bin/ruff check --fix flows tasks simulator tests
+
+clean:
+	rm -rf .venv demo-output bench-output .pytest_cache

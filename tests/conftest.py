@@ -1,0 +1,83 @@
+"""Shared fixtures: one Prefect harness, one simulator process and one sample folder per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from simulator.process import running_simulator
+from simulator.samples import build_sample_folder
+
+KEY_ENV = "RADFLOW_TEST_KEY"
+TEST_KEY = "test-key-0123456789abcdef-never-logged"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real Prefect API (the test harness runs a server on loopback with a temp database)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def simulator():
+    """The model simulator as its own process, speaking HTTP on a free loopback port."""
+    with running_simulator("--seed", "3", "--record-bodies") as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("samples")
+    build_sample_folder(root, synthetic=4)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _test_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
+
+
+def sim_config(sim, tmp_path: Path, language: str = "en", **extra) -> Path:
+    """A config pointing an OpenAI and an Anthropic model at the simulator."""
+    import yaml
+
+    config = {
+        "language": language,
+        "models": [
+            {
+                "name": "gpt-4o",
+                "provider": "openai",
+                "model": "gpt-4o",
+                "base_url": sim.openai_base_url,
+                "api_key_env": KEY_ENV,
+                "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+            },
+            {
+                "name": "claude",
+                "provider": "anthropic",
+                "model": "claude-sonnet-4-6",
+                "base_url": sim.url,
+                "api_key_env": KEY_ENV,
+                "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+            },
+        ],
+        **extra,
+    }
+    path = tmp_path / "radflow.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
+def child_env(api_url: str) -> dict[str, str]:
+    """Environment for a `radflow` subprocess using the harness's Prefect API."""
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = api_url
+    env[KEY_ENV] = TEST_KEY
+    return env

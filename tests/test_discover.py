@@ -1,0 +1,56 @@
+"""Header-only discovery and grouping into studies and series."""
+
+from __future__ import annotations
+
+import shutil
+
+from pydicom.data import get_testdata_file
+
+from simulator.samples import synthetic_ct
+from tasks.discover import discover_studies
+from tasks.storage import LocalStore
+
+
+def test_groups_by_study_and_series_with_odd_names(tmp_path):
+    study, series = "1.2.3.4", "1.2.3.4.1"
+    for i in range(3):
+        synthetic_ct(
+            tmp_path / f"a b/ü {i}%.dcm",
+            lesion=False,
+            seed=i,
+            study_uid=study,
+            series_uid=series,
+            instance=i + 1,
+        )
+    synthetic_ct(tmp_path / "other.dcm", lesion=True, seed=9)
+    inv = discover_studies.fn(LocalStore(tmp_path))
+    assert inv.errors == []
+    assert sorted(len(s.instances) for s in inv.studies) == [1, 3]
+    big = next(s for s in inv.studies if s.study_instance_uid == study)
+    assert list(big.series) == [series]
+    assert [i.instance_number for i in big.instances] == [1, 2, 3]
+
+
+def test_non_dicom_empty_and_duplicates_become_error_records(tmp_path):
+    synthetic_ct(tmp_path / "one.dcm", lesion=False, seed=1)
+    shutil.copyfile(tmp_path / "one.dcm", tmp_path / "one copy.dcm")
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    (tmp_path / "readme.txt").write_text("hello")
+    shutil.copyfile(get_testdata_file("rtplan.dcm", download=False), tmp_path / "plan.dcm")
+    inv = discover_studies.fn(LocalStore(tmp_path))
+    kinds = sorted((r.kind, r.source.rsplit("/", 1)[-1]) for r in inv.errors)
+    assert kinds == [
+        ("DuplicateInstance", "one.dcm"),
+        ("NotDicom", "empty.dcm"),
+        ("NotDicom", "readme.txt"),
+        ("UnsupportedImage", "plan.dcm"),
+    ]
+    assert len(inv.studies) == 1 and len(inv.studies[0].instances) == 1
+
+
+def test_fingerprint_changes_when_an_input_changes(tmp_path):
+    synthetic_ct(tmp_path / "x.dcm", lesion=False, seed=1)
+    before = discover_studies.fn(LocalStore(tmp_path)).studies[0].fingerprint
+    synthetic_ct(tmp_path / "x.dcm", lesion=True, seed=1)
+    after = discover_studies.fn(LocalStore(tmp_path)).studies[0].fingerprint
+    assert before != after

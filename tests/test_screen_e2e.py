@@ -1,0 +1,191 @@
+"""End to end: the screening flow on a real Prefect API, reading real and synthetic DICOMs,
+with both SDKs calling the simulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.screen import screen
+from tasks.schema import Report, RunSummary
+from tests.conftest import TEST_KEY, child_env, sim_config
+
+pytestmark = pytest.mark.e2e
+
+PHI_VALUES = (
+    "SYNTHETIC^PATIENT",
+    "SYN-00",
+    "19700101",
+    "ACC00",
+    "Synthetic General Hospital",
+    "SYNTHETIC CHEST CT",
+    "20260101",
+)
+
+
+def _reports(dest: Path) -> dict[str, Report]:
+    return {
+        p.parent.name: Report.model_validate_json(p.read_text())
+        for p in dest.glob("studies/*/report.json")
+    }
+
+
+def _calls(sim) -> int:
+    return sum(sim.stats()["requests"].values())
+
+
+def test_screen_reports_every_study_and_reruns_for_free(
+    prefect_harness, simulator, samples, tmp_path
+):
+    config = sim_config(simulator, tmp_path, language="en")
+    dest = tmp_path / "out"
+    before = _calls(simulator)
+
+    summary = asyncio.run(screen(str(samples), str(dest), str(config)))
+
+    reports = _reports(dest)
+    # 4 real pydicom-data studies + 4 synthetic ones; notes.txt is an error record
+    assert len(reports) == 8 == summary.reported == summary.studies
+    errors = [json.loads(p.read_text()) for p in dest.glob("errors/*.json")]
+    assert [Path(e["source"]).name for e in errors] == ["notes.txt"]
+    assert "not a DICOM file" in errors[0]["reason"]
+    for uid, report in reports.items():
+        assert report.study_instance_uid == uid
+        assert report.status == "complete"
+        assert [r.model for r in report.readings] == ["gpt-4o", "claude"]
+        assert all(r.ok and r.simulated and r.input_tokens > 0 for r in report.readings)
+        assert report.consensus.abnormal is not None
+        assert report.images and all(len(i.sha256) == 64 for i in report.images)
+        md = (dest / "studies" / uid / "report.md").read_text()
+        assert "SIMULATED" in md and "AI-generated" in md
+        for image in report.images:
+            assert (dest / "studies" / uid / "images" / f"{image.sha256[:16]}.png").is_file()
+    # synthetic studies with a lesion are read abnormal by at least one model
+    lesion = [r for r in reports.values() if any("lesion" in s for s in r.sources)]
+    assert lesion and all(any(x.abnormal for x in r.readings) for r in lesion)
+
+    assert _calls(simulator) - before == 16 == summary.model_calls
+    run = RunSummary.model_validate_json(next(dest.glob("runs/*.json")).read_text())
+    assert run.reported == 8 and run.errors == 1 and run.cost_usd > 0 and run.simulated
+
+    # PHI and the key never left the process towards the models, nor reached an output
+    bodies = json.dumps(simulator.bodies())
+    for value in PHI_VALUES:
+        assert value not in bodies
+    for path in dest.rglob("*"):
+        if path.suffix in (".json", ".md"):
+            text = path.read_text()
+            assert TEST_KEY not in text
+            assert "SYNTHETIC^PATIENT" not in text
+
+    # an immediate rerun makes no model call and rewrites nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in dest.glob("studies/*/report.json")}
+    again = asyncio.run(screen(str(samples), str(dest), str(config)))
+    assert again.skipped == 8 and again.reported == 0 and again.model_calls == 0
+    assert _calls(simulator) - before == 16
+    assert mtimes == {p: p.stat().st_mtime_ns for p in dest.glob("studies/*/report.json")}
+
+
+def test_korean_reports_and_a_failing_model_degrade(prefect_harness, simulator, samples, tmp_path):
+    config = sim_config(simulator, tmp_path, language="ko")
+    text = config.read_text().replace(simulator.url + "\n", "http://127.0.0.1:9\n", 1)
+    config.write_text(text)  # the anthropic model now points at a closed port
+    dest = tmp_path / "out"
+    summary = asyncio.run(screen(str(samples), str(dest), str(config), limit=2))
+    reports = _reports(dest)
+    assert len(reports) == 2 == summary.degraded
+    for report in reports.values():
+        ok, failed = report.readings
+        assert ok.ok and not failed.ok and "APIConnectionError" in failed.error
+        assert report.status == "degraded" and report.consensus.needs_review
+        md = (dest / "studies" / report.study_instance_uid / "report.md").read_text()
+        assert "선별 판독 보고서" in md and "시뮬레이션" in md
+
+
+def test_cli_screen_against_a_compatible_server(prefect_harness, simulator, samples, tmp_path):
+    config = sim_config(simulator, tmp_path)
+    dest = tmp_path / "cli out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "screen",
+            str(samples),
+            "--out",
+            str(dest),
+            "--config",
+            str(config),
+        ],
+        env=child_env(prefect_harness),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reported 8/8 studies" in proc.stdout
+    assert len(_reports(dest)) == 8
+    assert TEST_KEY not in proc.stdout + proc.stderr
+
+
+def test_cli_help_lists_the_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("screen", "preprocess", "simulator"):
+        assert command in out
+
+
+def test_cli_preprocess_names_bad_inputs_and_writes_the_rest(samples, tmp_path):
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"DICM" * 10)
+    good = samples / "real" / "RG1_J2KI.dcm"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "preprocess",
+            str(bad),
+            str(good),
+            "--out",
+            str(tmp_path / "png"),
+            "--max-edge",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "broken.dcm" in proc.stderr
+    assert (tmp_path / "png" / "RG1_J2KI.png").is_file()
+    assert not (tmp_path / "png" / "broken.png").exists()
+
+
+def test_cli_config_error_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("language: fr\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "screen",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        env=child_env("http://127.0.0.1:9/api"),
+    )
+    assert proc.returncode == 2
+    assert "bad.yaml" in proc.stderr and "language" in proc.stderr
+    assert "Traceback" not in proc.stderr
