@@ -42,7 +42,6 @@ def _reference(ds: pydicom.Dataset) -> np.ndarray:
 @pytest.mark.parametrize(
     "name",
     [
-        "CT_small.dcm",
         "MR_small.dcm",
         "693_UNCI.dcm",
         "MR2_UNCI.dcm",
