@@ -23,6 +23,7 @@ __all__ = [
     "Provider",
     "ReviewConfig",
     "Settings",
+    "SynthesisConfig",
     "WindowName",
     "load_settings",
 ]
@@ -128,6 +129,17 @@ class ReviewConfig(_Strict):
     min_agreement: float = Field(
         1.0, ge=0, le=1, description="flag a study for review below this agreement"
     )
+    on_disagreement: bool = Field(True, description="flag when models disagree on abnormal")
+    on_immediate: bool = Field(True, description="flag when any model says immediate")
+    on_degraded: bool = Field(True, description="flag when a model failed or refused")
+
+
+class SynthesisConfig(_Strict):
+    """The optional narrative impression: one panel model writes it from the structured
+    readings only (no image); it never changes the structured consensus."""
+
+    model: str = Field(..., min_length=1, description="name of a panel model that writes it")
+    max_output_tokens: int = Field(400, ge=32, le=4096, description="impression token budget")
 
 
 def _default_models() -> list[ModelConfig]:
@@ -157,6 +169,9 @@ class Settings(_Strict):
     gateway: Gateway | None = Field(None, description="shared endpoint for all models")
     models: list[ModelConfig] = Field(default_factory=_default_models, min_length=1)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    synthesis: SynthesisConfig | None = Field(
+        None, description="optional model-written impression; null = none"
+    )
     max_studies_in_flight: int = Field(
         64, ge=1, le=4096, description="studies being read at once (bounds memory)"
     )
@@ -167,6 +182,11 @@ class Settings(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
+        if self.synthesis and self.synthesis.model not in names:
+            raise ValueError(
+                f'synthesis.model "{self.synthesis.model}" is not a panel model '
+                f"(known: {', '.join(names)})"
+            )
         return self
 
 

@@ -14,10 +14,15 @@ __all__ = [
     "Consensus",
     "ErrorRecord",
     "ImageInfo",
+    "Impression",
     "MergedItem",
     "ModelReading",
+    "Provenance",
     "Reading",
     "Report",
+    "ReviewCode",
+    "ReviewEntry",
+    "ReviewReason",
     "RunSummary",
     "Urgency",
 ]
@@ -89,7 +94,27 @@ class Consensus(BaseModel):
     score: float | None = Field(description="weighted share of abnormal votes, in [0, 1]")
     agreement: float = Field(ge=0, le=1, description="share of readings agreeing with the vote")
     needs_review: bool
-    review_reasons: list[str] = Field(default_factory=list)
+class ReviewCode(StrEnum):
+    """Why a study needs review (rendered in the report's language by tasks.markdown)."""
+
+    MODEL_FAILED = "model_failed"
+    NO_READING = "no_reading"
+    DISAGREE = "disagree"
+    IMMEDIATE = "immediate"
+    LOW_AGREEMENT = "low_agreement"
+
+
+class ReviewReason(BaseModel):
+    code: ReviewCode
+    models: list[str] = Field(default_factory=list, description="models the reason is about")
+    value: float | None = Field(None, description="measured value (e.g. agreement)")
+    threshold: float | None = Field(None, description="configured threshold it was held to")
+
+
+    review_reasons: list[str] = Field(default_factory=list, description="in English")
+    review_details: list[ReviewReason] = Field(
+        default_factory=list, description="the same reasons, structured"
+    )
     findings: list[MergedItem] = Field(default_factory=list)
     differentials: list[MergedItem] = Field(default_factory=list)
     recommended_exams: list[MergedItem] = Field(default_factory=list)
@@ -100,6 +125,7 @@ class Consensus(BaseModel):
 class ImageInfo(BaseModel):
     sop_instance_uid: str
     series_instance_uid: str
+    weights_source: str = Field("config", description="config | a reliability file")
     source: str
     sha256: str
     width: int
@@ -115,6 +141,50 @@ class Report(BaseModel):
     status: str = Field(description="complete | degraded")
     language: str
     consensus: Consensus
+class Impression(BaseModel):
+    """The narrative impression a configured model wrote from the structured readings only
+    (no image); it never changes the structured consensus."""
+
+    model_written: Literal[True] = True
+    ok: bool
+    text: str = ""
+    language: str
+    model: str
+    provider: str
+    model_id: str
+    endpoint_host: str | None = None
+    response_model: str | None = None
+    prompt_version: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    simulated: bool = False
+    error: str | None = None
+
+
+class ModelProvenance(BaseModel):
+    name: str
+    provider: str
+    model_id: str
+    endpoint_host: str | None = None
+    response_model: str | None = None
+
+
+class Provenance(BaseModel):
+    """How report.json was produced: enough to reproduce or audit it."""
+
+    radflow_version: str
+    prompt_version: str
+    consensus_rule: str
+    weights: dict[str, float] = Field(default_factory=dict)
+    weights_source: str = "config"
+    review_rules: dict[str, float | bool] = Field(default_factory=dict)
+    models: list[ModelProvenance] = Field(default_factory=list)
+    image_sha256: list[str] = Field(default_factory=list)
+    synthesis_prompt_version: str | None = None
+
+
     readings: list[ModelReading]
     images: list[ImageInfo]
     sources: list[str] = Field(default_factory=list, description="input objects of the study")
@@ -132,6 +202,11 @@ class Report(BaseModel):
 class ErrorRecord(BaseModel):
     source: str
     reason: str
+    impression: Impression | None = Field(None, description="model-written narrative, optional")
+    provenance: Provenance | None = None
+    outputs: list[str] = Field(
+        default_factory=list, description="files written beside report.json"
+    )
     kind: str
     stage: str
     study_instance_uid: str | None = None
@@ -144,6 +219,17 @@ class RunSummary(BaseModel):
     dest: str
     studies: int = 0
     reported: int = 0
+class ReviewEntry(BaseModel):
+    """One line of the run's review queue (also DEST/review/<uid>.json)."""
+
+    study_instance_uid: str
+    abnormal: bool | None
+    urgency: Urgency | None
+    agreement: float
+    reasons: list[str]
+    report: str = Field(description="key of report.json under DEST")
+
+
     skipped: int = 0
     degraded: int = 0
     needs_review: int = 0
@@ -155,3 +241,8 @@ class RunSummary(BaseModel):
     simulated: bool = False
     started_at: datetime
     finished_at: datetime | None = None
+    fleiss_kappa: float | None = Field(
+        None, description="Fleiss' kappa of the panel on abnormal over the studies read"
+    )
+    kappa_studies: int = Field(0, description="studies every model read (kappa's subjects)")
+    review_queue: list[ReviewEntry] = Field(default_factory=list, description="needs_review")

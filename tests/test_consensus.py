@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tasks.config import ReviewConfig
-from tasks.consensus import build_consensus, merge_items
+from tasks.consensus import build_consensus, merge_items, panel_kappa
 from tasks.schema import ModelReading, Urgency
 
 REVIEW = ReviewConfig()
@@ -95,3 +97,70 @@ def test_min_agreement_threshold_is_configurable():
     assert build_consensus(readings, {}, ReviewConfig(min_agreement=0.5)).review_reasons == [
         "models disagree on abnormal"
     ]
+
+
+def test_all_refuse_names_every_model_and_keeps_no_findings():
+    readings = [reading("a", None, ok=False), reading("b", None, ok=False)]
+    c = build_consensus(readings, {}, REVIEW)
+    assert [d.code for d in c.review_details] == ["model_failed", "no_reading"]
+    assert c.review_details[0].models == ["a", "b"] and c.findings == []
+
+
+def test_weighted_tie_goes_abnormal():
+    c = build_consensus([reading("a", True), reading("b", False)], {"a": 2.0, "b": 2.0}, REVIEW)
+    assert c.abnormal is True and c.score == 0.5 and c.urgency is Urgency.FOLLOW_UP
+
+
+def test_measured_reliability_weights_and_their_source_are_recorded():
+    readings = [reading("a", True), reading("b", False), reading("c", False)]
+    c = build_consensus(readings, {"a": 0.95, "b": 0.4, "c": 0.4}, REVIEW, "reliability.json")
+    assert c.abnormal is True and c.score == round(0.95 / 1.75, 4)
+    assert c.weights == {"a": 0.95, "b": 0.4, "c": 0.4}
+    assert c.weights_source == "reliability.json"
+
+
+def test_a_failed_reading_does_not_vote_even_if_it_carries_a_verdict():
+    bad = reading("b", True, ok=False)
+    c = build_consensus([reading("a", False), bad], {"b": 100.0}, REVIEW)
+    assert c.abnormal is False and c.score == 0.0 and "b" not in c.weights
+
+
+def test_negative_or_nan_weight_is_one_clear_error():
+    with pytest.raises(ValueError, match='weight of model "a"'):
+        build_consensus([reading("a", True)], {"a": -1.0}, REVIEW)
+    with pytest.raises(ValueError, match='weight of model "a"'):
+        build_consensus([reading("a", True)], {"a": float("nan")}, REVIEW)
+
+
+def test_review_rules_can_be_switched_off():
+    quiet = ReviewConfig(
+        min_agreement=0.0, on_disagreement=False, on_immediate=False, on_degraded=False
+    )
+    readings = [reading("a", True, "immediate"), reading("b", False), reading("c", None, ok=False)]
+    c = build_consensus(readings, {}, quiet)
+    assert c.needs_review is False and c.review_reasons == []
+    assert c.urgency is Urgency.IMMEDIATE  # the safety rule still sets urgency
+    loud = build_consensus(readings, {}, REVIEW)
+    assert [d.code for d in loud.review_details] == ["model_failed", "disagree", "immediate"]
+    assert loud.review_details[2].models == ["a"]
+
+
+def test_low_agreement_reason_when_disagreement_rule_is_off():
+    review = ReviewConfig(min_agreement=0.9, on_disagreement=False)
+    c = build_consensus([reading("a", True), reading("b", True), reading("c", False)], {}, review)
+    assert c.review_reasons == ["agreement 0.67 is below 0.90"]
+    assert c.review_details[0].value == 0.6667 and c.review_details[0].threshold == 0.9
+
+
+def test_fleiss_kappa_matches_the_hand_computed_value():
+    # 4 studies x 2 raters: P-bar = 0.75, P_e = 0.375² + 0.625² = 0.53125 → κ = 0.4667
+    kappa, n = panel_kappa([[True, True], [False, False], [True, False], [False, False]])
+    assert (kappa, n) == (0.4667, 4)
+
+
+def test_fleiss_kappa_skips_incomplete_studies_and_is_undefined_without_variety():
+    kappa, n = panel_kappa([[True, True], [False, False], [True, None], [True, True]])
+    assert (kappa, n) == (1.0, 3)
+    assert panel_kappa([[False, False], [False, False]]) == (None, 2)
+    assert panel_kappa([[True]]) == (None, 1)
+    assert panel_kappa([]) == (None, 0)
