@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from tasks.errors import ConfigError
 
 __all__ = [
+    "EvaluationConfig",
     "Gateway",
     "Language",
     "ModelConfig",
@@ -142,6 +143,18 @@ class SynthesisConfig(_Strict):
     max_output_tokens: int = Field(400, ge=32, le=4096, description="impression token budget")
 
 
+class EvaluationConfig(_Strict):
+    """The accuracy evaluation (`radflow evaluate`): intervals and the regression alert."""
+
+    regression_margin: float = Field(
+        0.05, ge=0, le=1, description="alert when sensitivity or specificity drops by more"
+    )
+    bootstrap_resamples: int = Field(
+        1000, ge=100, le=100_000, description="bootstrap resamples for the 95 % intervals"
+    )
+    seed: int = Field(0, ge=0, description="seed of the bootstrap resampling")
+
+
 def _default_models() -> list[ModelConfig]:
     return [
         ModelConfig(
@@ -172,6 +185,12 @@ class Settings(_Strict):
     synthesis: SynthesisConfig | None = Field(
         None, description="optional model-written impression; null = none"
     )
+    reliability: str | None = Field(
+        None,
+        description="reliability.json (path or s3 uri) written by `radflow evaluate`: its "
+        "measured weights replace the configured ones of the models it names",
+    )
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     max_studies_in_flight: int = Field(
         64, ge=1, le=4096, description="studies being read at once (bounds memory)"
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "CorruptDicom",
+    "EvaluationRegression",
+    "LabelError",
     "NotDicom",
     "PhiRisk",
     "ProviderError",
@@ -36,6 +38,16 @@ class RadflowError(Exception):
 class ConfigError(RadflowError):
     default = "the configuration is invalid"
     hint = "check the YAML against the Config section of the README"
+
+
+class LabelError(RadflowError):
+    default = "the evaluation labels are invalid"
+    hint = "LABELS is CSV with study_instance_uid,abnormal (0/1); optional patient_id,findings"
+
+
+class EvaluationRegression(RadflowError):
+    default = "accuracy dropped since the previous evaluation"
+    hint = "compare DEST/metrics.json with the previous run; check models, prompt and config"
 
 
 class NotDicom(RadflowError):
