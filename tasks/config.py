@@ -25,6 +25,7 @@ __all__ = [
     "ReviewConfig",
     "Settings",
     "SynthesisConfig",
+    "StorageConfig",
     "WindowName",
     "load_settings",
 ]
@@ -88,6 +89,12 @@ class ModelConfig(_Endpoint):
     max_retries: int = Field(2, ge=0, le=10, description="SDK retries on 429/5xx/timeouts")
     max_output_tokens: int = Field(1024, ge=64, le=32768, description="answer token budget")
     extra_headers: dict[str, str] = Field(default_factory=dict, description="sent on every call")
+    requests_per_minute: float | None = Field(
+        None, gt=0, le=100_000, description="request rate limit for this model (retries count)"
+    )
+    fallback: ModelConfig | None = Field(
+        None, description="model asked when this one fails (error, refusal, invalid answer)"
+    )
 
     def endpoint(self, gateway: Gateway | None) -> tuple[str | None, str | None, str | None]:
         """(base_url, api_key_env, api_key_block) with the gateway filling what is unset."""
@@ -103,7 +110,7 @@ class ModelConfig(_Endpoint):
         if key_block:
             from prefect.blocks.system import Secret
 
-            return SecretStr(str(Secret.load(key_block).get()))
+            return SecretStr(str(Secret.load(key_block, _sync=True).get()))
         if not key_env:
             raise ConfigError(f'model "{self.name}" names no api_key_env or api_key_block')
         value = os.environ.get(key_env)
@@ -124,6 +131,15 @@ class PreprocessConfig(_Strict):
     max_images_per_study: int = Field(
         4, ge=1, le=32, description="key images sent per study (one per series, middle slice)"
     )
+    header_window: int = Field(
+        0, ge=0, le=64, description="which header window (WindowCenter/Width index) to use"
+    )
+    key_images: str = Field(
+        "middle",
+        pattern=r"^(middle|spaced:[1-9][0-9]?|montage:[1-8]x[1-8])$",
+        description="key images of a multi-frame object or series: middle | spaced:N | "
+        "montage:RxC (R×C evenly spaced frames in one grid image)",
+    )
 
 
 class ReviewConfig(_Strict):
@@ -141,6 +157,38 @@ class SynthesisConfig(_Strict):
 
     model: str = Field(..., min_length=1, description="name of a panel model that writes it")
     max_output_tokens: int = Field(400, ge=32, le=4096, description="impression token budget")
+
+
+class StorageConfig(_Strict):
+    """S3 access: encryption of every write, retries, concurrency and memory bounds."""
+
+    sse: Literal["AES256", "aws:kms"] = Field(
+        "AES256", description="server-side encryption of every object written to S3"
+    )
+    kms_key_id: str | None = Field(
+        None, min_length=1, description="KMS key id or ARN for sse: aws:kms (else the AWS key)"
+    )
+    max_concurrency: int = Field(16, ge=1, le=256, description="S3 GETs in flight at once")
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "adaptive", description="botocore retry mode for throttling, 5xx and connection resets"
+    )
+    max_attempts: int = Field(8, ge=1, le=20, description="attempts per S3 call, first included")
+    timeout_seconds: float = Field(60.0, gt=0, le=900, description="connect and read timeout")
+    header_bytes: int = Field(
+        65536, ge=1024, le=2**26, description="first ranged GET of a header read; doubles as needed"
+    )
+    spool_mib: int = Field(
+        32, ge=1, le=4096, description="objects larger than this are spooled to a temp file"
+    )
+    multipart_threshold_mib: int = Field(
+        8, ge=5, le=4096, description="writes and downloads past this use multipart parts"
+    )
+
+    @model_validator(mode="after")
+    def _kms_needs_kms(self) -> StorageConfig:
+        if self.kms_key_id and self.sse != "aws:kms":
+            raise ValueError("kms_key_id is set but sse is not aws:kms")
+        return self
 
 
 class EvaluationConfig(_Strict):
@@ -185,6 +233,7 @@ class Settings(_Strict):
     synthesis: SynthesisConfig | None = Field(
         None, description="optional model-written impression; null = none"
     )
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="S3 access")
     reliability: str | None = Field(
         None,
         description="reliability.json (path or s3 uri) written by `radflow evaluate`: its "

@@ -1,29 +1,40 @@
 """Turn a DICOM instance into what a radiologist would look at: decode, modality LUT, VOI
-window, MONOCHROME1 inversion, 8-bit, resize, PNG. Pixels only leave this module."""
+window, MONOCHROME1 inversion, 8-bit, key frames, provider-aware size, PNG. Only pixels
+leave this module."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.config import PreprocessConfig, WindowName
-from tasks.errors import CorruptDicom, PhiRisk, RadflowError, UnsupportedImage
+from tasks.config import PreprocessConfig, Provider, WindowName
+from tasks.errors import CorruptDicom, NotDicom, PhiRisk, RadflowError, UnsupportedImage
+from tasks.keyimages import montage, parse_rule, pick
+from tasks.sizing import (
+    ANTHROPIC_MAX_BYTES,
+    encode_png,
+    fit_size,
+    provider_size,
+    resize_to,
+)
 
 __all__ = [
     "PRESETS",
     "PreparedImage",
-    "encode_png",
+    "finish",
+    "load",
     "prepare",
+    "prepare_all",
     "render",
-    "resize",
+    "render_frames",
     "window_to_grey",
 ]
 
@@ -40,11 +51,18 @@ PRESETS: dict[WindowName, tuple[float, float]] = {
 
 _MONO = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
+# What pydicom and its decoders raise on inconsistent headers or undecodable pixel data.
+_DECODE_ERRORS = (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError)
+_HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """One rendered key image: PNG bytes plus what identifies it (no patient data)."""
+    """One rendered key image: PNG bytes plus what identifies it (no patient data).
+
+    ``png`` is sized by ``preprocess.max_edge``; ``sized`` holds, per provider, the PNG that
+    provider accepts without rescaling (the same bytes when no smaller size is needed).
+    """
 
     png: bytes
     sha256: str
@@ -52,6 +70,12 @@ class PreparedImage:
     height: int
     window: str
     frame: int | None
+    frames: tuple[int, ...] = ()
+    sized: dict[str, bytes] = field(default_factory=dict, repr=False)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def for_provider(self, provider: Provider | str) -> bytes:
+        return self.sized.get(Provider(provider).value, self.png)
 
 
 def window_to_grey(
@@ -76,29 +100,43 @@ def window_to_grey(
     return np.clip(y, 0.0, 255.0)
 
 
-def _first(value: object) -> float:
+def _values(value: object) -> list[float]:
     if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-        value = value[0]
-    return float(value)
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def _header_window(ds: pydicom.Dataset, index: int) -> tuple[float, float, str]:
+    centers, widths = _values(ds.WindowCenter), _values(ds.WindowWidth)
+    n = min(len(centers), len(widths))
+    if index >= n:
+        raise UnsupportedImage(
+            f"header window {index} was asked for but the header has {n} window(s)",
+            hint="set preprocess.header_window to an index below the number of windows",
+        )
+    return centers[index], widths[index], str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
 
 
 def _grey_levels(
-    values: np.ndarray, ds: pydicom.Dataset, window: WindowName
+    values: np.ndarray, ds: pydicom.Dataset, window: WindowName, header_window: int = 0
 ) -> tuple[np.ndarray, str]:
-    """Stored values → display grey 0..255 (float), and a label of the window used."""
+    """Stored values → display grey 0..255 (float), and a label of the window used.
+
+    PS3.3 C.11.1/C.11.2: the modality LUT (rescale or Modality LUT Sequence) comes first;
+    the VOI is the header window, else the VOI LUT Sequence, else a preset or the full range.
+    """
     modality = apply_modality_lut(values, ds)
     has_voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
     has_header_window = "WindowCenter" in ds and "WindowWidth" in ds
     if window in (WindowName.AUTO, WindowName.HEADER):
-        if has_voi_lut and not has_header_window:
-            lut = ds.VOILUTSequence[0]
-            bits = int(lut.LUTDescriptor[2])
-            out = apply_voi_lut(modality, ds, index=0, prefer_lut=True)
-            return np.asarray(out, dtype=np.float64) * (255.0 / (2**bits - 1)), "header VOI LUT"
         if has_header_window:
-            c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            fn = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+            c, w, fn = _header_window(ds, header_window)
             return window_to_grey(modality, c, w, fn), f"header {c:g}/{w:g} {fn.lower()}"
+        if has_voi_lut:
+            index = min(header_window, len(ds.VOILUTSequence) - 1)
+            bits = int(ds.VOILUTSequence[index].LUTDescriptor[2])
+            out = apply_voi_lut(modality, ds, index=index, prefer_lut=True)
+            return np.asarray(out, np.float64) * (255.0 / (2**bits - 1)), "header VOI LUT"
         if window is WindowName.HEADER:
             raise UnsupportedImage("the header has no window (WindowCenter/Width or VOI LUT)")
         window = WindowName.MEDIASTINUM if str(ds.get("Modality", "")) == "CT" else WindowName.NONE
@@ -112,111 +150,211 @@ def _grey_levels(
 
 
 def _render_mono(
-    frame: np.ndarray, ds: pydicom.Dataset, window: WindowName
+    stack: np.ndarray, ds: pydicom.Dataset, window: WindowName, header_window: int
 ) -> tuple[np.ndarray, str]:
-    if np.issubdtype(frame.dtype, np.integer) and frame.size > 1:
-        # One lookup table from stored value to grey level instead of float math per pixel.
-        lo, hi = int(frame.min()), int(frame.max())
-        grey, label = _grey_levels(np.arange(lo, hi + 1, dtype=np.int64), ds, window)
+    if np.issubdtype(stack.dtype, np.integer) and stack.size > 1:
+        # One lookup table from stored value to grey level instead of float math per pixel;
+        # its domain is the data's own range, so "full range" means the data's range.
+        lo, hi = int(stack.min()), int(stack.max())
+        grey, label = _grey_levels(np.arange(lo, hi + 1, dtype=np.int64), ds, window, header_window)
         lut = np.rint(grey).astype(np.uint8)
-        out = lut[frame.astype(np.int64) - lo]
+        if lo >= 0 and stack.dtype.kind == "u":
+            out = np.take(np.pad(lut, (lo, 0)), stack)  # index by the stored value directly
+        else:
+            out = np.take(lut, stack.astype(np.int32) - lo)
     else:
-        grey, label = _grey_levels(frame, ds, window)
+        grey, label = _grey_levels(stack, ds, window, header_window)
         out = np.rint(grey).astype(np.uint8)
     if ds.PhotometricInterpretation == "MONOCHROME1":  # minimum displays white: invert after VOI
-        out = 255 - out
+        np.subtract(255, out, out=out)
     return out, label
 
 
-def _render_colour(frame: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, str]:
+def _render_colour(stack: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, str]:
+    """RGB / YBR (converted to RGB by the decoder) and PALETTE COLOR through its LUT
+    (PS3.3 C.7.6.3.1.5); LUT entries and samples above 8 bits are scaled to 0..255."""
     pi = ds.PhotometricInterpretation
     if pi == "PALETTE COLOR":
-        rgb = apply_color_lut(frame, ds)
+        rgb = apply_color_lut(stack, ds)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     elif pi in _COLOUR:
-        rgb, bits = frame, int(ds.BitsStored)
+        rgb, bits = stack, int(ds.BitsStored)
     else:
         raise UnsupportedImage(f'photometric interpretation "{pi}" is not supported')
-    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+    if rgb.shape[-1] != 3:
         raise CorruptDicom(f"colour image decoded to shape {rgb.shape}, expected (rows, cols, 3)")
     if bits > 8:
-        rgb = (rgb.astype(np.float64) * (255.0 / (2**bits - 1))).round()
-    return np.clip(rgb, 0, 255).astype(np.uint8), "colour"
+        scaled = (rgb.astype(np.float64) * (255.0 / (2**bits - 1))).round()
+        return np.clip(scaled, 0, 255).astype(np.uint8), "colour"
+    return rgb.astype(np.uint8, copy=False), "colour"
+
+
+def _decode(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
+    try:
+        return pixel_array(ds, index=index)
+    except _DECODE_ERRORS as exc:
+        tsuid = ds.file_meta.get("TransferSyntaxUID", "unknown") if ds.file_meta else "unknown"
+        name = getattr(tsuid, "name", tsuid)
+        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise CorruptDicom(
+            f'pixel data (transfer syntax "{name}") cannot be decoded: {reason}'
+        ) from exc
+
+
+def render_frames(
+    ds: pydicom.Dataset,
+    window: WindowName | str = WindowName.AUTO,
+    indices: Iterable[int] | None = None,
+    header_window: int = 0,
+) -> tuple[np.ndarray, str, list[int]]:
+    """Decode only the frames ``indices`` (default: the middle one) and map them to 8-bit
+    display values with one window for all. PS3.3 C.11.2.1: modality LUT before VOI;
+    MONOCHROME1 inverted after VOI. Returns (frames × rows × cols [× 3], label, indices)."""
+    window = WindowName(window)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if "Rows" in ds:
+            raise UnsupportedImage("no pixel data, though it has image attributes: truncated?")
+        raise UnsupportedImage("no pixel data")
+    try:
+        pi = str(ds.get("PhotometricInterpretation", ""))
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        wanted = sorted(set(indices)) if indices is not None else pick(n, parse_rule("middle"))
+        if any(not 0 <= i < n for i in wanted):
+            raise UnsupportedImage(f"frames {wanted} asked for, the object has {n}")
+        stack = np.stack([_decode(ds, i if n > 1 else None) for i in wanted])
+        if pi in _MONO:
+            if stack.ndim != 3:
+                raise CorruptDicom(f"monochrome image decoded to shape {stack.shape[1:]}")
+            out, label = _render_mono(stack, ds, window, header_window)
+        else:
+            out, label = _render_colour(stack, ds)
+    except _HEADER_ERRORS as exc:
+        raise CorruptDicom(f"inconsistent header: {exc}") from exc
+    if int(out.min()) == int(out.max()):
+        if np.min(stack) != np.max(stack):
+            raise CorruptDicom(
+                f'the window "{label}" renders non-constant pixel data as a blank image',
+                hint="choose another window (preprocess.window) or check the header window",
+            )
+        raise UnsupportedImage("the image is blank (every pixel has the same value)")
+    return out, label, wanted
 
 
 def render(
-    ds: pydicom.Dataset, window: WindowName | str = WindowName.AUTO
+    ds: pydicom.Dataset, window: WindowName | str = WindowName.AUTO, header_window: int = 0
 ) -> tuple[np.ndarray, str, int | None]:
-    """Decode the key frame of ``ds`` and map it to 8-bit display values.
-
-    PS3.3 C.11.2.1: modality LUT before VOI; MONOCHROME1 inverted after VOI. Multi-frame
-    objects decode only their middle frame. Returns (pixels, window label, frame index).
-    """
-    window = WindowName(window)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise UnsupportedImage("no pixel data")
-    pi = str(ds.get("PhotometricInterpretation", ""))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    index = frames // 2 if frames > 1 else None
-    try:
-        frame = pixel_array(ds, index=index) if index is not None else ds.pixel_array
-    except (
-        ValueError,
-        RuntimeError,
-        NotImplementedError,
-        TypeError,
-        AttributeError,
-        KeyError,
-    ) as exc:
-        tsuid = ds.file_meta.get("TransferSyntaxUID", "unknown") if ds.file_meta else "unknown"
-        name = getattr(tsuid, "name", tsuid)
-        raise CorruptDicom(
-            f'pixel data (transfer syntax "{name}") cannot be decoded: {exc}'
-        ) from exc
-    if pi in _MONO:
-        if frame.ndim != 2:
-            raise CorruptDicom(f"monochrome image decoded to shape {frame.shape}")
-        out, label = _render_mono(frame, ds, window)
-    else:
-        out, label = _render_colour(frame, ds)
-    if int(out.min()) == int(out.max()):
-        if np.min(frame) != np.max(frame):
-            raise CorruptDicom(
-                f'the window "{label}" renders non-constant pixel data as a blank image'
-            )
-        raise UnsupportedImage("the image is blank (every pixel has the same value)")
-    return out, label, index
+    """The middle frame of ``ds`` as 8-bit display values: (pixels, window label, frame
+    index or None for a single-frame object)."""
+    out, label, wanted = render_frames(ds, window, None, header_window)
+    multi = int(ds.get("NumberOfFrames", 1) or 1) > 1
+    return out[0], label, wanted[0] if multi else None
 
 
-def resize(pixels: np.ndarray, max_edge: int) -> Image.Image:
-    """Fit the long edge into ``max_edge`` (0 = keep size); never upscales."""
-    img = Image.fromarray(pixels)
-    if max_edge and max(img.size) > max_edge:
-        scale = max_edge / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.LANCZOS)
-    return img
+def _infer_transfer_syntax(ds: pydicom.Dataset) -> None:
+    """A file without (0002,0010): its uncompressed encoding is known from how it parsed."""
+    meta = ds.file_meta
+    if "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return
+    meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian
+        if implicit
+        else ExplicitVRLittleEndian
+        if little
+        else ExplicitVRBigEndian
+    )
 
 
-def encode_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def prepare(source: str | BinaryIO, config: PreprocessConfig, name: str = "") -> PreparedImage:
-    """Read a DICOM file and render its key image as PNG; errors name ``name`` and the reason."""
-    name = name or str(source)
+def load(source: str | BinaryIO) -> pydicom.Dataset:
+    """Read a DICOM file. Files without the Part 10 preamble and meta header (older ACR-NEMA
+    style) are accepted when they parse as an image."""
     try:
         try:
             ds = pydicom.dcmread(source)
-        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, OSError, KeyError) as exc:
-            raise CorruptDicom(f"cannot be read: {exc}") from exc
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and config.burned_in == "refuse":
-            raise PhiRisk("BurnedInAnnotation is YES: the pixels may show patient identifiers")
-        pixels, label, frame = render(ds, config.window)
-        img = resize(pixels, config.max_edge)
-        png = encode_png(img)
+        except pydicom.errors.InvalidDicomError:
+            if hasattr(source, "seek"):
+                source.seek(0)
+            ds = pydicom.dcmread(source, force=True)
+            if "PixelData" not in ds or "Rows" not in ds:
+                raise NotDicom("no DICOM Part 10 header, and no image in it") from None
+        _infer_transfer_syntax(ds)
+    except (pydicom.errors.InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS) as exc:
+        raise CorruptDicom(f"cannot be read: {exc}") from exc
+    return ds
+
+
+def finish(
+    pixels: np.ndarray,
+    label: str,
+    frames: list[int] | tuple[int, ...],
+    config: PreprocessConfig,
+    providers: Iterable[Provider | str] = (),
+    multi: bool = True,
+) -> PreparedImage:
+    """Resize to ``config.max_edge`` and encode; per provider, also the PNG it takes as is."""
+    h, w = pixels.shape[:2]
+    size = fit_size(w, h, config.max_edge)
+    img = resize_to(pixels, size)
+    png = encode_png(img)
+    sized: dict[str, bytes] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    by_size = {size: png}
+    for provider in sorted({Provider(p) for p in providers}):
+        target = provider_size(*size, provider)
+        if target not in by_size:
+            by_size[target] = encode_png(resize_to(pixels, target))
+        data = by_size[target]
+        while provider is Provider.ANTHROPIC and len(data) * 4 / 3 > ANTHROPIC_MAX_BYTES:
+            target = (max(1, int(target[0] * 0.9)), max(1, int(target[1] * 0.9)))
+            data = by_size[target] = encode_png(resize_to(pixels, target), compress_level=6)
+        sized[provider.value], sizes[provider.value] = data, target
+    frame = frames[0] if multi and len(frames) == 1 else None
+    return PreparedImage(
+        png, hashlib.sha256(png).hexdigest(), *img.size, label, frame, tuple(frames), sized, sizes
+    )
+
+
+def _check_burned_in(ds: pydicom.Dataset, config: PreprocessConfig) -> None:
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and config.burned_in == "refuse":
+        raise PhiRisk("BurnedInAnnotation is YES: the pixels may show patient identifiers")
+
+
+def prepare_all(
+    source: str | BinaryIO,
+    config: PreprocessConfig,
+    name: str = "",
+    providers: Iterable[Provider | str] = (),
+) -> list[PreparedImage]:
+    """Read a DICOM file and render its key images by ``config.key_images`` (one for a
+    single-frame object); errors name ``name`` and the reason."""
+    name = name or str(source)
+    try:
+        ds = load(source)
+        _check_burned_in(ds, config)
+        rule = parse_rule(config.key_images)
+        try:
+            n = int(ds.get("NumberOfFrames", 1) or 1)
+        except _HEADER_ERRORS as exc:
+            raise CorruptDicom(f"inconsistent header: {exc}") from exc
+        stack, label, frames = render_frames(ds, config.window, pick(n, rule), config.header_window)
+        if rule.kind == "montage" and len(frames) > 1:
+            grid = montage(list(stack), rule.rows, rule.cols)
+            return [finish(grid, label, frames, config, providers)]
+        return [
+            finish(s, label, [f], config, providers, n > 1)
+            for s, f in zip(stack, frames, strict=True)
+        ]
     except RadflowError as exc:
         raise type(exc)(f'"{name}": {exc.args[0]}', hint=exc.hint) from exc
-    return PreparedImage(png, hashlib.sha256(png).hexdigest(), img.width, img.height, label, frame)
+
+
+def prepare(
+    source: str | BinaryIO,
+    config: PreprocessConfig,
+    name: str = "",
+    providers: Iterable[Provider | str] = (),
+) -> PreparedImage:
+    """The first key image of a DICOM file (see ``prepare_all``)."""
+    return prepare_all(source, config, name, providers)[0]

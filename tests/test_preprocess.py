@@ -13,7 +13,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from simulator.samples import synthetic_ct
 from tasks.config import PreprocessConfig, WindowName
-from tasks.errors import CorruptDicom, PhiRisk, UnsupportedImage
+from tasks.errors import CorruptDicom, NotDicom, PhiRisk, UnsupportedImage
 from tasks.preprocess import prepare, render, window_to_grey
 
 
@@ -138,7 +138,7 @@ def test_resize_fits_long_edge_and_zero_keeps_size():
 def test_errors_name_the_file(tmp_path):
     bad = tmp_path / "not dicom.dcm"
     bad.write_text("hello")
-    with pytest.raises(CorruptDicom, match="not dicom.dcm"):
+    with pytest.raises(NotDicom, match="not dicom.dcm"):
         prepare(str(bad), PreprocessConfig())
 
 

@@ -1,0 +1,108 @@
+"""Provider-aware image sizing and token estimates, from the providers' published rules."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image
+
+from tasks.config import Provider
+
+__all__ = [
+    "ANTHROPIC_MAX_BYTES",
+    "anthropic_image_tokens",
+    "encode_png",
+    "fit_size",
+    "image_tokens",
+    "openai_image_tokens",
+    "provider_size",
+    "resize_to",
+    "text_tokens",
+]
+
+# Anthropic vision docs: images over 1568 px on the long edge or ~1.15 megapixels are scaled
+# down server side; 5 MB per image at most.
+ANTHROPIC_MAX_EDGE = 1568
+ANTHROPIC_MAX_PIXELS = 1_150_000
+ANTHROPIC_MAX_BYTES = 5 * 1024 * 1024
+# OpenAI vision docs, detail "high": fit 2048 × 2048, then scale the short side to 768.
+OPENAI_MAX_EDGE = 2048
+OPENAI_MAX_SHORT = 768
+
+
+def fit_size(width: int, height: int, max_edge: int) -> tuple[int, int]:
+    """(w, h) with the long edge fitted into ``max_edge`` (0 = keep); never upscales."""
+    if not max_edge or max(width, height) <= max_edge:
+        return width, height
+    scale = max_edge / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def provider_size(width: int, height: int, provider: Provider | str) -> tuple[int, int]:
+    """The largest (w, h) of the same aspect that ``provider`` accepts without rescaling."""
+    provider = Provider(provider)
+    if provider is Provider.ANTHROPIC:
+        scale = min(
+            1.0,
+            ANTHROPIC_MAX_EDGE / max(width, height),
+            math.sqrt(ANTHROPIC_MAX_PIXELS / (width * height)),
+        )
+    else:
+        scale = min(1.0, OPENAI_MAX_EDGE / max(width, height))
+        scale *= min(1.0, OPENAI_MAX_SHORT / (min(width, height) * scale))
+    w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    return w, h
+
+
+def openai_image_tokens(width: int, height: int, detail: str = "high") -> int:
+    """OpenAI: 85 + 170 per 512-px tile after fitting 2048² and scaling the short side to
+    768 (detail "low": 85)."""
+    if detail == "low":
+        return 85
+    scale = min(1.0, OPENAI_MAX_EDGE / max(width, height))
+    w, h = width * scale, height * scale
+    scale = min(1.0, OPENAI_MAX_SHORT / min(w, h))
+    w, h = w * scale, h * scale
+    return 85 + 170 * math.ceil(w / 512) * math.ceil(h / 512)
+
+
+def anthropic_image_tokens(width: int, height: int) -> int:
+    """Anthropic: about w·h/750 tokens, after its own resize to ≤ 1568 px and ≤ 1.15 MP."""
+    scale = min(
+        1.0,
+        ANTHROPIC_MAX_EDGE / max(width, height),
+        math.sqrt(ANTHROPIC_MAX_PIXELS / (width * height)),
+    )
+    return math.ceil(width * scale * height * scale / 750)
+
+
+def image_tokens(provider: Provider | str, sizes: Iterable[tuple[int, int]]) -> int:
+    """Estimated input tokens of images of ``sizes`` sent to ``provider``."""
+    provider = Provider(provider)
+    formula = openai_image_tokens if provider is Provider.OPENAI else anthropic_image_tokens
+    return sum(formula(w, h) for w, h in sizes)
+
+
+def text_tokens(text: str) -> int:
+    """A rough text token estimate: one token per 4 UTF-8 bytes (providers' rule of thumb;
+    the image part of a request dominates and follows the exact formulas above)."""
+    return math.ceil(len(text.encode("utf-8")) / 4)
+
+
+def resize_to(pixels: np.ndarray | Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to ``size`` with Lanczos; a box reduce first when shrinking by 2× or more
+    (PIL ``reducing_gap``), which is faster and indistinguishable at the output size."""
+    img = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    if img.size == size:
+        return img
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def encode_png(img: Image.Image, compress_level: int = 1) -> bytes:
+    """PNG bytes; level 1 is the fast end of zlib (a few % larger than level 6)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
