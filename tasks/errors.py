@@ -8,6 +8,7 @@ __all__ = [
     "EvaluationRegression",
     "LabelError",
     "NotDicom",
+    "NotificationError",
     "PhiRisk",
     "ProviderError",
     "RadflowError",
@@ -53,6 +54,11 @@ class EvaluationRegression(RadflowError):
 class NotDicom(RadflowError):
     default = "not a DICOM file"
     hint = "only DICOM Part 10 files are screened; remove other files from the source"
+
+
+class NotificationError(RadflowError):
+    default = "the queue message is not an S3 event notification"
+    hint = "point the bucket's ObjectCreated notification at this queue (see infra/aws.md)"
 
 
 class CorruptDicom(RadflowError):
