@@ -59,8 +59,10 @@ async def screen(
     logger = get_run_logger()
     started = datetime.now(UTC)
     settings = load_settings(config)
-    src, dest = open_store(source), open_store(out)
-    inventory: Inventory = await asyncio.to_thread(discover_studies, src)
+    src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
+    inventory: Inventory = await asyncio.to_thread(
+        discover_studies, src, settings.storage.max_concurrency
+    )
     for record in inventory.errors:
         write_error(dest, record)
     studies = inventory.studies[:limit] if limit else inventory.studies

@@ -6,14 +6,23 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pydicom
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 from pydicom.errors import InvalidDicomError
 
-from tasks.errors import CorruptDicom, NotDicom, RadflowError, UnsupportedImage
+from tasks.errors import (
+    CorruptDicom,
+    NotDicom,
+    RadflowError,
+    StorageError,
+    StorageUnavailable,
+    UnsupportedImage,
+)
 from tasks.schema import ErrorRecord
 from tasks.storage import ObjectRef, Store
 
@@ -86,7 +95,7 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
     if ref.size == 0:
         raise NotDicom(f'"{ref.uri}" is empty (0 bytes)')
     try:
-        with store.open_read(ref.key) as fh:
+        with store.open_header(ref.key) as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
     except InvalidDicomError as exc:
         raise NotDicom(f'"{ref.uri}" is not a DICOM file: no DICM preamble') from exc
@@ -142,16 +151,41 @@ def error_record(ref: ObjectRef, exc: RadflowError, stage: str) -> ErrorRecord:
     return ErrorRecord(source=ref.uri, reason=str(exc), kind=exc.kind, stage=stage)
 
 
-@task(name="discover-studies", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
-def discover_studies(store: Store) -> Inventory:
-    """List the source and read every header; unreadable objects become error records."""
+def _header_or_error(store: Store, ref: ObjectRef) -> Instance | ErrorRecord:
+    """The object's header, or its error record; a StorageError (access denied, missing
+    bucket, storage down after retries) is not about this object and stops the run."""
+    try:
+        return read_header(store, ref)
+    except StorageError:
+        raise
+    except RadflowError as exc:
+        return error_record(ref, exc, "discover")
+
+
+def _retry_unless_permanent(task: object, task_run: object, state: State) -> bool:
+    """Retry transient failures only: a permanent StorageError would fail again the same way."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, StorageError) or isinstance(exc, StorageUnavailable)
+
+
+@task(
+    name="discover-studies",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=_retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
+def discover_studies(store: Store, workers: int = 16) -> Inventory:
+    """List the source and read every header (``workers`` at once; S3 reads only the header
+    bytes); unreadable objects become error records."""
     instances: list[Instance] = []
     errors: list[ErrorRecord] = []
-    for ref in store.list():
-        try:
-            instances.append(read_header(store, ref))
-        except RadflowError as exc:
-            errors.append(error_record(ref, exc, "discover"))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="header") as pool:
+        for item in pool.map(lambda ref: _header_or_error(store, ref), store.list()):
+            if isinstance(item, Instance):
+                instances.append(item)
+            else:
+                errors.append(item)
     studies, dupes = group_instances(instances)
     logger.info(
         "found %d studies in %d instances, %d errors",

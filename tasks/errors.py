@@ -9,10 +9,12 @@ __all__ = [
     "LabelError",
     "NotDicom",
     "NotificationError",
+    "ObjectMissing",
     "PhiRisk",
     "ProviderError",
     "RadflowError",
     "StorageError",
+    "StorageUnavailable",
     "UnsupportedImage",
 ]
 
@@ -84,3 +86,15 @@ class ProviderError(RadflowError):
 class StorageError(RadflowError):
     default = "storage access failed"
     hint = "check the path or bucket, the credentials and the permissions"
+
+
+class StorageUnavailable(StorageError):
+    """Transient: throttling, 5xx or connection resets that outlasted the client's retries."""
+
+    default = "storage is unavailable"
+    hint = "the store kept failing after retries; run again later (finished studies are skipped)"
+
+
+class ObjectMissing(RadflowError):
+    default = "the object is gone"
+    hint = "it was listed but deleted or moved before it could be read; run again"

@@ -10,9 +10,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from tasks.errors import StorageError
+
+if TYPE_CHECKING:
+    from tasks.config import StorageConfig
 
 __all__ = ["ObjectRef", "Store", "LocalStore", "open_store"]
 
@@ -33,6 +36,10 @@ class Store(Protocol):
     uri: str
 
     def list(self) -> Iterator[ObjectRef]: ...
+
+    def open_header(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """The start of the object, for header parsing: S3 fetches only what is read."""
+        ...
 
     def open_read(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
 
@@ -74,6 +81,9 @@ class LocalStore:
         with open(self._path(key), "rb") as fh:
             yield fh
 
+    def open_header(self, key: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        return self.open_read(key)
+
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
@@ -101,11 +111,14 @@ def read_json(store: Store, key: str) -> dict | None:
     return json.loads(store.read_bytes(key))
 
 
-def open_store(uri: str) -> Store:
-    """A store for ``uri``: ``s3://bucket/prefix`` or a local folder."""
+def open_store(uri: str, config: StorageConfig | None = None) -> Store:
+    """A store for ``uri``: ``s3://bucket/prefix`` (checked at once: a missing or forbidden
+    bucket fails here with one line) or a local folder."""
     if uri.startswith("s3://"):
-        raise StorageError(
-            f'"{uri}": S3 sources are not supported by this build',
-            hint="use a local folder",
-        )
+        from tasks.config import StorageConfig
+        from tasks.s3 import S3Store
+
+        store = S3Store(uri, config or StorageConfig())
+        store.check()
+        return store
     return LocalStore(uri)
