@@ -18,6 +18,7 @@ from tasks.diagnose import Panel, Prompt
 from tasks.discover import Instance, Study
 from tasks.errors import RadflowError
 from tasks.preprocess import PreparedImage, prepare
+from tasks.reliability import model_weights
 from tasks.report import write_error, write_report
 from tasks.schema import ErrorRecord, ImageInfo, Report
 from tasks.storage import Store
@@ -95,8 +96,8 @@ async def screen_study(
         return StudyOutcome(uid, None, errors)
     context = clinical_context(i.header for i in study.instances)
     readings = await panel.read([img.png for _, img in prepared], context, prompt)
-    weights = {m.name: m.weight for m in settings.models}
-    consensus = build_consensus(readings, weights, settings.review)
+    weights, weights_source = await asyncio.to_thread(model_weights, settings)
+    consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     report = Report(
         study_instance_uid=uid,
         status="complete" if all(r.ok for r in readings) else "degraded",
