@@ -147,6 +147,79 @@ def simulator(
     )
 
 
+@app.command("build-dataset")
+def build_dataset(
+    annotations: Annotated[str, typer.Argument(help="annotations .csv or .jsonl (local or s3://)")],
+    images: Annotated[str, typer.Option("--images", help="folder or s3:// prefix of the DICOMs")],
+    out: Annotated[str, typer.Option("--out", help="destination folder or s3:// prefix")],
+    val_fraction: Annotated[
+        float, typer.Option(min=0, max=0.5, help="share of patients for validation")
+    ] = 0.2,
+    upload: Annotated[
+        bool, typer.Option(help="upload and create a fine-tuning job (config's OpenAI endpoint)")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option(help="config YAML (else $RADFLOW_CONFIG, ./radflow.yaml)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the patient split and the job")] = 0,
+    base_model: Annotated[str, typer.Option(help="model to fine-tune")] = "gpt-4o-2024-08-06",
+    epochs: Annotated[int | None, typer.Option(min=1, max=50, help="n_epochs (else auto)")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, max=256, help="batch_size (else auto)")
+    ] = None,
+    lr_multiplier: Annotated[
+        float | None, typer.Option(min=0.0001, max=100, help="learning_rate_multiplier")
+    ] = None,
+    suffix: Annotated[str | None, typer.Option(help="fine-tuned model name suffix")] = None,
+    token_limit: Annotated[
+        int, typer.Option(min=1024, help="tokens per example (longer ones are rejected)")
+    ] = 65_536,
+    price_per_mtok: Annotated[
+        float, typer.Option(min=0, help="USD per million training tokens (estimate)")
+    ] = 25.0,
+) -> None:
+    """Build a vision fine-tuning dataset (train/validation JSONL + manifest) from annotations."""
+    from flows.dataset import build_finetune_dataset
+    from tasks.config import load_settings
+
+    try:
+        load_settings(config)  # fail fast, before a Prefect run exists
+        manifest = build_finetune_dataset(
+            annotations,
+            images,
+            out,
+            val_fraction=val_fraction,
+            upload=upload,
+            config=str(config) if config else None,
+            seed=seed,
+            base_model=base_model,
+            n_epochs=epochs,
+            batch_size=batch_size,
+            learning_rate_multiplier=lr_multiplier,
+            suffix=suffix,
+            token_limit=token_limit,
+            price_per_mtok=price_per_mtok,
+        )
+    except RadflowError as exc:
+        raise _fail(exc) from None
+    train, val, est = manifest["train"], manifest["validation"], manifest["estimate"]
+    Console().print(
+        f"train {train['examples']} examples ({len(train['patients'])} patients), validation "
+        f"{val['examples']} ({len(val['patients'])} patients), "
+        f"{manifest['rejected']['count']} rejected (rejected.jsonl); "
+        f"≈{est['training_tokens']} training tokens over {est['epochs']} epochs, "
+        f"≈${est['cost_usd']:.2f} → {out}",
+        highlight=False,
+    )
+    if manifest["upload"]:
+        up = manifest["upload"]
+        Console().print(
+            f"uploaded training file {up['training_file']}, validation file "
+            f"{up['validation_file']}; fine-tuning job {up['job_id']} ({up['status']})",
+            highlight=False,
+        )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="folder for samples, config and reports")] = Path(

@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from simulator.finetune import FinetuneState, finetune_routes
 from simulator.vision import Profile, anthropic_image_tokens, judge, openai_image_tokens
 
 __all__ = ["Faults", "SimState", "create_app", "parse_faults"]
@@ -249,6 +250,7 @@ def create_app(state: SimState) -> Starlette:
             Route("/stats", stats, methods=["GET"]),
             Route("/bodies", bodies, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            *finetune_routes(FinetuneState()),
         ]
     )
 

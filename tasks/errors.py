@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 __all__ = [
+    "AnnotationError",
     "ConfigError",
     "CorruptDicom",
+    "DatasetError",
     "EvaluationRegression",
     "LabelError",
     "NotDicom",
@@ -51,6 +53,16 @@ class LabelError(RadflowError):
 class EvaluationRegression(RadflowError):
     default = "accuracy dropped since the previous evaluation"
     hint = "compare DEST/metrics.json with the previous run; check models, prompt and config"
+
+
+class AnnotationError(RadflowError):
+    default = "the annotation is invalid"
+    hint = "fix the line in the annotations file (see the README's fine-tune dataset section)"
+
+
+class DatasetError(RadflowError):
+    default = "the fine-tune dataset cannot be built"
+    hint = "see DEST/rejected.jsonl for the annotations that were skipped"
 
 
 class NotDicom(RadflowError):
