@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from tasks.cache import ReadingCache
 from tasks.config import load_settings
 from tasks.diagnose import Panel, load_prompt
 from tasks.discover import Inventory, Study, discover_studies
@@ -84,7 +85,7 @@ async def screen(
         hook(0, len(pending), None)
     if pending:
         prompt = load_prompt(settings.language)
-        panel = Panel(settings)
+        panel = Panel(settings, cache=ReadingCache(dest))
         window = asyncio.Semaphore(settings.max_studies_in_flight)
 
         async def one(study: Study) -> StudyOutcome:
@@ -134,8 +135,13 @@ def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.reported += 1
     summary.degraded += report.status == "degraded"
     summary.needs_review += report.consensus.needs_review
-    summary.model_calls += len(report.readings)
-    summary.input_tokens += sum(r.input_tokens for r in report.readings)
-    summary.output_tokens += sum(r.output_tokens for r in report.readings)
-    summary.cost_usd = round(summary.cost_usd + report.cost_usd, 6)
+    paid = [r for r in report.readings if not r.cached]
+    summary.model_calls += len(paid)
+    summary.cache_hits += len(report.readings) - len(paid)
+    summary.requests += sum(r.requests for r in paid)
+    summary.input_tokens += sum(r.input_tokens for r in paid)
+    summary.output_tokens += sum(r.output_tokens for r in paid)
+    summary.cost_usd = round(summary.cost_usd + sum(r.cost_usd for r in paid), 6)
+    cached = sum(r.cost_usd for r in report.readings if r.cached)
+    summary.cached_cost_usd = round(summary.cached_cost_usd + cached, 6)
     summary.simulated = summary.simulated or report.simulated

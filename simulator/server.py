@@ -96,6 +96,7 @@ class SimState:
     attempts: Counter = field(default_factory=Counter)
     bodies: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     record_bodies: bool = False
+    header_names: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     def profile(self, model: str) -> Profile:
         return self.profiles.get(model, self.profiles.get("*", Profile()))
@@ -157,6 +158,14 @@ def _reading(pngs: list[bytes], model: str, lang: str, state: SimState) -> dict:
     }
 
 
+async def _hang(request: Request, seconds: float) -> None:
+    """An injected timeout: answer nothing until the client gives up (disconnects) or
+    ``seconds`` pass, so a request the client abandoned no longer counts as in flight."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+
+
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(
         {"type": "error", "error": {"type": kind, "message": f"radflow simulator: {message}"}},
@@ -189,6 +198,7 @@ def create_app(state: SimState) -> Starlette:
         except (ValueError, KeyError, TypeError):
             return _error(400, "body must be JSON with a model", "invalid_request_error")
         state.requests[model] += 1
+        state.header_names[model].update(request.headers.keys())  # names only, never values
         if state.record_bodies:
             state.bodies[model].append(raw.decode("utf-8", "replace"))
         state.in_flight[model] += 1
@@ -209,7 +219,7 @@ def create_app(state: SimState) -> Starlette:
             if fault == "500":
                 return _error(500, "server error (injected)", "api_error")
             if fault == "timeout":
-                await asyncio.sleep(state.faults.timeout_sleep)
+                await _hang(request, state.faults.timeout_sleep)
                 return _error(504, "timed out (injected)", "timeout_error")
             handler = _openai if protocol == "openai" else _anthropic
             response = handler(body, model, state, fault)
@@ -233,6 +243,7 @@ def create_app(state: SimState) -> Starlette:
                 "injected": dict(state.injected),
                 "in_flight": dict(state.in_flight),
                 "peak_in_flight": dict(state.peak_in_flight),
+                "header_names": {m: sorted(n) for m, n in state.header_names.items()},
             }
         )
 

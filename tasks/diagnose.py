@@ -1,34 +1,57 @@
 """Ask every model of the panel to read a study, concurrently, over the providers' async SDKs
-(OpenAI chat completions with a JSON-schema output; Anthropic messages with a forced tool)."""
+(OpenAI chat completions with a strict JSON-schema output; Anthropic messages with a forced
+tool), within per-model limits, with one re-ask on an invalid answer, an optional fallback
+model and a content-addressed reading cache."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from urllib.parse import urlparse
 
 import anthropic
+import httpx2
 import openai
+from aiolimiter import AsyncLimiter
 from pydantic import ValidationError
 
+from tasks.cache import ReadingCache, reading_key
 from tasks.config import Language, ModelConfig, Provider, Settings
-from tasks.errors import RadflowError
 from tasks.schema import ModelReading, Reading, Urgency
 
-__all__ = ["Panel", "Prompt", "load_prompt", "user_text"]
+__all__ = ["ModelClient", "Panel", "Prompt", "load_prompt", "reask_text", "user_text"]
 
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "v1"
 TOOL_NAME = "record_reading"
 SIMULATOR_MODEL_PREFIX = "radflow-simulator/"
-_DEFAULT_HOSTS = {Provider.OPENAI: "api.openai.com", Provider.ANTHROPIC: "api.anthropic.com"}
+_DEFAULT_URLS = {
+    Provider.OPENAI: "https://api.openai.com/v1",
+    Provider.ANTHROPIC: "https://api.anthropic.com",
+}
+_SCHEMA = Reading.model_json_schema()
+_SCHEMA_DIGEST = hashlib.sha256(json.dumps(_SCHEMA, sort_keys=True).encode()).hexdigest()[:16]
+_OPENAI_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "reading", "schema": _SCHEMA, "strict": True},
+}
+_ANTHROPIC_TOOL = {
+    "name": TOOL_NAME,
+    "description": "Record the structured reading of the study.",
+    "input_schema": _SCHEMA,
+}
+_MAX_ERROR_CHARS = 800
+
+# HTTP requests made by the reading being asked in the current task (SDK retries included).
+_requests: ContextVar[list[int] | None] = ContextVar("radflow_model_requests", default=None)
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,18 @@ class Prompt:
     text: str
     language: Language
     version: str  # "v1-<sha256 prefix>": changes whenever the prompt text does
+
+
+@dataclass
+class _Answer:
+    """One API answer: a valid reading, a refusal, or the reason it is invalid."""
+
+    reading: Reading | None
+    refusal: str | None
+    invalid: str | None
+    input_tokens: int
+    output_tokens: int
+    response_model: str | None
 
 
 @cache
@@ -55,106 +90,229 @@ def user_text(context: dict[str, str], n_images: int, language: Language) -> str
     return f"Clinical context: {items}. {n_images} image(s)."
 
 
+def reask_text(error: str, language: Language) -> str:
+    """The note added to the one re-ask after a schema-invalid answer."""
+    if language is Language.KO:
+        return f"이전 답변이 형식 검증에 실패했습니다: {error}. 정해진 스키마로만 다시 답하세요."
+    return f"Your previous answer failed validation: {error}. Answer again using only the schema."
+
+
+def _validation_text(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors()]
+    return "; ".join(parts)[:_MAX_ERROR_CHARS]
+
+
 def _redact(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-class ModelClient:
-    """One panel entry: an async SDK client and a bound on in-flight calls."""
+def _rate_limiter(requests_per_minute: float | None) -> AsyncLimiter | None:
+    """A leaky bucket holding at most one second of requests, so no minute exceeds the rate
+    by more than that second's burst."""
+    if not requests_per_minute:
+        return None
+    burst = max(1.0, requests_per_minute / 60)
+    return AsyncLimiter(burst, burst * 60 / requests_per_minute)
 
-    def __init__(self, cfg: ModelConfig, settings: Settings) -> None:
+
+class ModelClient:
+    """One panel entry: an async SDK client, its in-flight bound and request rate, its fallback.
+
+    The bounds are asyncio primitives shared by every study of a flow run (one event loop):
+    ``max_concurrency`` readings in flight (SDK retries and their back-off included) and
+    ``requests_per_minute`` HTTP requests (each retry counts, through an httpx request hook).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, settings: Settings, cache: ReadingCache | None = None
+    ) -> None:
         self.cfg = cfg
+        self.cache = cache
         base_url, _, _ = cfg.endpoint(settings.gateway)
         self._key = cfg.api_key(settings.gateway).get_secret_value()
-        self.host = urlparse(base_url).hostname if base_url else _DEFAULT_HOSTS[cfg.provider]
-        common = dict(
+        self.endpoint = (base_url or _DEFAULT_URLS[cfg.provider]).rstrip("/")
+        self.host = httpx2.URL(self.endpoint).host
+        self._rate = _rate_limiter(cfg.requests_per_minute)
+        sdk = openai if cfg.provider is Provider.OPENAI else anthropic
+        http_client = sdk.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request]})
+        self.client: openai.AsyncOpenAI | anthropic.AsyncAnthropic = (
+            openai.AsyncOpenAI if cfg.provider is Provider.OPENAI else anthropic.AsyncAnthropic
+        )(
             api_key=self._key,
             base_url=base_url,
             timeout=cfg.timeout_seconds,
             max_retries=cfg.max_retries,
             default_headers=cfg.extra_headers or None,
+            http_client=http_client,
         )
-        if cfg.provider is Provider.OPENAI:
-            self.client: openai.AsyncOpenAI | anthropic.AsyncAnthropic = openai.AsyncOpenAI(
-                **common
-            )
-        else:
-            self.client = anthropic.AsyncAnthropic(**common)
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
+        self.fallback = ModelClient(cfg.fallback, settings, cache) if cfg.fallback else None
+
+    async def _on_request(self, request: httpx2.Request) -> None:
+        counter = _requests.get()
+        if counter is not None:
+            counter[0] += 1
+        if self._rate is not None:
+            await self._rate.acquire()
+
+    def cache_key(self, pngs: list[bytes], text: str, prompt: Prompt) -> str:
+        return reading_key(
+            [hashlib.sha256(p).hexdigest() for p in pngs],
+            prompt.version,
+            text,
+            self.cfg.provider.value,
+            self.cfg.model,
+            self.endpoint,
+            {
+                "max_output_tokens": self.cfg.max_output_tokens,
+                "schema": _SCHEMA_DIGEST,
+                "detail": "high",
+            },
+        )
 
     async def read(
         self, pngs: list[bytes], context: dict[str, str], prompt: Prompt
     ) -> ModelReading:
-        """One call; every failure becomes a reading with ``ok=False`` and its error."""
+        """Cache, else the model (one re-ask if invalid), else the fallback; never raises for
+        a provider failure: that becomes a reading with ``ok=False`` and its error."""
+        text = user_text(context, len(pngs), prompt.language)
+        key = self.cache_key(pngs, text, prompt) if self.cache else None
+        if self.cache and key:
+            hit = await asyncio.to_thread(self.cache.get, key)
+            if hit is not None:
+                return hit.model_copy(update={"model": self.cfg.name})
+        reading = await self._call(pngs, text, prompt)
+        if self.cache and key and reading.ok:
+            await asyncio.to_thread(self.cache.put, key, reading)
+            reading = reading.model_copy(update={"cache_key": key})
+        if reading.ok or self.fallback is None:
+            return reading
+        logger.warning("model %s failed, asking fallback %s", self.cfg.name, self.fallback.cfg.name)
+        backup = await self.fallback.read(pngs, context, prompt)
+        served = backup.model_copy(
+            update={
+                "model": self.cfg.name,
+                "fallback": self.fallback.cfg.name,
+                "primary_error": reading.error,
+                "requests": reading.requests + backup.requests,
+                "reasked": reading.reasked or backup.reasked,
+                "input_tokens": reading.input_tokens + backup.input_tokens,
+                "output_tokens": reading.output_tokens + backup.output_tokens,
+                "cost_usd": reading.cost_usd + backup.cost_usd,
+            }
+        )
+        if self.cache and key and served.ok and not served.cached:
+            # this panel entry's answer for this content: a rerun does not ask again
+            await asyncio.to_thread(self.cache.put, key, served)
+            served = served.model_copy(update={"cache_key": key})
+        return served
+
+    async def _call(self, pngs: list[bytes], text: str, prompt: Prompt) -> ModelReading:
         meta = dict(
             model=self.cfg.name,
             provider=self.cfg.provider.value,
             model_id=self.cfg.model,
             endpoint_host=self.host,
         )
-        text = user_text(context, len(pngs), prompt.language)
+        counter = [0]
+        token = _requests.set(counter)
+        tokens_in = tokens_out = 0
+        reasked = False
         start = time.perf_counter()
-        async with self._limit:
-            try:
-                if self.cfg.provider is Provider.OPENAI:
-                    result = await self._openai(pngs, text, prompt)
-                else:
-                    result = await self._anthropic(pngs, text, prompt)
-            except (openai.APIError, anthropic.APIError, ValidationError, RadflowError) as exc:
-                error = _redact(f"{type(exc).__name__}: {exc}", self._key)
-                logger.warning("model %s failed: %s", self.cfg.name, error)
-                return ModelReading(
-                    **meta, ok=False, error=error, latency_ms=(time.perf_counter() - start) * 1e3
-                )
-        reading, refusal, usage_in, usage_out, response_model = result
-        latency = (time.perf_counter() - start) * 1e3
-        cost = self.cfg.price.cost(usage_in, usage_out)
-        simulated = (response_model or "").startswith(SIMULATOR_MODEL_PREFIX)
+        try:
+            async with self._limit:
+                start = time.perf_counter()
+                answer = await self._ask(pngs, text, prompt, None)
+                tokens_in, tokens_out = answer.input_tokens, answer.output_tokens
+                if answer.invalid is not None:
+                    logger.warning("model %s: invalid answer, re-asking once", self.cfg.name)
+                    reasked = True
+                    answer = await self._ask(pngs, text, prompt, answer.invalid)
+                    tokens_in += answer.input_tokens
+                    tokens_out += answer.output_tokens
+        except (openai.APIError, anthropic.APIError) as exc:
+            error = _redact(f"{type(exc).__name__}: {exc}", self._key)
+            logger.warning("model %s failed: %s", self.cfg.name, error)
+            return ModelReading(
+                **meta,
+                ok=False,
+                error=error,
+                input_tokens=tokens_in,
+                output_tokens=tokens_out,
+                cost_usd=self.cfg.price.cost(tokens_in, tokens_out),
+                latency_ms=(time.perf_counter() - start) * 1e3,
+                requests=counter[0],
+                reasked=reasked,
+            )
+        finally:
+            _requests.reset(token)
+        response_model = answer.response_model
         base = dict(
             **meta,
-            input_tokens=usage_in,
-            output_tokens=usage_out,
-            cost_usd=cost,
-            latency_ms=latency,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost_usd=self.cfg.price.cost(tokens_in, tokens_out),
+            latency_ms=(time.perf_counter() - start) * 1e3,
             response_model=response_model,
-            simulated=simulated,
+            simulated=(response_model or "").startswith(SIMULATOR_MODEL_PREFIX),
+            requests=counter[0],
+            reasked=reasked,
         )
-        if reading is None:
-            return ModelReading(**base, ok=False, refusal=True, error=f"refused: {refusal}")
+        if answer.invalid is not None:
+            error = _redact(f"InvalidAnswer: {answer.invalid}", self._key)
+            return ModelReading(**base, ok=False, error=error)
+        if answer.reading is None:
+            return ModelReading(**base, ok=False, refusal=True, error=f"refused: {answer.refusal}")
+        r = answer.reading
         return ModelReading(
             **base,
             ok=True,
-            abnormal=reading.abnormal,
-            urgency=Urgency(reading.urgency),
-            findings=reading.findings,
-            differentials=reading.differentials[:3],
-            recommended_exams=reading.recommended_exams,
-            rationale=reading.rationale,
+            abnormal=r.abnormal,
+            urgency=Urgency(r.urgency),
+            findings=r.findings,
+            differentials=r.differentials[:3],
+            recommended_exams=r.recommended_exams,
+            rationale=r.rationale,
         )
 
-    async def _openai(self, pngs: list[bytes], text: str, prompt: Prompt):
-        content: list[dict] = [{"type": "text", "text": text}]
+    async def _ask(
+        self, pngs: list[bytes], text: str, prompt: Prompt, reask: str | None
+    ) -> _Answer:
+        texts = [text] + ([reask_text(reask, prompt.language)] if reask else [])
+        if self.cfg.provider is Provider.OPENAI:
+            return await self._openai(pngs, texts, prompt)
+        return await self._anthropic(pngs, texts, prompt)
+
+    async def _openai(self, pngs: list[bytes], texts: list[str], prompt: Prompt) -> _Answer:
+        content: list[dict] = [{"type": "text", "text": t} for t in texts]
         for png in pngs:
             url = "data:image/png;base64," + base64.b64encode(png).decode()
             content.append({"type": "image_url", "image_url": {"url": url, "detail": "high"}})
-        completion = await self.client.chat.completions.parse(
+        completion = await self.client.chat.completions.create(
             model=self.cfg.model,
             messages=[
                 {"role": "system", "content": prompt.text},
                 {"role": "user", "content": content},
             ],
-            response_format=Reading,
+            response_format=_OPENAI_FORMAT,
             max_completion_tokens=self.cfg.max_output_tokens,
         )
-        message = completion.choices[0].message
-        if message.parsed is None and not message.refusal:
-            raise RadflowError(f"empty answer (finish: {completion.choices[0].finish_reason})")
         usage = completion.usage
-        tokens_in = usage.prompt_tokens if usage else 0
-        tokens_out = usage.completion_tokens if usage else 0
-        return message.parsed, message.refusal, tokens_in, tokens_out, completion.model
+        tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        choice = completion.choices[0]
+        message = choice.message
+        if message.refusal:
+            return _Answer(None, message.refusal, None, *tokens, completion.model)
+        if not message.content:
+            invalid = f"empty answer (finish: {choice.finish_reason})"
+            return _Answer(None, None, invalid, *tokens, completion.model)
+        try:
+            reading = Reading.model_validate_json(message.content)
+        except ValidationError as exc:
+            return _Answer(None, None, _validation_text(exc), *tokens, completion.model)
+        return _Answer(reading, None, None, *tokens, completion.model)
 
-    async def _anthropic(self, pngs: list[bytes], text: str, prompt: Prompt):
+    async def _anthropic(self, pngs: list[bytes], texts: list[str], prompt: Prompt) -> _Answer:
         content: list[dict] = [
             {
                 "type": "image",
@@ -166,37 +324,40 @@ class ModelClient:
             }
             for png in pngs
         ]
-        content.append({"type": "text", "text": text})
+        content += [{"type": "text", "text": t} for t in texts]
         message = await self.client.messages.create(
             model=self.cfg.model,
             max_tokens=self.cfg.max_output_tokens,
             system=prompt.text,
             messages=[{"role": "user", "content": content}],
-            tools=[
-                {
-                    "name": TOOL_NAME,
-                    "description": "Record the structured reading of the study.",
-                    "input_schema": Reading.model_json_schema(),
-                }
-            ],
+            tools=[_ANTHROPIC_TOOL],
             tool_choice={"type": "tool", "name": TOOL_NAME},
         )
-        usage = message.usage
+        tokens = (message.usage.input_tokens, message.usage.output_tokens)
         if message.stop_reason == "refusal":
             refusal = " ".join(b.text for b in message.content if b.type == "text") or "refusal"
-            return None, refusal, usage.input_tokens, usage.output_tokens, message.model
+            return _Answer(None, refusal, None, *tokens, message.model)
         blocks = [b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME]
         if not blocks:
-            raise RadflowError(f"answer has no {TOOL_NAME} tool call (stop: {message.stop_reason})")
-        reading = Reading.model_validate(blocks[0].input)
-        return reading, None, usage.input_tokens, usage.output_tokens, message.model
+            invalid = f"answer has no {TOOL_NAME} tool call (stop: {message.stop_reason})"
+            return _Answer(None, None, invalid, *tokens, message.model)
+        try:
+            reading = Reading.model_validate(blocks[0].input)
+        except ValidationError as exc:
+            return _Answer(None, None, _validation_text(exc), *tokens, message.model)
+        return _Answer(reading, None, None, *tokens, message.model)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+        if self.fallback:
+            await self.fallback.aclose()
 
 
 class Panel:
     """Every model of the config; ``read`` asks them all about one study at once."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.clients = [ModelClient(cfg, settings) for cfg in settings.models]
+    def __init__(self, settings: Settings, cache: ReadingCache | None = None) -> None:
+        self.clients = [ModelClient(cfg, settings, cache) for cfg in settings.models]
 
     async def read(
         self, pngs: list[bytes], context: dict[str, str], prompt: Prompt
@@ -204,4 +365,4 @@ class Panel:
         return list(await asyncio.gather(*(c.read(pngs, context, prompt) for c in self.clients)))
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.client.close() for c in self.clients))
+        await asyncio.gather(*(c.aclose() for c in self.clients))

@@ -81,6 +81,12 @@ class ModelReading(BaseModel):
     endpoint_host: str | None = None
     response_model: str | None = None
     simulated: bool = Field(False, description="answered by radflow's simulator (a test double)")
+    requests: int = Field(0, description="HTTP requests made (SDK retries, re-ask, fallback)")
+    cached: bool = Field(False, description="served from the reading cache: no call, no cost")
+    cache_key: str | None = Field(None, description="content address in DEST/cache/readings/")
+    reasked: bool = Field(False, description="a schema-invalid answer was asked again once")
+    fallback: str | None = Field(None, description="fallback model that answered instead")
+    primary_error: str | None = Field(None, description="why the primary model failed")
 
 
 class MergedItem(BaseModel):
@@ -235,6 +241,9 @@ class ReviewEntry(BaseModel):
     needs_review: int = 0
     errors: int = 0
     model_calls: int = 0
+    cache_hits: int = Field(0, description="readings served from the cache (no call)")
+    requests: int = Field(0, description="HTTP requests to model providers, retries included")
+    cached_cost_usd: float = Field(0.0, description="cost of cached readings, not paid again")
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
