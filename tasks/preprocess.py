@@ -149,6 +149,47 @@ def _grey_levels(
     return window_to_grey(modality, c, w), f"{window.value} {c:g}/{w:g}"
 
 
+_LUT_KEYWORDS = (
+    "PhotometricInterpretation",
+    "Modality",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+)
+# Enhanced multi-frame objects keep rescale and window in functional groups (PS3.3 C.7.6.16).
+_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+def _lut_header(ds: pydicom.Dataset, frame: int) -> pydicom.Dataset:
+    """The attributes the grey-level mapping needs, with an enhanced object's per-frame (else
+    shared) Pixel Value Transformation and Frame VOI LUT macros in place of top-level ones."""
+    out = pydicom.Dataset()
+    for keyword in _LUT_KEYWORDS:
+        if keyword in ds:
+            setattr(out, keyword, ds[keyword].value)
+    groups = [ds.get("SharedFunctionalGroupsSequence")]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        groups.insert(0, per_frame)  # per-frame values win over shared ones
+    for macro in _GROUPS:
+        for seq in groups:
+            item = seq[frame if seq is per_frame else 0] if seq else None
+            if item is not None and macro in item and len(item[macro].value):
+                for element in item[macro].value[0]:
+                    if element.keyword and element.keyword not in out:
+                        setattr(out, element.keyword, element.value)
+                break
+    return out
+
+
 def _render_mono(
     stack: np.ndarray, ds: pydicom.Dataset, window: WindowName, header_window: int
 ) -> tuple[np.ndarray, str]:
@@ -212,6 +253,8 @@ def render_frames(
     MONOCHROME1 inverted after VOI. Returns (frames × rows × cols [× 3], label, indices)."""
     window = WindowName(window)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if len(ds) == 0:
+            raise CorruptDicom("no data elements after the file meta header: truncated?")
         if "Rows" in ds:
             raise UnsupportedImage("no pixel data, though it has image attributes: truncated?")
         raise UnsupportedImage("no pixel data")
@@ -225,7 +268,7 @@ def render_frames(
         if pi in _MONO:
             if stack.ndim != 3:
                 raise CorruptDicom(f"monochrome image decoded to shape {stack.shape[1:]}")
-            out, label = _render_mono(stack, ds, window, header_window)
+            out, label = _render_mono(stack, _lut_header(ds, wanted[0]), window, header_window)
         else:
             out, label = _render_colour(stack, ds)
     except _HEADER_ERRORS as exc:

@@ -8,13 +8,14 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from simulator.samples import synthetic_ct
 from tasks.config import PreprocessConfig, WindowName
 from tasks.errors import CorruptDicom, NotDicom, PhiRisk, UnsupportedImage
-from tasks.preprocess import prepare, render, window_to_grey
+from tasks.preprocess import prepare, prepare_all, render, render_frames, window_to_grey
 
 
 def _file(name: str) -> str:
@@ -167,3 +168,62 @@ def test_no_pixel_data_is_unsupported(tmp_path):
     del ds.PixelData
     with pytest.raises(UnsupportedImage, match="no pixel data"):
         render(ds)
+
+
+def test_spaced_key_images_decode_evenly_spaced_frames():
+    images = prepare_all(_file("emri_small.dcm"), PreprocessConfig(key_images="spaced:3"))
+    assert [i.frame for i in images] == [1, 5, 8]
+    assert len({i.sha256 for i in images}) == 3
+
+
+def test_montage_puts_frames_in_one_grid_with_one_window():
+    ds = pydicom.dcmread(_file("emri_small.dcm"))
+    stack, label, frames = render_frames(ds, WindowName.AUTO, [1, 3, 6, 8])
+    (image,) = prepare_all(
+        _file("emri_small.dcm"), PreprocessConfig(key_images="montage:2x2", max_edge=0)
+    )
+    assert image.frames == (1, 3, 6, 8) and image.frame is None and image.window == label
+    grid = np.asarray(Image.open(io.BytesIO(image.png)))
+    assert grid.shape == (2 * 64 + 2, 2 * 64 + 2)
+    assert np.array_equal(grid[:64, :64], stack[0]) and np.array_equal(grid[66:, 66:], stack[3])
+
+
+def test_only_the_needed_frames_are_decoded(tmp_path):
+    """Frame 0 of an RLE multi-frame object is garbage: the middle frame still renders."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(_file("emri_small_RLE.dcm"))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    frames[0] = b"\x00" * 64  # an RLE header claiming zero segments
+    ds.PixelData = encapsulate(frames)
+    path = tmp_path / "broken-first-frame.dcm"
+    ds.save_as(path)
+    assert prepare(str(path), PreprocessConfig()).frame == 5
+    with pytest.raises(CorruptDicom, match="broken-first-frame.dcm.*cannot be decoded"):
+        prepare(str(path), PreprocessConfig(key_images="spaced:10"))
+
+
+@pytest.mark.parametrize("rule", ["spaced:0", "montage:0x2", "every", "spaced:3:4"])
+def test_bad_key_image_rules_are_refused(rule):
+    with pytest.raises(ValidationError, match="key_images"):
+        PreprocessConfig(key_images=rule)
+
+
+def test_provider_sized_images_need_no_rescaling():
+    from tasks.sizing import anthropic_image_tokens, openai_image_tokens
+
+    image = prepare(
+        _file("RG1_UNCR.dcm"), PreprocessConfig(max_edge=0), providers=["openai", "anthropic"]
+    )
+    assert (image.width, image.height) == (1841, 1955)
+    ow, oh = image.sizes["openai"]
+    aw, ah = image.sizes["anthropic"]
+    assert min(ow, oh) <= 768 and max(ow, oh) <= 2048 and min(ow, oh) >= 767
+    assert max(aw, ah) <= 1568 and aw * ah <= 1_150_000 and aw * ah > 1_140_000
+    for provider, (w, h) in image.sizes.items():
+        assert Image.open(io.BytesIO(image.for_provider(provider))).size == (w, h)
+    # the provider's own formula sees the same image it would after its resize
+    assert openai_image_tokens(ow, oh) == openai_image_tokens(1841, 1955) == 85 + 170 * 4
+    assert abs(anthropic_image_tokens(aw, ah) - anthropic_image_tokens(1841, 1955)) <= 2
+    small = prepare(_file("CT_small.dcm"), PreprocessConfig(), providers=["openai", "anthropic"])
+    assert small.for_provider("openai") is small.png and small.sizes["anthropic"] == (128, 128)
