@@ -94,12 +94,6 @@ class MergedItem(BaseModel):
     models: list[str]
 
 
-class Consensus(BaseModel):
-    abnormal: bool | None = Field(description="null when no model produced a reading")
-    urgency: Urgency | None
-    score: float | None = Field(description="weighted share of abnormal votes, in [0, 1]")
-    agreement: float = Field(ge=0, le=1, description="share of readings agreeing with the vote")
-    needs_review: bool
 class ReviewCode(StrEnum):
     """Why a study needs review (rendered in the report's language by tasks.markdown)."""
 
@@ -117,6 +111,12 @@ class ReviewReason(BaseModel):
     threshold: float | None = Field(None, description="configured threshold it was held to")
 
 
+class Consensus(BaseModel):
+    abnormal: bool | None = Field(description="null when no model produced a reading")
+    urgency: Urgency | None
+    score: float | None = Field(description="weighted share of abnormal votes, in [0, 1]")
+    agreement: float = Field(ge=0, le=1, description="share of readings agreeing with the vote")
+    needs_review: bool
     review_reasons: list[str] = Field(default_factory=list, description="in English")
     review_details: list[ReviewReason] = Field(
         default_factory=list, description="the same reasons, structured"
@@ -125,13 +125,13 @@ class ReviewReason(BaseModel):
     differentials: list[MergedItem] = Field(default_factory=list)
     recommended_exams: list[MergedItem] = Field(default_factory=list)
     weights: dict[str, float] = Field(default_factory=dict, description="vote weight per model")
+    weights_source: str = Field("config", description="config | a reliability file")
     rule: str = "weighted-majority-v1"
 
 
 class ImageInfo(BaseModel):
     sop_instance_uid: str
     series_instance_uid: str
-    weights_source: str = Field("config", description="config | a reliability file")
     source: str
     sha256: str
     width: int
@@ -141,12 +141,6 @@ class ImageInfo(BaseModel):
     modality: str | None = None
 
 
-class Report(BaseModel):
-    schema_version: str = SCHEMA_VERSION
-    study_instance_uid: str
-    status: str = Field(description="complete | degraded")
-    language: str
-    consensus: Consensus
 class Impression(BaseModel):
     """The narrative impression a configured model wrote from the structured readings only
     (no image); it never changes the structured consensus."""
@@ -191,6 +185,12 @@ class Provenance(BaseModel):
     synthesis_prompt_version: str | None = None
 
 
+class Report(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    study_instance_uid: str
+    status: str = Field(description="complete | degraded")
+    language: str
+    consensus: Consensus
     readings: list[ModelReading]
     images: list[ImageInfo]
     sources: list[str] = Field(default_factory=list, description="input objects of the study")
@@ -202,29 +202,23 @@ class Provenance(BaseModel):
     cost_usd: float = 0.0
     simulated: bool = False
     radflow_version: str
+    impression: Impression | None = Field(None, description="model-written narrative, optional")
+    provenance: Provenance | None = None
+    outputs: list[str] = Field(
+        default_factory=list, description="files written beside report.json"
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
 class ErrorRecord(BaseModel):
     source: str
     reason: str
-    impression: Impression | None = Field(None, description="model-written narrative, optional")
-    provenance: Provenance | None = None
-    outputs: list[str] = Field(
-        default_factory=list, description="files written beside report.json"
-    )
     kind: str
     stage: str
     study_instance_uid: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
-class RunSummary(BaseModel):
-    run_id: str
-    source: str
-    dest: str
-    studies: int = 0
-    reported: int = 0
 class ReviewEntry(BaseModel):
     """One line of the run's review queue (also DEST/review/<uid>.json)."""
 
@@ -236,6 +230,12 @@ class ReviewEntry(BaseModel):
     report: str = Field(description="key of report.json under DEST")
 
 
+class RunSummary(BaseModel):
+    run_id: str
+    source: str
+    dest: str
+    studies: int = 0
+    reported: int = 0
     skipped: int = 0
     degraded: int = 0
     needs_review: int = 0
