@@ -7,13 +7,16 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 
 from tasks.cache import ReadingCache
 from tasks.config import load_settings
 from tasks.diagnose import Panel, load_prompt
 from tasks.discover import Inventory, Study, discover_studies
+from tasks.errors import ConfigError
+from tasks.events import SelectedObjects
+from tasks.monitor import RunMonitor, result_row, run_name, run_tags
 from tasks.report import report_key, write_error, write_run_summary
 from tasks.schema import ErrorRecord, RunSummary
 from tasks.storage import Store, open_store, read_json
@@ -45,27 +48,47 @@ def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
     ]
 
 
-@flow(name="screen", flow_run_name="screen-{source}", log_prints=True)
+def _first_run_name() -> str:
+    """Until discovery counts the studies (then ``screen-<date>-<n>-studies``)."""
+    source = flow_run.parameters.get("source") or "config-source"
+    return f"screen-{datetime.now(UTC):%Y-%m-%d}-{source}"
+
+
+@flow(name="screen", flow_run_name=_first_run_name, log_prints=True)
 async def screen(
-    source: str,
-    out: str,
+    source: str | None = None,
+    out: str | None = None,
     config: str | None = None,
     limit: int | None = None,
     force: bool = False,
+    keys: list[str] | None = None,
 ) -> RunSummary:
     """Screen every study under ``source`` and write reports under ``out``.
 
+    ``source``/``out`` default to the config's ``source``/``output`` (scheduled runs).
+    ``keys`` (relative to ``source``) limits the run to those objects: an upload event's study.
     Studies already reported from the same inputs are skipped unless ``force``.
     """
     logger = get_run_logger()
     started = datetime.now(UTC)
     settings = load_settings(config)
+    source, out = source or settings.source, out or settings.output
+    if not source or not out:
+        raise ConfigError(
+            "no SOURCE or DEST: pass them, or set `source` and `output` in the config"
+        )
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
+    if keys is not None:
+        src = SelectedObjects(src, keys)
     inventory: Inventory = await asyncio.to_thread(
         discover_studies, src, settings.storage.max_concurrency
     )
     for record in inventory.errors:
         write_error(dest, record)
+    if isinstance(src, SelectedObjects) and src.missing:
+        logger.warning(
+            "%d named objects are not under %s: %s", len(src.missing), source, src.missing
+        )
     studies = inventory.studies[:limit] if limit else inventory.studies
     pending = [s for s in studies if force or not _already_reported(dest, s)]
     skipped = len(studies) - len(pending)
@@ -83,6 +106,11 @@ async def screen(
     hook = progress_hook.get()
     if hook:
         hook(0, len(pending), None)
+    monitor = RunMonitor(flow_run.get_id())
+    labels = run_tags(source, [m.name for m in settings.models])
+    await monitor.label(run_name(started, len(studies)), labels)
+    await monitor.start(len(pending))
+    rows: list[dict] = []
     if pending:
         prompt = load_prompt(settings.language)
         panel = Panel(settings, cache=ReadingCache(dest))
@@ -102,15 +130,21 @@ async def screen(
             return StudyOutcome(study.study_instance_uid, None, records)
 
         try:
-            for done, next_outcome in enumerate(asyncio.as_completed([one(s) for s in pending]), 1):
+            with tags(*labels):  # task runs carry the source and model tags too
+                running = [asyncio.ensure_future(one(s)) for s in pending]
+            for done, next_outcome in enumerate(asyncio.as_completed(running), 1):
                 outcome = await next_outcome
                 _add(summary, outcome)
+                if outcome.report is not None:
+                    rows.append(result_row(outcome.report, out))
+                await monitor.advance(done, len(pending))
                 if hook:
                     hook(done, len(pending), outcome)
         finally:
             await panel.aclose()
     summary.finished_at = datetime.now(UTC)
     key = write_run_summary(dest, summary)
+    await monitor.finish(summary, rows, key)
     logger.info(
         "reported %d of %d studies (%d skipped, %d degraded, %d for review, %d errors), "
         "%d model calls, $%.4f; summary at %s",

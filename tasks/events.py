@@ -20,6 +20,7 @@ __all__ = [
     "STUDY_READY",
     "ObjectCreated",
     "PendingStudy",
+    "SelectedObjects",
     "StudyBatcher",
     "parse_notification",
     "study_event",
@@ -216,3 +217,27 @@ def study_event(study: PendingStudy) -> dict[str, Any]:
         },
         "payload": dict(payload),
     }
+
+
+class SelectedObjects:
+    """A store seen through the keys an upload event named: ``list()`` yields only those, so
+    objects that arrive later under the same prefix wait for their own event."""
+
+    def __init__(self, store: Any, keys: Iterable[str]) -> None:
+        self._store = store
+        self.keys = frozenset(keys)
+        self.seen: set[str] = set()
+
+    def list(self) -> Iterator[Any]:
+        for ref in self._store.list():
+            if ref.key in self.keys:
+                self.seen.add(ref.key)
+                yield ref
+
+    @property
+    def missing(self) -> list[str]:
+        """Named keys that were not listed (deleted since the event, or a wrong prefix)."""
+        return sorted(self.keys - self.seen)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)

@@ -1,0 +1,88 @@
+"""Run names, tags, result rows and the Markdown run summary shown in the Prefect UI."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from tasks.monitor import report_location, result_row, run_name, run_tags, summary_markdown
+from tasks.schema import Consensus, Report, RunSummary, Urgency
+
+
+def _report(uid: str, urgency: Urgency, review: bool, agreement: float = 1.0) -> Report:
+    return Report(
+        study_instance_uid=uid,
+        status="complete",
+        language="en",
+        consensus=Consensus(
+            abnormal=urgency != Urgency.NORMAL,
+            urgency=urgency,
+            score=0.5,
+            agreement=agreement,
+            needs_review=review,
+            review_reasons=["models disagree | split"] if review else [],
+        ),
+        readings=[],
+        images=[],
+        inputs_fingerprint="f",
+        prompt_version="v1",
+        cost_usd=0.0123456789,
+        radflow_version="0",
+    )
+
+
+def test_run_name_and_tags():
+    day = datetime(2026, 11, 27, 23, 59, tzinfo=UTC)
+    assert run_name(day, 12) == "screen-2026-11-27-12-studies"
+    assert run_name(day, 1) == "screen-2026-11-27-1-study"
+    assert run_tags("s3://scans/in/", ["gpt-4o", "claude", "gpt-4o"]) == [
+        "radflow",
+        "source:s3://scans/in/",
+        "model:gpt-4o",
+        "model:claude",
+    ]
+    assert all(len(t) <= 100 for t in run_tags("x" * 500, ["m"]))
+
+
+def test_result_row_and_report_location():
+    row = result_row(_report("1.2.3", Urgency.FOLLOW_UP, True, 0.5), "s3://reports/")
+    assert row == {
+        "study": "1.2.3",
+        "status": "complete",
+        "abnormal": "yes",
+        "urgency": "follow_up",
+        "agreement": 0.5,
+        "review": "yes",
+        "reasons": "models disagree | split",
+        "cost_usd": 0.012346,
+        "report": "s3://reports/studies/1.2.3/report.md",
+    }
+    assert report_location("/data/out", "9", "report.json") == "/data/out/studies/9/report.json"
+
+
+def test_summary_lists_the_review_queue_most_urgent_first():
+    rows = [
+        result_row(_report("a", Urgency.NORMAL, False), "/out"),
+        result_row(_report("b", Urgency.FOLLOW_UP, True, 0.5), "/out"),
+        result_row(_report("c", Urgency.IMMEDIATE, True), "/out"),
+    ]
+    summary = RunSummary(
+        run_id="r1",
+        source="s3://scans/in/",
+        dest="/out",
+        studies=3,
+        reported=3,
+        needs_review=2,
+        cost_usd=0.037,
+        simulated=True,
+        started_at=datetime(2026, 11, 27, tzinfo=UTC),
+    )
+    md = summary_markdown(summary, rows, "runs/r1.json")
+    assert "## Review queue (2)" in md
+    queue = md.split("## Review queue")[1]
+    assert queue.index("| c | immediate") < queue.index("| b | follow_up")
+    assert "| a |" not in queue
+    assert "models disagree \\| split" in queue  # a '|' must not break the table
+    assert "`/out/studies/c/report.md`" in queue
+    assert "`/out/runs/r1.json`" in md and "simulator" in md
+    empty = summary_markdown(summary, rows[:1], "runs/r1.json")
+    assert "Nothing to review" in empty
