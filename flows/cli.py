@@ -238,5 +238,52 @@ def demo(
         raise _fail(exc) from None
 
 
+@app.command()
+def bridge(
+    queue_url: Annotated[str, typer.Option(help="SQS queue receiving the bucket's S3 events")],
+    quiet_seconds: Annotated[
+        float, typer.Option(min=0, help="a study is complete after this long without uploads")
+    ] = 5.0,
+    wait_seconds: Annotated[
+        int, typer.Option(min=0, max=20, help="SQS long-poll time per receive")
+    ] = 1,
+) -> None:
+    """S3 upload notifications (SQS) → one `radflow.study.ready` Prefect event per study."""
+    import logging
+
+    from flows.bridge import run_bridge
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        run_bridge(queue_url, quiet_seconds, wait_seconds=wait_seconds)
+    except RadflowError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        err.print("bridge stopped; unacknowledged messages return to the queue")
+
+
+@app.command()
+def serve(
+    prefect_file: Annotated[
+        Path | None, typer.Option(help="deployments file (default: deployments/prefect.yaml)")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="serve only this deployment; repeatable")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="flow runs at once")] = None,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.5, help="how often to look for runs to start")
+    ] = 2.0,
+) -> None:
+    """Serve the deployments of deployments/prefect.yaml in-process (no work pool)."""
+    from flows.serve import DEFAULT_PREFECT_FILE
+    from flows.serve import serve as serve_deployments
+
+    try:
+        serve_deployments(prefect_file or DEFAULT_PREFECT_FILE, only, limit, poll_seconds)
+    except RadflowError as exc:
+        raise _fail(exc) from None
+
+
 if __name__ == "__main__":
     sys.exit(app())
