@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tasks.config import PreprocessConfig, WindowName
-from tasks.errors import RadflowError
+from tasks.config import PreprocessConfig, Provider, WindowName
+from tasks.errors import ConfigError, RadflowError
 
 app = typer.Typer(
     help="Screen DICOM studies with a panel of vision LLMs, orchestrated by Prefect.",
@@ -64,26 +64,45 @@ def preprocess(
     out: Annotated[Path, typer.Option("--out", help="folder for the PNGs")],
     window: Annotated[WindowName, typer.Option(help="grey-level window")] = WindowName.AUTO,
     max_edge: Annotated[int, typer.Option(min=0, help="long edge in px; 0 = no resize")] = 1024,
+    header_window: Annotated[
+        int, typer.Option(min=0, help="which header window when there are several")
+    ] = 0,
+    key_images: Annotated[
+        str, typer.Option(help="multi-frame objects: middle | spaced:N | montage:RxC")
+    ] = "middle",
+    provider: Annotated[
+        Provider | None, typer.Option(help="write the image as sized for this provider")
+    ] = None,
 ) -> None:
-    """Write OUT/<stem>.png per input: exactly what the models would see."""
-    from tasks.preprocess import prepare
+    """Write OUT/<stem>.png per input (OUT/<stem>-<k>.png for several key images): exactly
+    what the models would see."""
+    from pydantic import ValidationError
 
-    config = PreprocessConfig(window=window, max_edge=max_edge)
+    from tasks.preprocess import prepare_all
+
+    try:
+        config = PreprocessConfig(
+            window=window, max_edge=max_edge, header_window=header_window, key_images=key_images
+        )
+    except ValidationError as exc:
+        message = "; ".join(f"--{e['loc'][0]}: {e['msg']}".replace("_", "-") for e in exc.errors())
+        raise _fail(ConfigError(message, hint="see radflow preprocess --help")) from None
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in inputs:
         try:
-            image = prepare(str(path), config, name=str(path))
+            images = prepare_all(str(path), config, str(path), [provider] if provider else [])
         except RadflowError as exc:
             failed += 1
-            err.print(
-                f"{path}: {exc.kind}: {exc.args[0]}", markup=False, highlight=False, soft_wrap=True
-            )
+            err.print(f"{exc.kind}: {exc.args[0]}", markup=False, highlight=False, soft_wrap=True)
             continue
-        (out / f"{path.stem}.png").write_bytes(image.png)
-        print(
-            f"{path} → {out / (path.stem + '.png')} ({image.width}×{image.height}, {image.window})"
-        )
+        for k, image in enumerate(images, 1):
+            target = out / (f"{path.stem}.png" if len(images) == 1 else f"{path.stem}-{k}.png")
+            png = image.for_provider(provider) if provider else image.png
+            w, h = image.sizes[provider.value] if provider else (image.width, image.height)
+            target.write_bytes(png)
+            frames = f", frames {','.join(map(str, image.frames))}" if image.frames else ""
+            print(f"{path} → {target} ({w}×{h}, {image.window}{frames})")
     if failed:
         raise typer.Exit(1)
 

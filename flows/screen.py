@@ -174,6 +174,7 @@ def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.cache_hits += len(report.readings) - len(paid)
     summary.requests += sum(r.requests for r in paid)
     summary.input_tokens += sum(r.input_tokens for r in paid)
+    summary.estimated_input_tokens += sum(r.estimated_input_tokens for r in paid)
     summary.output_tokens += sum(r.output_tokens for r in paid)
     summary.cost_usd = round(summary.cost_usd + sum(r.cost_usd for r in paid), 6)
     cached = sum(r.cost_usd for r in report.readings if r.cached)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from tasks.cache import ReadingCache, reading_key
 from tasks.config import Language, ModelConfig, Provider, Settings
 from tasks.schema import ModelReading, Reading, Urgency
+from tasks.sizing import estimate_input_tokens
 
 __all__ = ["ModelClient", "Panel", "Prompt", "load_prompt", "reask_text", "user_text"]
 
@@ -360,9 +362,34 @@ class Panel:
         self.clients = [ModelClient(cfg, settings, cache) for cfg in settings.models]
 
     async def read(
-        self, pngs: list[bytes], context: dict[str, str], prompt: Prompt
+        self,
+        pngs: list[bytes] | Mapping[str, list[bytes]],
+        context: dict[str, str],
+        prompt: Prompt,
     ) -> list[ModelReading]:
-        return list(await asyncio.gather(*(c.read(pngs, context, prompt) for c in self.clients)))
+        """Ask every model at once. ``pngs`` is one list for all, or per provider the images
+        sized so that provider does not rescale them (``PreparedImage.for_provider``); each
+        reading carries the input tokens estimated by the provider's published formula."""
+
+        async def one(client: ModelClient) -> ModelReading:
+            provider = client.cfg.provider.value
+            images = pngs if isinstance(pngs, list) else pngs[provider]
+            reading = await client.read(images, context, prompt)
+            text = prompt.text + user_text(context, len(images), prompt.language)
+            estimate = estimate_input_tokens(provider, images, text)
+            return reading.model_copy(update={"estimated_input_tokens": estimate})
+
+        return list(await asyncio.gather(*(one(c) for c in self.clients)))
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The providers of the panel's models and of their fallbacks."""
+        out: set[str] = set()
+        for client in self.clients:
+            while client is not None:
+                out.add(client.cfg.provider.value)
+                client = client.fallback
+        return tuple(sorted(out))
 
     async def aclose(self) -> None:
         await asyncio.gather(*(c.aclose() for c in self.clients))

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from tasks.errors import ConfigError, UnsupportedImage
 
@@ -63,14 +64,21 @@ def pick(n: int, rule: KeyRule) -> list[int]:
     return [int((i + 0.5) * n / rule.count) for i in range(rule.count)]
 
 
+def _fit(tile: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A tile of another size (slices of a series may differ) resized to the first one's."""
+    size = (shape[1], shape[0])
+    return np.asarray(Image.fromarray(tile).resize(size, Image.Resampling.LANCZOS))
+
+
 def montage(tiles: list[np.ndarray], rows: int, cols: int, gap: int = 2) -> np.ndarray:
-    """Put up to rows×cols 8-bit tiles (same shape) in a grid, row by row, on black with a
-    ``gap``-px black border; the grid shrinks to fit when there are fewer tiles."""
+    """Put up to rows×cols 8-bit tiles in a grid, row by row, ``gap`` px apart on black;
+    tiles take the first one's size, and the grid shrinks when there are fewer tiles."""
     if not tiles:
         raise UnsupportedImage("a montage needs at least one tile")
+    if any(t.ndim == 3 for t in tiles):  # one colour tile makes the grid RGB
+        tiles = [t if t.ndim == 3 else np.repeat(t[..., None], 3, axis=2) for t in tiles]
     shape = tiles[0].shape
-    if any(t.shape != shape for t in tiles):
-        raise UnsupportedImage(f"montage tiles differ in shape: {sorted({t.shape for t in tiles})}")
+    tiles = [t if t.shape == shape else _fit(t, shape) for t in tiles]
     if len(tiles) < rows * cols:
         cols = min(cols, len(tiles))
         rows = -(-len(tiles) // cols)

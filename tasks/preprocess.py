@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -34,6 +35,7 @@ __all__ = [
     "prepare",
     "prepare_all",
     "render",
+    "render_file",
     "render_frames",
     "window_to_grey",
 ]
@@ -319,7 +321,9 @@ def load(source: str | BinaryIO) -> pydicom.Dataset:
         except pydicom.errors.InvalidDicomError:
             if hasattr(source, "seek"):
                 source.seek(0)
-            ds = pydicom.dcmread(source, force=True)
+            with warnings.catch_warnings():  # guessing the encoding of a non-Part-10 file
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(source, force=True)
             if "PixelData" not in ds or "Rows" not in ds:
                 raise NotDicom("no DICOM Part 10 header, and no image in it") from None
         _infer_transfer_syntax(ds)
@@ -354,8 +358,9 @@ def finish(
             data = by_size[target] = encode_png(resize_to(pixels, target), compress_level=6)
         sized[provider.value], sizes[provider.value] = data, target
     frame = frames[0] if multi and len(frames) == 1 else None
+    shown = tuple(frames) if multi else ()
     return PreparedImage(
-        png, hashlib.sha256(png).hexdigest(), *img.size, label, frame, tuple(frames), sized, sizes
+        png, hashlib.sha256(png).hexdigest(), *img.size, label, frame, shown, sized, sizes
     )
 
 
@@ -391,6 +396,21 @@ def prepare_all(
         ]
     except RadflowError as exc:
         raise type(exc)(f'"{name}": {exc.args[0]}', hint=exc.hint) from exc
+
+
+def render_file(
+    source: str | BinaryIO, config: PreprocessConfig, name: str = ""
+) -> tuple[np.ndarray, str]:
+    """The middle frame of a DICOM file as 8-bit display values and its window label (a tile
+    of a series montage); errors name ``name`` and the reason."""
+    name = name or str(source)
+    try:
+        ds = load(source)
+        _check_burned_in(ds, config)
+        pixels, label, _ = render(ds, config.window, config.header_window)
+    except RadflowError as exc:
+        raise type(exc)(f'"{name}": {exc.args[0]}', hint=exc.hint) from exc
+    return pixels, label
 
 
 def prepare(

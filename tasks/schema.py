@@ -73,6 +73,9 @@ class ModelReading(BaseModel):
     recommended_exams: list[str] = Field(default_factory=list)
     rationale: str = ""
     input_tokens: int = 0
+    estimated_input_tokens: int = Field(
+        0, description="input tokens estimated before the call (published image formulas)"
+    )
     output_tokens: int = 0
     cost_usd: float = 0.0
     latency_ms: float = 0.0
@@ -245,6 +248,9 @@ class RunSummary(BaseModel):
     requests: int = Field(0, description="HTTP requests to model providers, retries included")
     cached_cost_usd: float = Field(0.0, description="cost of cached readings, not paid again")
     input_tokens: int = 0
+    estimated_input_tokens: int = Field(
+        0, description="input tokens of the paid readings as estimated before the calls"
+    )
     output_tokens: int = 0
     cost_usd: float = 0.0
     simulated: bool = False

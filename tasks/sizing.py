@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from collections.abc import Iterable
 
 import numpy as np
@@ -15,9 +16,11 @@ __all__ = [
     "ANTHROPIC_MAX_BYTES",
     "anthropic_image_tokens",
     "encode_png",
+    "estimate_input_tokens",
     "fit_size",
     "image_tokens",
     "openai_image_tokens",
+    "png_size",
     "provider_size",
     "resize_to",
     "text_tokens",
@@ -90,6 +93,18 @@ def text_tokens(text: str) -> int:
     """A rough text token estimate: one token per 4 UTF-8 bytes (providers' rule of thumb;
     the image part of a request dominates and follows the exact formulas above)."""
     return math.ceil(len(text.encode("utf-8")) / 4)
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, without decoding it."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+        raise ValueError("not a PNG image")
+    return struct.unpack(">II", png[16:24])
+
+
+def estimate_input_tokens(provider: Provider | str, pngs: Iterable[bytes], text: str) -> int:
+    """Input tokens of one request: its images by the provider's formula, plus its text."""
+    return image_tokens(provider, (png_size(p) for p in pngs)) + text_tokens(text)
 
 
 def resize_to(pixels: np.ndarray | Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -17,7 +17,9 @@ from tasks.context import clinical_context
 from tasks.diagnose import Panel, Prompt
 from tasks.discover import Instance, Study
 from tasks.errors import RadflowError
-from tasks.preprocess import PreparedImage, prepare
+from tasks.keyimages import KeyRule, parse_rule, pick
+from tasks.keyimages import montage as montage_of
+from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
 from tasks.reliability import model_weights
 from tasks.report import write_error, write_report
 from tasks.schema import ErrorRecord, ImageInfo, Report
@@ -39,26 +41,54 @@ def key_instances(study: Study) -> list[list[Instance]]:
     """Per series, its instances ordered middle-out: the first that renders is the key image."""
     out = []
     for instances in study.series.values():
-        mid = (len(instances) - 1) // 2
+        mid = len(instances) // 2
         out.append(sorted(instances, key=lambda i: abs(instances.index(i) - mid)))
     return out
 
 
+def _near(instances: list[Instance], position: int, used: set[str]) -> list[Instance]:
+    """Candidates for the slice at ``position``: it, then its neighbours outwards."""
+    order = sorted(range(len(instances)), key=lambda k: (abs(k - position), k))
+    return [instances[k] for k in order if instances[k].sop_instance_uid not in used]
+
+
+def _series_slots(study: Study, rule: KeyRule) -> list[tuple[list[list[Instance]], bool]]:
+    """Per series: one candidate list per key slot, and whether the slots form a montage.
+    A single-instance series has one slot (its frames follow the rule inside the object)."""
+    out = []
+    for instances in study.series.values():
+        if len(instances) == 1 or rule.kind == "middle":
+            out.append(([_near(instances, len(instances) // 2, set())], False))
+        else:
+            slots = [_near(instances, k, set()) for k in pick(len(instances), rule)]
+            out.append((slots, rule.kind == "montage"))
+    return out
+
+
 def prepare_study(
-    store: Store, study: Study, config: PreprocessConfig
+    store: Store,
+    study: Study,
+    config: PreprocessConfig,
+    providers: tuple[str, ...] = (),
 ) -> tuple[list[tuple[Instance, PreparedImage]], list[ErrorRecord]]:
-    """Render one key image per series (up to ``config.max_images_per_study``); an instance
-    that fails becomes an error record and the next one of its series is tried."""
+    """Render the key images of each series by ``config.key_images`` (middle slice, N evenly
+    spaced slices, or one montage of R×C slices; a multi-frame object follows the same rule
+    over its frames), up to ``config.max_images_per_study``, each also sized for every
+    provider in ``providers``. An instance that fails becomes an error record and its
+    nearest unused neighbour is tried instead."""
+    rule = parse_rule(config.key_images)
+    single = config.model_copy(update={"key_images": "middle"})
     images: list[tuple[Instance, PreparedImage]] = []
     errors: list[ErrorRecord] = []
-    for candidates in key_instances(study):
-        if len(images) >= config.max_images_per_study:
-            break
+
+    def attempt(candidates: list[Instance], used: set[str], fn):
         for inst in candidates:
+            if inst.sop_instance_uid in used:
+                continue
+            used.add(inst.sop_instance_uid)
             try:
                 with store.open_read(inst.ref.key) as fh:
-                    images.append((inst, prepare(fh, config, name=inst.ref.uri)))
-                break
+                    return inst, fn(fh, inst)
             except RadflowError as exc:
                 errors.append(
                     ErrorRecord(
@@ -69,6 +99,34 @@ def prepare_study(
                         study_instance_uid=study.study_instance_uid,
                     )
                 )
+        return None
+
+    for slots, as_montage in _series_slots(study, rule):
+        if len(images) >= config.max_images_per_study:
+            break
+        used: set[str] = set()
+        if as_montage:
+            tiles = [
+                t
+                for slot in slots
+                if (t := attempt(slot, used, lambda fh, i: render_file(fh, config, i.ref.uri)))
+            ]
+            if tiles:
+                key = tiles[len(tiles) // 2][0]
+                pixels = montage_of([p for _, (p, _) in tiles], rule.rows, rule.cols)
+                index = [next(k for k, s in enumerate(slots) if inst in s) for inst, _ in tiles]
+                image = finish(pixels, tiles[0][1][1], index, config, providers)
+                images.append((key, image))
+            continue
+        per_slot = single if len(slots) > 1 else config
+        for slot in slots:
+            got = attempt(
+                slot, used, lambda fh, i, c=per_slot: prepare_all(fh, c, i.ref.uri, providers)
+            )
+            if got:
+                inst, prepared = got
+                room = config.max_images_per_study - len(images)
+                images += [(inst, img) for img in prepared[:room]]
     return images, errors
 
 
@@ -87,7 +145,9 @@ async def screen_study(
     """Preprocess, read with every model, combine, and write the study's report."""
     logger = get_run_logger()
     uid = study.study_instance_uid
-    prepared, errors = await asyncio.to_thread(prepare_study, source, study, settings.preprocess)
+    prepared, errors = await asyncio.to_thread(
+        prepare_study, source, study, settings.preprocess, panel.providers
+    )
     for record in errors:
         write_error(dest, record)
     failed = {e.source for e in errors}
@@ -95,7 +155,8 @@ async def screen_study(
         logger.warning("study %s: no instance could be rendered, no report", uid)
         return StudyOutcome(uid, None, errors)
     context = clinical_context(i.header for i in study.instances)
-    readings = await panel.read([img.png for _, img in prepared], context, prompt)
+    sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
+    readings = await panel.read(sized, context, prompt)
     weights, weights_source = await asyncio.to_thread(model_weights, settings)
     consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     report = Report(
