@@ -4,13 +4,14 @@ UV := $(PYTHON) -m uv
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 
-.PHONY: demo test test-unit lint format bench-screen clean help
+.PHONY: demo test test-unit lint format bench-screen clean help schema
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make demo    run the screening flow on sample studies against the simulator"
 	@echo "make test    run the whole test suite (starts and stops its own servers)"
 	@echo "make lint    ruff lint + format check"
+	@echo "make schema  regenerate schemas/report.schema.json (report.json's published schema)"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock
@@ -36,6 +37,9 @@ lint: .venv/.synced
 format: .venv/.synced
 	.venv/bin/ruff format flows tasks simulator tests
 	.venv/bin/ruff check --fix flows tasks simulator tests
+
+schema: .venv/.synced  ## regenerate schemas/report.schema.json from the pydantic Report model
+	.venv/bin/python -c "from tasks.report import write_schema_file; print(write_schema_file())"
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

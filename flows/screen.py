@@ -12,12 +12,13 @@ from prefect.runtime import flow_run
 
 from tasks.cache import ReadingCache
 from tasks.config import load_settings
+from tasks.consensus import panel_kappa
 from tasks.diagnose import Panel, load_prompt
 from tasks.discover import Inventory, Study, discover_studies
 from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
-from tasks.report import report_key, write_error, write_run_summary
+from tasks.report import report_key, review_entry, write_error, write_run_summary
 from tasks.schema import ErrorRecord, RunSummary
 from tasks.storage import Store, open_store, read_json
 from tasks.study import StudyOutcome, screen_study
@@ -111,6 +112,7 @@ async def screen(
     await monitor.label(run_name(started, len(studies)), labels)
     await monitor.start(len(pending))
     rows: list[dict] = []
+    votes: list[list[bool | None]] = []  # per study read: each model's abnormal (kappa)
     if pending:
         prompt = load_prompt(settings.language)
         panel = Panel(settings, cache=ReadingCache(dest))
@@ -136,12 +138,15 @@ async def screen(
                 outcome = await next_outcome
                 _add(summary, outcome)
                 if outcome.report is not None:
+                    votes.append([r.abnormal if r.ok else None for r in outcome.report.readings])
+                if outcome.report is not None:
                     rows.append(result_row(outcome.report, out))
                 await monitor.advance(done, len(pending))
                 if hook:
                     hook(done, len(pending), outcome)
         finally:
             await panel.aclose()
+    summary.fleiss_kappa, summary.kappa_studies = panel_kappa(votes)
     summary.finished_at = datetime.now(UTC)
     key = write_run_summary(dest, summary)
     await monitor.finish(summary, rows, key)
@@ -169,6 +174,8 @@ def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.reported += 1
     summary.degraded += report.status == "degraded"
     summary.needs_review += report.consensus.needs_review
+    if report.consensus.needs_review:
+        summary.review_queue.append(review_entry(report))
     paid = [r for r in report.readings if not r.cached]
     summary.model_calls += len(paid)
     summary.cache_hits += len(report.readings) - len(paid)
@@ -179,4 +186,9 @@ def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.cost_usd = round(summary.cost_usd + sum(r.cost_usd for r in paid), 6)
     cached = sum(r.cost_usd for r in report.readings if r.cached)
     summary.cached_cost_usd = round(summary.cached_cost_usd + cached, 6)
+    if report.impression is not None:  # the synthesis call (never cached)
+        summary.model_calls += 1
+        summary.input_tokens += report.impression.input_tokens
+        summary.output_tokens += report.impression.output_tokens
+        summary.cost_usd = round(summary.cost_usd + report.impression.cost_usd, 6)
     summary.simulated = summary.simulated or report.simulated

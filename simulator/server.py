@@ -41,6 +41,8 @@ _TEXT = {
         "detector {seen}, answer drawn with sensitivity {sens:.2f} and specificity {spec:.2f}.",
         "seen": ("saw a lesion", "saw no lesion"),
         "refusal": "SIMULATED refusal: I can't help with that.",
+        "impression": "SIMULATED impression (radflow simulator, a test double; not a medical "
+        "opinion): summary of the panel's {n} structured reading(s); see the findings above.",
     },
     "ko": {
         "finding": "시뮬레이션: 국소 고음영 병변",
@@ -50,6 +52,8 @@ _TEXT = {
         "병변 검출기가 {seen}, 민감도 {sens:.2f}, 특이도 {spec:.2f}로 답을 정했습니다.",
         "seen": ("병변을 보았고", "병변을 보지 못했고"),
         "refusal": "시뮬레이션 거절: 도와드릴 수 없습니다.",
+        "impression": "시뮬레이션 인상 (radflow 시뮬레이터, 테스트용 대역이며 의학적 소견이 "
+        "아닙니다): 패널의 구조화 판독 {n}건 요약; 위의 소견을 참조하십시오.",
     },
 }
 
@@ -164,6 +168,12 @@ async def _hang(request: Request, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not await request.is_disconnected():
         await asyncio.sleep(0.05)
+
+
+def _impression(body: dict, lang: str) -> str:
+    """Plain text for a request with no image and no output schema (radflow's synthesis):
+    counts the readings (``"model":`` keys) the request carries."""
+    return _TEXT[lang]["impression"].format(n=json.dumps(body).count('\\"model\\":'))
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -293,8 +303,11 @@ def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONR
         schema = (
             fmt.get("json_schema", {}).get("schema") if fmt.get("type") == "json_schema" else None
         )
-        reading = _reading(pngs, model, lang, state)
-        text = json.dumps(_fill(schema, reading) if schema else reading, ensure_ascii=False)
+        if not schema and not pngs:  # a plain text request: the impression (synthesis)
+            text = _impression(body, lang)
+        else:
+            reading = _reading(pngs, model, lang, state)
+            text = json.dumps(_fill(schema, reading) if schema else reading, ensure_ascii=False)
         if fault == "malformed":
             text = text[: len(text) // 2]
         message["content"] = text
@@ -355,7 +368,7 @@ def _anthropic(body: dict, model: str, state: SimState, fault: str | None) -> JS
             ]
             stop = "tool_use"
         else:
-            text = json.dumps(reading, ensure_ascii=False)
+            text = _impression(body, lang) if not pngs else json.dumps(reading, ensure_ascii=False)
             content = [{"type": "text", "text": text[: len(text) // 2] if fault else text}]
             stop = "end_turn"
     tokens_out = _text_tokens(json.dumps(content, ensure_ascii=False))

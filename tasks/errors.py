@@ -15,6 +15,7 @@ __all__ = [
     "PhiRisk",
     "ProviderError",
     "RadflowError",
+    "ReportError",
     "StorageError",
     "StorageUnavailable",
     "UnsupportedImage",
@@ -88,6 +89,11 @@ class UnsupportedImage(RadflowError):
 class PhiRisk(RadflowError):
     default = "the image may carry burned-in patient identifiers"
     hint = "de-identify the pixels first, or set preprocess.burned_in: allow"
+
+
+class ReportError(RadflowError):
+    default = "a report could not be written"
+    hint = "this is a radflow bug if the inputs were valid; please report it with the study UID"
 
 
 class ProviderError(RadflowError):

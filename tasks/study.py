@@ -22,8 +22,10 @@ from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
 from tasks.reliability import model_weights
 from tasks.report import write_error, write_report
-from tasks.schema import ErrorRecord, ImageInfo, Report
+from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
+from tasks.sr import read_evidence
 from tasks.storage import Store
+from tasks.synthesis import impression_prompt, synthesize
 
 __all__ = ["StudyOutcome", "key_instances", "prepare_study", "screen_study"]
 
@@ -159,6 +161,9 @@ async def screen_study(
     readings = await panel.read(sized, context, prompt)
     weights, weights_source = await asyncio.to_thread(model_weights, settings)
     consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
+    impression = None
+    if settings.synthesis is not None:
+        impression = await synthesize(settings.synthesis, settings, consensus, readings)
     report = Report(
         study_instance_uid=uid,
         status="complete" if all(r.ok for r in readings) else "degraded",
@@ -183,12 +188,52 @@ async def screen_study(
         context=context,
         inputs_fingerprint=study.fingerprint,
         prompt_version=prompt.version,
-        cost_usd=round(sum(r.cost_usd for r in readings), 6),
+        cost_usd=round(
+            sum(r.cost_usd for r in readings) + (impression.cost_usd if impression else 0), 6
+        ),
         simulated=any(r.simulated for r in readings),
         radflow_version=tasks.__version__,
+        impression=impression,
+        provenance=Provenance(
+            radflow_version=tasks.__version__,
+            prompt_version=prompt.version,
+            consensus_rule=consensus.rule,
+            weights=consensus.weights,
+            weights_source=consensus.weights_source,
+            review_rules=settings.review.model_dump(),
+            models=[
+                ModelProvenance(
+                    name=r.model,
+                    provider=r.provider,
+                    model_id=r.model_id,
+                    endpoint_host=r.endpoint_host,
+                    response_model=r.response_model,
+                )
+                for r in readings
+            ],
+            image_sha256=[img.sha256 for _, img in prepared],
+            synthesis_prompt_version=(
+                impression_prompt(settings.language)[1] if settings.synthesis else None
+            ),
+        ),
     )
+    try:
+        evidence = await asyncio.to_thread(
+            read_evidence, source, [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
+        )
+    except RadflowError as exc:  # the report stands; the SR and FHIR files are missing
+        evidence = []
+        record = ErrorRecord(
+            source=prepared[0][0].ref.uri,
+            reason=f"no SR/FHIR report: {exc}",
+            kind=exc.kind,
+            stage="report",
+            study_instance_uid=uid,
+        )
+        errors.append(record)
+        write_error(dest, record)
     await asyncio.to_thread(
-        write_report, dest, report, {img.sha256: img.png for _, img in prepared}
+        write_report, dest, report, {img.sha256: img.png for _, img in prepared}, evidence
     )
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",

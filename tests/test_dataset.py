@@ -158,8 +158,9 @@ def test_csv_line_numbers_count_the_header_and_multiline_fields():
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_split_keeps_patients_apart_and_stratifies(seed):
-    groups = [f"p{i // 3}" for i in range(60)]  # 20 patients, 3 studies each
-    labels = [(i // 3) % 2 == 0 or i % 7 == 0 for i in range(60)]
+    # 20 patients with 3 studies each, interleaved; a third of the patients abnormal
+    groups = [f"p{(i * 7) % 20}" for i in range(60)]
+    labels = [int(g[1:]) % 3 == 0 or i % 11 == 0 for i, g in enumerate(groups)]
     train, val = split_by_patient(labels, groups, 0.2, seed)
     assert sorted(train + val) == list(range(60))
     assert not {groups[i] for i in train} & {groups[i] for i in val}
@@ -167,6 +168,7 @@ def test_split_keeps_patients_apart_and_stratifies(seed):
     share = sum(labels) / len(labels)
     assert abs(sum(labels[i] for i in val) / len(val) - share) < 0.2
     assert (train, val) == split_by_patient(labels, groups, 0.2, seed)  # seeded
+    assert val != split_by_patient(labels, groups, 0.2, seed + 10)[1]  # shuffled
 
 
 def test_split_names_impossible_fractions():
