@@ -1,85 +1,52 @@
-"""Write what a study's reading produced: report.json, report.md (ko/en) and the key images."""
+"""Write what a study's reading produced under DEST: key images, report.md, report.sr.dcm,
+report.fhir.json, the review pointer, and report.json last; error records; run summaries."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
 
-from tasks.config import Language
-from tasks.schema import ErrorRecord, Report, RunSummary
+import jsonschema
+import pydicom
+
+from tasks.errors import ReportError
+from tasks.fhir import build_fhir, fhir_json
+from tasks.markdown import image_name, render_markdown
+from tasks.schema import ErrorRecord, Report, ReviewEntry, RunSummary
+from tasks.sr import build_sr, device_uid, sr_bytes
 from tasks.storage import Store
 
 __all__ = [
+    "SCHEMA_ID",
     "error_key",
     "render_markdown",
+    "render_review_table",
     "report_key",
+    "report_schema",
+    "review_entry",
+    "review_key",
+    "validate_report",
     "write_error",
     "write_report",
     "write_run_summary",
+    "write_schema_file",
 ]
 
 logger = logging.getLogger(__name__)
 
-_TEXT = {
-    Language.EN: {
-        "title": "Screening report",
-        "simulated": "**SIMULATED** — these readings come from radflow's offline simulator, a "
-        "test double. They are not a medical opinion.",
-        "disclaimer": "AI-generated preliminary screening for review by a radiologist. "
-        "Not a diagnosis.",
-        "status": "Status",
-        "result": "Consensus",
-        "abnormal": "abnormal",
-        "normal": "no abnormality",
-        "unknown": "no reading",
-        "urgency": "Urgency",
-        "agreement": "Agreement",
-        "review": "Needs review",
-        "yes": "yes",
-        "no": "no",
-        "findings": "Findings",
-        "differentials": "Differentials",
-        "exams": "Recommended exams",
-        "none": "none",
-        "models": "Readings per model",
-        "table": "| model | result | urgency | tokens in/out | cost (USD) | latency (ms) |",
-        "images": "Images read",
-        "cost": "Cost",
-        "context": "Context sent to the models",
-        "urgencies": {"immediate": "immediate", "follow_up": "follow-up", "normal": "normal"},
-    },
-    Language.KO: {
-        "title": "선별 판독 보고서",
-        "simulated": "**시뮬레이션** — 이 판독은 radflow 오프라인 시뮬레이터(테스트용 대역)가 "
-        "만든 것입니다. 의학적 소견이 아닙니다.",
-        "disclaimer": "AI가 생성한 예비 선별 결과로, 영상의학과 전문의의 검토가 필요합니다. "
-        "진단이 아닙니다.",
-        "status": "상태",
-        "result": "합의 결과",
-        "abnormal": "이상 소견 있음",
-        "normal": "이상 소견 없음",
-        "unknown": "판독 없음",
-        "urgency": "긴급도",
-        "agreement": "일치도",
-        "review": "검토 필요",
-        "yes": "예",
-        "no": "아니오",
-        "findings": "소견",
-        "differentials": "감별 진단",
-        "exams": "권장 검사",
-        "none": "없음",
-        "models": "모델별 판독",
-        "table": "| 모델 | 결과 | 긴급도 | 토큰 입력/출력 | 비용 (USD) | 지연 (ms) |",
-        "images": "판독한 영상",
-        "cost": "비용",
-        "context": "모델에 보낸 임상 정보",
-        "urgencies": {"immediate": "즉시 치료", "follow_up": "추적 검사", "normal": "정상"},
-    },
-}
+SCHEMA_ID = "https://radflow.invalid/schemas/report.schema.json"
 
 
 def report_key(uid: str, name: str = "report.json") -> str:
     return f"studies/{uid}/{name}"
+
+
+def review_key(uid: str) -> str:
+    return f"review/{uid}.json"
 
 
 def error_key(record: ErrorRecord) -> str:
@@ -87,89 +54,99 @@ def error_key(record: ErrorRecord) -> str:
     return f"errors/{hashlib.sha256(record.source.encode()).hexdigest()[:20]}.json"
 
 
-def image_name(sha256: str) -> str:
-    return f"images/{sha256[:16]}.png"
+@cache
+def report_schema() -> dict:
+    """The JSON Schema (2020-12) of report.json, generated from the pydantic Report model;
+    published as schemas/report.schema.json (tests keep the file up to date)."""
+    schema = Report.model_json_schema(mode="serialization")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        **schema,
+    }
 
 
-def _items(items, none: str) -> list[str]:
-    if not items:
-        return [f"- {none}"]
-    return [f"- {i.text} ({', '.join(i.models)})" for i in items]
+def write_schema_file(path: str | Path = "schemas/report.schema.json") -> Path:
+    """(Re)write the published schema file (``make schema``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report_schema(), indent=2, ensure_ascii=False) + "\n", "utf-8")
+    return path
 
 
-def render_markdown(report: Report) -> str:
-    """report.md in the report's language: consensus, findings with supporting models, the
-    per-model table, cost, the key images, and the AI disclaimer."""
-    t = _TEXT[Language(report.language)]
+def validate_report(data: dict) -> None:
+    """Check a report.json document against the published schema; one clear error if not."""
+    validator = jsonschema.Draft202012Validator(report_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        uid = data.get("study_instance_uid", "?") if isinstance(data, dict) else "?"
+        raise ReportError(f"report.json of study {uid} is invalid at {where}: {error.message}")
+
+
+def review_entry(report: Report) -> ReviewEntry:
     c = report.consensus
-    result = t["unknown"] if c.abnormal is None else t["abnormal" if c.abnormal else "normal"]
-    urgency = t["urgencies"][c.urgency.value] if c.urgency else t["unknown"]
-    lines = [f"# {t['title']}: {report.study_instance_uid}", ""]
-    if report.simulated:
-        lines += [f"> {t['simulated']}", ""]
-    lines += [
-        f"> {t['disclaimer']}",
-        "",
-        f"- {t['status']}: {report.status}",
-        f"- {t['result']}: **{result}**"
-        + (f" (score {c.score:.2f})" if c.score is not None else ""),
-        f"- {t['urgency']}: **{urgency}**",
-        f"- {t['agreement']}: {c.agreement:.0%}",
-        f"- {t['review']}: {t['yes'] if c.needs_review else t['no']}"
-        + (f" — {'; '.join(c.review_reasons)}" if c.review_reasons else ""),
-        f"- {t['cost']}: ${report.cost_usd:.4f}",
-        "",
-        f"## {t['findings']}",
-        *_items(c.findings, t["none"]),
-        "",
-        f"## {t['differentials']}",
-        *_items(c.differentials, t["none"]),
-        "",
-        f"## {t['exams']}",
-        *_items(c.recommended_exams, t["none"]),
-        "",
-        f"## {t['models']}",
-        "",
-        t["table"],
-        "|---|---|---|---|---|---|",
-    ]
-    for r in report.readings:
-        if r.ok:
-            res = t["abnormal" if r.abnormal else "normal"]
-        else:
-            res = f"{t['unknown']}: {r.error}".replace("|", "/")
-        urg = t["urgencies"][r.urgency.value] if r.urgency else "—"
-        lines.append(
-            f"| {r.model} | {res} | {urg} | {r.input_tokens}/{r.output_tokens} "
-            f"| {r.cost_usd:.4f} | {r.latency_ms:.0f} |"
-        )
-    lines += [""]
-    for r in report.readings:
-        if r.ok and r.rationale:
-            lines.append(f"- **{r.model}**: {r.rationale}")
-    lines += ["", f"## {t['context']}", ""]
-    ctx = ", ".join(f"{k}={v}" for k, v in sorted(report.context.items()))
-    lines += [ctx or t["none"], "", f"## {t['images']}", ""]
-    for img in report.images:
-        lines += [
-            f"![{img.sop_instance_uid}]({image_name(img.sha256)})",
-            f"`{img.modality or ''}` {img.width}×{img.height}, {img.window}, sha256 "
-            f"`{img.sha256[:16]}`",
-            "",
-        ]
-    return "\n".join(lines) + "\n"
+    return ReviewEntry(
+        study_instance_uid=report.study_instance_uid,
+        abnormal=c.abnormal,
+        urgency=c.urgency,
+        agreement=c.agreement,
+        reasons=c.review_reasons,
+        report=report_key(report.study_instance_uid),
+    )
 
 
-def write_report(store: Store, report: Report, pngs: dict[str, bytes]) -> None:
-    """Key images first, report.md, then report.json last: report.json marks a finished study."""
+def _write_sr_and_fhir(
+    store: Store, report: Report, evidence: Sequence[pydicom.Dataset]
+) -> list[str]:
     uid = report.study_instance_uid
+    sr = build_sr(report, evidence)
+    store.write_bytes(report_key(uid, "report.sr.dcm"), sr_bytes(sr), "application/dicom")
+    devices = {r.model: device_uid(r.model, r.model_id) for r in report.readings}
+    patient_id = str(evidence[0].get("PatientID", "") or "") or None
+    resource = build_fhir(report, devices, patient_id, str(sr.SOPInstanceUID))
+    store.write_bytes(
+        report_key(uid, "report.fhir.json"), fhir_json(resource), "application/fhir+json"
+    )
+    return ["report.sr.dcm", "report.fhir.json"]
+
+
+def write_report(
+    store: Store,
+    report: Report,
+    pngs: dict[str, bytes],
+    evidence: Sequence[pydicom.Dataset] = (),
+) -> None:
+    """Key images, report.md, report.sr.dcm and report.fhir.json (from ``evidence``: the
+    source headers of the key images, read with ``stop_before_pixels``; written to DEST only,
+    never sent to a model), the review pointer, then report.json last: it marks a finished
+    study. report.json is validated against the published schema before it is written."""
+    uid = report.study_instance_uid
+    outputs = []
     for sha, png in pngs.items():
         store.write_bytes(report_key(uid, image_name(sha)), png, "image/png")
+        outputs.append(image_name(sha))
+    if evidence:
+        outputs += _write_sr_and_fhir(store, report, evidence)
+    else:
+        logger.warning("study %s: no evidence headers, no SR or FHIR report", uid)
+    report.outputs = ["report.md", *outputs]
     store.write_bytes(
         report_key(uid, "report.md"),
         render_markdown(report).encode(),
         "text/markdown; charset=utf-8",
     )
+    if report.consensus.needs_review or store.exists(review_key(uid)):
+        pointer = {
+            "needs_review": report.consensus.needs_review,
+            **review_entry(report).model_dump(mode="json"),
+            "created_at": report.created_at.isoformat(),
+        }
+        store.write_bytes(
+            review_key(uid), json.dumps(pointer, indent=2).encode(), "application/json"
+        )
+    data = json.loads(report.model_dump_json())
+    validate_report(data)
     store.write_bytes(
         report_key(uid), report.model_dump_json(indent=2).encode(), "application/json"
     )
@@ -181,7 +158,38 @@ def write_error(store: Store, record: ErrorRecord) -> None:
     )
 
 
+def render_review_table(summary: RunSummary) -> str:
+    """runs/<run id>.review.md: the run's review queue, most urgent first."""
+    rank = {"immediate": 0, "follow_up": 1, "normal": 2, None: 3}
+    rows = sorted(
+        summary.review_queue,
+        key=lambda e: (rank[e.urgency.value if e.urgency else None], e.study_instance_uid),
+    )
+    lines = [
+        f"# Review queue of run {summary.run_id}",
+        "",
+        f"{len(rows)} of {summary.reported} studies read need review.",
+        "",
+        "| study | result | urgency | agreement | reasons | report |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in rows:
+        result = {None: "no reading", True: "abnormal", False: "normal"}[e.abnormal]
+        lines.append(
+            f"| {e.study_instance_uid} | {result} | {e.urgency.value if e.urgency else '—'} "
+            f"| {e.agreement:.0%} | {'; '.join(e.reasons).replace('|', '/')} | {e.report} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_run_summary(store: Store, summary: RunSummary) -> str:
+    """runs/<run id>.json, and runs/<run id>.review.md when any study needs review."""
     key = f"runs/{summary.run_id}.json"
+    if summary.review_queue:
+        store.write_bytes(
+            f"runs/{summary.run_id}.review.md",
+            render_review_table(summary).encode(),
+            "text/markdown; charset=utf-8",
+        )
     store.write_bytes(key, summary.model_dump_json(indent=2).encode(), "application/json")
     return key
