@@ -6,10 +6,12 @@ import asyncio
 from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from functools import partial
 
 from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 
+from flows.shards import run_shards
 from tasks.cache import ReadingCache
 from tasks.config import load_settings
 from tasks.consensus import panel_kappa
@@ -53,6 +55,16 @@ def _first_run_name() -> str:
     """Until discovery counts the studies (then ``screen-<date>-<n>-studies``)."""
     source = flow_run.parameters.get("source") or "config-source"
     return f"screen-{datetime.now(UTC):%Y-%m-%d}-{source}"
+
+
+def _fail_unreported(dest: Store, study: Study, reason: str) -> int:
+    """Error records for a study of a failed shard unless it was reported; how many."""
+    if _already_reported(dest, study):
+        return 0
+    records = _failed_study_errors(study, reason)
+    for record in records:
+        write_error(dest, record)
+    return len(records)
 
 
 @flow(name="screen", flow_run_name=_first_run_name, log_prints=True)
@@ -113,7 +125,21 @@ async def screen(
     await monitor.start(len(pending))
     rows: list[dict] = []
     votes: list[list[bool | None]] = []  # per study read: each model's abnormal (kappa)
-    if pending:
+    if settings.runner.shard_size and len(pending) > settings.runner.shard_size:
+        summary.shards = await run_shards(  # child flow runs; see "Scaling out" in the README
+            screen,
+            pending,
+            source=source,
+            out=out,
+            config=config,
+            force=force,
+            runner=settings.runner,
+            dest=dest,
+            summary=summary,
+            progress=progress_hook,
+            on_failure=partial(_fail_unreported, dest),
+        )
+    elif pending:
         prompt = load_prompt(settings.language)
         panel = Panel(settings, cache=ReadingCache(dest))
         window = asyncio.Semaphore(settings.max_studies_in_flight)

@@ -23,6 +23,7 @@ __all__ = [
     "Price",
     "Provider",
     "ReviewConfig",
+    "RunnerConfig",
     "Settings",
     "SynthesisConfig",
     "StorageConfig",
@@ -222,6 +223,32 @@ def _default_models() -> list[ModelConfig]:
     ]
 
 
+class RunnerConfig(_Strict):
+    """How a screening run uses machines: preprocessing in threads or processes, and shards
+    (child flow runs) for large runs. See "Scaling out" in the README."""
+
+    preprocess: Literal["thread", "process"] = Field(
+        "thread", description="run the CPU-bound preprocessing in threads or a process pool"
+    )
+    workers: int | None = Field(
+        None, ge=1, le=256, description="process-pool size for preprocess: process (None = CPUs)"
+    )
+    shard_size: int = Field(
+        0,
+        ge=0,
+        le=100_000,
+        description="studies per child flow run when a run has more pending; 0 = one run",
+    )
+    shards_in_flight: int = Field(
+        1, ge=1, le=1024, description="child flow runs at once (one per worker is typical)"
+    )
+    shard_deployment: str | None = Field(
+        None,
+        description='"flow-name/deployment-name" to run shards on a work pool with '
+        "run_deployment; null = child flow runs in this process",
+    )
+
+
 class Settings(_Strict):
     language: Language = Field(Language.KO, description="report and prompt language")
     source: str | None = Field(None, description="default SOURCE for scheduled runs")
@@ -242,6 +269,9 @@ class Settings(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     max_studies_in_flight: int = Field(
         64, ge=1, le=4096, description="studies being read at once (bounds memory)"
+    )
+    runner: RunnerConfig = Field(
+        default_factory=RunnerConfig, description="process pool and shards for large runs"
     )
 
     @model_validator(mode="after")

@@ -261,3 +261,6 @@ class RunSummary(BaseModel):
     )
     kappa_studies: int = Field(0, description="studies every model read (kappa's subjects)")
     review_queue: list[ReviewEntry] = Field(default_factory=list, description="needs_review")
+    shards: list[str] = Field(
+        default_factory=list, description="flow run ids of the child runs of a sharded run"
+    )

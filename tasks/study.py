@@ -22,6 +22,7 @@ from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
 from tasks.reliability import model_weights
 from tasks.report import write_error, write_report
+from tasks.runner import run_preprocess
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
 from tasks.sr import read_evidence
 from tasks.storage import Store
@@ -147,8 +148,14 @@ async def screen_study(
     """Preprocess, read with every model, combine, and write the study's report."""
     logger = get_run_logger()
     uid = study.study_instance_uid
-    prepared, errors = await asyncio.to_thread(
-        prepare_study, source, study, settings.preprocess, panel.providers
+    prepared, errors = await run_preprocess(  # threads, or a process pool (runner.preprocess)
+        settings.runner,
+        settings.storage,
+        prepare_study,
+        source,
+        study,
+        settings.preprocess,
+        panel.providers,
     )
     for record in errors:
         write_error(dest, record)

@@ -1,0 +1,156 @@
+"""Scale-out: shard planning and summary merging (pure), the sharded screening path as child
+flow runs on a real Prefect API, and preprocessing in a process pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.screen import screen
+from simulator.samples import synthetic_ct
+from tasks.config import RunnerConfig, Settings
+from tasks.discover import Instance, Study
+from tasks.runner import merge_summary, plan_shards
+from tasks.schema import Report, RunSummary
+from tasks.storage import ObjectRef
+from tests.conftest import sim_config
+
+
+def _study(uid: str, n: int) -> Study:
+    instances = [
+        Instance(
+            ObjectRef(f"/d/{uid}/{i}.dcm", f"{uid}/{i}.dcm", 1, "1"),
+            uid,
+            uid + ".1",
+            f"{uid}.1.{i}",
+            "CT",
+            i,
+            1,
+            {},
+        )
+        for i in range(n)
+    ]
+    return Study(uid, instances)
+
+
+def test_plan_shards_covers_every_object_once():
+    studies = [_study(f"1.{i}", i % 3 + 1) for i in range(10)]
+    shards = plan_shards(studies, 4)
+    assert [len(s) for s in shards] == [7, 8, 4]  # 4 + 4 + 2 studies, 1-3 instances each
+    keys = [k for shard in shards for k in shard]
+    assert sorted(keys) == sorted(i.ref.key for s in studies for i in s.instances)
+    assert len(keys) == len(set(keys))
+    # a study's instances never straddle two shards
+    assert {k.split("/")[0] for k in shards[0]} == {"1.0", "1.1", "1.2", "1.3"}
+    with pytest.raises(ValueError, match="shard size must be >= 1, got 0"):
+        plan_shards(studies, 0)
+
+
+def test_merge_summary_adds_counts_but_not_studies_or_kappa():
+    now = datetime.now(UTC)
+    parent = RunSummary(run_id="p", source="s", dest="d", studies=10, skipped=2, started_at=now)
+    for i in range(2):
+        child = RunSummary(
+            run_id=f"c{i}",
+            source="s",
+            dest="d",
+            studies=4,
+            reported=4,
+            degraded=1,
+            model_calls=8,
+            input_tokens=100,
+            cost_usd=0.1,
+            simulated=True,
+            fleiss_kappa=0.5,
+            kappa_studies=4,
+            started_at=now,
+        )
+        merge_summary(parent, child)
+    assert (parent.studies, parent.skipped, parent.reported, parent.degraded) == (10, 2, 8, 2)
+    assert (parent.model_calls, parent.input_tokens, parent.cost_usd) == (16, 200, 0.2)
+    assert parent.simulated and parent.fleiss_kappa is None and parent.run_id == "p"
+
+
+def test_runner_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="preprocess"):
+        Settings.model_validate({"runner": {"preprocess": "fork"}})
+    with pytest.raises(ValueError, match="shard_size"):
+        Settings.model_validate({"runner": {"shard_size": -1}})
+    assert Settings().runner == RunnerConfig(preprocess="thread", shard_size=0)
+
+
+def _tiny_studies(root: Path, n: int) -> Path:
+    for i in range(n):
+        synthetic_ct(root / f"{i:03d}.dcm", lesion=i % 2 == 0, seed=7000 + i, size=64)
+    return root
+
+
+def _reports(dest: Path) -> dict[str, Report]:
+    return {
+        p.parent.name: Report.model_validate_json(p.read_text())
+        for p in dest.glob("studies/*/report.json")
+    }
+
+
+def _calls(sim) -> int:
+    return sum(sim.stats()["requests"].values())
+
+
+@pytest.mark.e2e
+def test_sharded_run_reports_every_study_exactly_once(prefect_harness, simulator, tmp_path):
+    source = _tiny_studies(tmp_path / "in", 7)
+    config = sim_config(simulator, tmp_path, preprocess={"max_edge": 64}, runner={"shard_size": 3})
+    dest = tmp_path / "out"
+    before = _calls(simulator)
+
+    summary = asyncio.run(screen(str(source), str(dest), str(config)))
+
+    assert summary.studies == 7 == summary.reported and summary.errors == 0
+    assert len(summary.shards) == 3 == len(set(summary.shards))  # 3 + 3 + 1 studies
+    reports = _reports(dest)
+    assert len(reports) == 7 and all(r.status == "complete" for r in reports.values())
+    # every study read once: two models each, no study in two shards
+    assert _calls(simulator) - before == 14 == summary.model_calls
+    children = [
+        RunSummary.model_validate_json((dest / "runs" / f"{run_id}.json").read_text())
+        for run_id in summary.shards
+    ]
+    assert sorted(c.reported for c in children) == [1, 3, 3]
+    parent = json.loads((dest / "runs" / f"{summary.run_id}.json").read_text())
+    assert parent["reported"] == 7 and sorted(parent["shards"]) == sorted(summary.shards)
+
+    # a rerun skips everything at the parent: no shards, no model calls
+    again = asyncio.run(screen(str(source), str(dest), str(config)))
+    assert again.skipped == 7 and again.shards == [] and _calls(simulator) - before == 14
+
+
+@pytest.mark.e2e
+def test_process_pool_renders_the_same_images_as_threads(prefect_harness, simulator, tmp_path):
+    source = _tiny_studies(tmp_path / "in", 3)
+    results = {}
+    for mode in ("thread", "process"):
+        config = sim_config(
+            simulator,
+            tmp_path,
+            preprocess={"max_edge": 64},
+            runner={"preprocess": mode, "workers": 2},
+        )
+        dest = tmp_path / f"out-{mode}"
+        summary = asyncio.run(screen(str(source), str(dest), str(config)))
+        assert summary.reported == 3
+        results[mode] = {uid: [i.sha256 for i in r.images] for uid, r in _reports(dest).items()}
+    assert results["process"] == results["thread"] and len(results["thread"]) == 3
+
+
+def test_config_runner_section_round_trips(tmp_path):
+    from tasks.config import load_settings
+
+    path = tmp_path / "radflow.yaml"
+    path.write_text(yaml.safe_dump({"runner": {"shard_size": 500, "shards_in_flight": 4}}))
+    runner = load_settings(path).runner
+    assert (runner.shard_size, runner.shards_in_flight, runner.shard_deployment) == (500, 4, None)
