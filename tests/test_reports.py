@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 
 from flows.screen import screen
 from simulator.process import running_simulator
-from tasks.config import ReviewConfig
+from tasks.config import ReviewConfig, SynthesisConfig
 from tasks.consensus import build_consensus
 from tasks.errors import ReportError
 from tasks.fhir import build_fhir, fhir_json
@@ -348,3 +348,43 @@ def test_agreeing_normal_panel_needs_no_review_and_writes_korean(
         sr = pydicom.dcmread(dest / "studies" / uid / "report.sr.dcm")
         language = sr.ContentSequence[0].ConceptCodeSequence[0].CodeValue
         assert language == "ko-KR"
+
+
+def test_synthesis_model_must_be_a_panel_model(tmp_path):
+    from tasks.config import load_settings
+    from tasks.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models: [{name: a, provider: openai, model: m, api_key_env: K}]\nsynthesis: {model: b}\n"
+    )
+    with pytest.raises(ConfigError, match='synthesis.model "b" is not a panel model'):
+        load_settings(path)
+
+
+def test_synthesis_writes_from_structured_readings_and_fails_softly(simulator, ct, tmp_path):
+    from tasks.config import load_settings
+    from tasks.synthesis import synthesis_input, synthesize
+
+    report = _report(ct)
+    text = synthesis_input(report.consensus, report.readings)
+    assert json.loads(text)["consensus"]["abnormal"] is True
+    assert ct.StudyInstanceUID not in text and "rationale" not in text
+
+    settings = load_settings(sim_config(simulator, tmp_path, language="en"))
+    for model in ("gpt-4o", "claude"):  # both wire protocols
+        imp = asyncio.run(
+            synthesize(SynthesisConfig(model=model), settings, report.consensus, report.readings)
+        )
+        assert imp.ok and imp.model == model and imp.simulated and imp.model_written
+        assert imp.text.startswith("SIMULATED impression") and imp.output_tokens > 0
+        assert imp.cost_usd > 0 and imp.endpoint_host == "127.0.0.1"
+    broken = settings.model_copy(deep=True)
+    broken.models[0].base_url = "http://127.0.0.1:9/v1"
+    broken.models[0].max_retries = 0
+    imp = asyncio.run(
+        synthesize(SynthesisConfig(model="gpt-4o"), broken, report.consensus, report.readings)
+    )
+    assert not imp.ok and "APIConnectionError" in imp.error and imp.text == ""
+    md = render_markdown(_report(ct, impression=imp))
+    assert "The impression could not be written (gpt-4o: APIConnectionError" in md
