@@ -54,7 +54,7 @@ def _split_uri(uri: str) -> tuple[str, str]:
     head, sep, key = uri.rstrip("/").rpartition("/")
     if not sep:
         return ".", key
-    return (head + "/" if head.endswith(":/") else head), key
+    return (head + "/" if head.endswith(":/") or not head else head), key
 
 
 @task(name="read-annotations", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)

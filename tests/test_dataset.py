@@ -379,3 +379,12 @@ def test_simulator_rejects_a_file_that_is_not_chat_jsonl(simulator):
         client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
     with pytest.raises(openai.BadRequestError, match="does not exist"):
         client.fine_tuning.jobs.create(model="gpt-4o-2024-08-06", training_file="file-nope")
+
+
+def test_annotations_location_splits_into_store_and_key():
+    from tasks.dataset_build import _split_uri
+
+    assert _split_uri("/data/labels.csv") == ("/data", "labels.csv")
+    assert _split_uri("/labels.csv") == ("/", "labels.csv")
+    assert _split_uri("labels.csv") == (".", "labels.csv")
+    assert _split_uri("s3://bucket/ft/labels.jsonl") == ("s3://bucket/ft", "labels.jsonl")
