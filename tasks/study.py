@@ -117,7 +117,8 @@ def prepare_study(
             if tiles:
                 key = tiles[len(tiles) // 2][0]
                 pixels = montage_of([p for _, (p, _) in tiles], rule.rows, rule.cols)
-                index = [next(k for k, s in enumerate(slots) if inst in s) for inst, _ in tiles]
+                members = study.series[key.series_instance_uid]
+                index = [members.index(inst) for inst, _ in tiles]  # slice positions
                 image = finish(pixels, tiles[0][1][1], index, config, providers)
                 images.append((key, image))
             continue
