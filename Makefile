@@ -12,6 +12,7 @@ help:
 	@echo "make test    run the whole test suite (starts and stops its own servers)"
 	@echo "make lint    ruff lint + format check"
 	@echo "make schema  regenerate schemas/report.schema.json (report.json's published schema)"
+	@echo "make bench-screen  flow vs plain asyncio, 200 studies x 2 models, 1 s latency"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock
@@ -40,6 +41,9 @@ format: .venv/.synced
 
 schema: .venv/.synced  ## regenerate schemas/report.schema.json from the pydantic Report model
 	.venv/bin/python -c "from tasks.report import write_schema_file; print(write_schema_file())"
+
+bench-screen: .venv/.synced  ## throughput of the screening flow vs a plain-asyncio loop
+	.venv/bin/python -m benchmarks.screen --studies 200 --latency 1 --concurrency 32
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

@@ -10,6 +10,7 @@ from functools import partial
 
 from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from flows.shards import run_shards
 from tasks.cache import ReadingCache
@@ -146,9 +147,10 @@ async def screen(
 
         async def one(study: Study) -> StudyOutcome:
             async with window:
-                state = await screen_study(
-                    study, src, dest, settings, panel, prompt, return_state=True
-                )
+                # quote(): Prefect passes the objects as they are instead of walking them
+                # looking for futures (≈25 ms of event-loop time per study otherwise)
+                args = (quote(a) for a in (study, src, dest, settings, panel, prompt))
+                state = await screen_study(*args, return_state=True)
             if state.is_completed():
                 return await state.aresult()
             reason = state.message or "unknown error"

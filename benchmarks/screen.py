@@ -1,0 +1,138 @@
+"""Throughput benchmark: the screening flow vs a plain-asyncio loop doing the same work (discover,
+preprocess, the same SDK calls through the same Panel with the same limits; no Prefect, no
+reports), both against one simulator process; prints the ratio (target >= 0.8).
+
+    make bench-screen
+    .venv/bin/python -m benchmarks.screen [--studies 200] [--latency 1] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from simulator.process import running_simulator
+from simulator.samples import build_sample_folder
+
+__all__ = ["baseline", "main"]
+
+KEY_ENV = "RADFLOW_BENCH_KEY"
+
+
+def _config(sim, folder: Path, concurrency: int) -> Path:
+    models = [
+        {
+            "name": "gpt-4o",
+            "provider": "openai",
+            "model": "gpt-4o",
+            "base_url": sim.openai_base_url,
+            "api_key_env": KEY_ENV,
+            "max_concurrency": concurrency,
+            "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+        },
+        {
+            "name": "claude",
+            "provider": "anthropic",
+            "model": "claude-sonnet-4-6",
+            "base_url": sim.url,
+            "api_key_env": KEY_ENV,
+            "max_concurrency": concurrency,
+            "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+        },
+    ]
+    path = folder / "radflow.yaml"
+    path.write_text(yaml.safe_dump({"language": "en", "models": models}))
+    return path
+
+
+async def baseline(source: str, config: Path) -> tuple[int, int]:
+    """discover → per study (bounded like the flow): preprocess in a thread, then the panel;
+    returns (studies, readings that succeeded)."""
+    from tasks.config import load_settings
+    from tasks.diagnose import Panel, load_prompt
+    from tasks.discover import discover_studies
+    from tasks.storage import open_store
+    from tasks.study import prepare_study
+
+    settings = load_settings(config)
+    src = open_store(source)
+    inventory = await asyncio.to_thread(discover_studies, src)
+    panel, prompt = Panel(settings), load_prompt(settings.language)
+    window = asyncio.Semaphore(settings.max_studies_in_flight)
+
+    async def one(study) -> int:
+        async with window:
+            prepared, _ = await asyncio.to_thread(
+                prepare_study, src, study, settings.preprocess, panel.providers
+            )
+            sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
+            readings = await panel.read(sized, {"modality": "CT"}, prompt)
+            return sum(r.ok for r in readings)
+
+    try:
+        ok = await asyncio.gather(*(one(s) for s in inventory.studies))
+    finally:
+        await panel.aclose()
+    return len(inventory.studies), sum(ok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=200)
+    parser.add_argument("--latency", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args(argv)
+    os.environ.setdefault(KEY_ENV, "bench-key")
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.screen import screen
+
+    with tempfile.TemporaryDirectory(prefix="radflow-bench-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        build_sample_folder(root / "studies", synthetic=args.studies, real=False, junk=False)
+        build_sample_folder(root / "warmup", synthetic=1, real=False, junk=False)
+        print(f"{args.studies} synthetic studies built in {time.perf_counter() - t0:.1f} s")
+        with (
+            running_simulator("--latency", str(args.latency), "--seed", "0") as sim,
+            prefect_test_harness(server_startup_timeout=180),  # a real API, temp database
+        ):
+            config = _config(sim, root, args.concurrency)
+            # start the Prefect API and import everything once, outside the measurement
+            t0 = time.perf_counter()
+            asyncio.run(screen(str(root / "warmup"), str(root / "warmup-out"), str(config)))
+            print(f"warm-up flow run (Prefect API start-up) {time.perf_counter() - t0:.1f} s")
+
+            before = sum(sim.stats()["requests"].values())
+            t0 = time.perf_counter()
+            n, ok = asyncio.run(baseline(str(root / "studies"), config))
+            plain = time.perf_counter() - t0
+            calls = sum(sim.stats()["requests"].values()) - before
+            print(f"plain asyncio: {n} studies, {ok} readings ok, {calls} calls in {plain:.2f} s")
+
+            before = sum(sim.stats()["requests"].values())
+            t0 = time.perf_counter()
+            summary = asyncio.run(screen(str(root / "studies"), str(root / "out"), str(config)))
+            flow = time.perf_counter() - t0
+            calls = sum(sim.stats()["requests"].values()) - before
+            stats = sim.stats()
+            print(
+                f"prefect flow:  {summary.reported} studies reported, {summary.model_calls} "
+                f"readings, {calls} calls in {flow:.2f} s"
+            )
+            print(f"peak in flight per model: {stats['peak_in_flight']}")
+    ratio = plain / flow
+    print(f"throughput ratio flow/plain = {ratio:.2f}x (target >= 0.80x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
