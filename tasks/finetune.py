@@ -69,12 +69,12 @@ def create_job(
     job = client.fine_tuning.jobs.create(
         model=base_model,
         training_file=train_file.id,
-        validation_file=val_file.id if val_file else openai.NOT_GIVEN,
+        validation_file=val_file.id if val_file else openai.omit,
         method={
             "type": "supervised",
             "supervised": {"hyperparameters": hyperparameters.as_api()},
         },
-        suffix=suffix or openai.NOT_GIVEN,
+        suffix=suffix or openai.omit,
         seed=seed,
     )
     return {

@@ -388,3 +388,24 @@ def test_annotations_location_splits_into_store_and_key():
     assert _split_uri("/labels.csv") == ("/", "labels.csv")
     assert _split_uri("labels.csv") == (".", "labels.csv")
     assert _split_uri("s3://bucket/ft/labels.jsonl") == ("s3://bucket/ft", "labels.jsonl")
+
+
+def test_create_job_without_validation_file_or_suffix(simulator, good_example):
+    from tasks.finetune import Hyperparameters, create_job
+
+    client = openai.OpenAI(api_key=TEST_KEY, base_url=simulator.openai_base_url, max_retries=0)
+    train = (json.dumps(good_example) + "\n").encode() * 10
+    result = create_job(
+        client,
+        train,
+        None,
+        base_model="gpt-4o-mini-2024-07-18",
+        hyperparameters=Hyperparameters(batch_size=4, learning_rate_multiplier=0.5),
+        suffix=None,
+        seed=7,
+    )
+    job = client.fine_tuning.jobs.retrieve(result["job_id"])
+    assert result["validation_file"] is None and job.validation_file is None
+    assert (job.hyperparameters.batch_size, job.hyperparameters.n_epochs) == (4, "auto")
+    assert job.hyperparameters.learning_rate_multiplier == 0.5 and job.seed == 7
+    assert client.files.retrieve(job.training_file).bytes == len(train)
