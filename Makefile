@@ -4,7 +4,7 @@ UV := $(PYTHON) -m uv
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 
-.PHONY: demo test test-unit lint format bench-screen clean help schema
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess clean help schema
 .DEFAULT_GOAL := help
 
 help:
@@ -13,6 +13,7 @@ help:
 	@echo "make lint    ruff lint + format check"
 	@echo "make schema  regenerate schemas/report.schema.json (report.json's published schema)"
 	@echo "make bench-screen  flow vs plain asyncio, 200 studies x 2 models, 1 s latency"
+	@echo "make bench-preprocess  preprocessing vs decode floor vs naive float64, pydicom-data"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock
@@ -44,6 +45,9 @@ schema: .venv/.synced  ## regenerate schemas/report.schema.json from the pydanti
 
 bench-screen: .venv/.synced  ## throughput of the screening flow vs a plain-asyncio loop
 	.venv/bin/python -m benchmarks.screen --studies 200 --latency 1 --concurrency 32
+
+bench-preprocess: .venv/.synced  ## preprocessing time vs the decode floor and a naive pipeline
+	.venv/bin/python -m benchmarks.preprocess --repeat 3
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

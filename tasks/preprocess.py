@@ -213,10 +213,18 @@ def _render_mono(
     return out, label
 
 
-def _render_colour(stack: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, str]:
+def _render_colour(
+    stack: np.ndarray, ds: pydicom.Dataset, palette: bool = False
+) -> tuple[np.ndarray, str]:
     """RGB / YBR (converted to RGB by the decoder) and PALETTE COLOR through its LUT
     (PS3.3 C.7.6.3.1.5); LUT entries and samples above 8 bits are scaled to 0..255."""
     pi = ds.PhotometricInterpretation
+    if pi == "PALETTE COLOR" and not palette and np.issubdtype(stack.dtype, np.integer):
+        # The palette applied once to every possible stored value, scaled to 8 bits: one
+        # table lookup per pixel (same values as apply_color_lut + scaling per pixel).
+        lo, hi = int(stack.min()), int(stack.max())
+        table, _ = _render_colour(np.arange(lo, hi + 1, dtype=stack.dtype), ds, palette=True)
+        return np.take(table, stack.astype(np.int64) - lo, axis=0), "colour"
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(stack, ds)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
