@@ -13,11 +13,19 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tasks.config import PreprocessConfig, Provider, WindowName
 from tasks.errors import CorruptDicom, NotDicom, PhiRisk, RadflowError, UnsupportedImage
+from tasks.greylevels import (
+    MONO,
+    PRESETS,
+    lut_header,
+    render_colour,
+    render_mono,
+    window_to_grey,
+)
 from tasks.keyimages import montage, parse_rule, pick
 from tasks.sizing import (
     ANTHROPIC_MAX_BYTES,
@@ -42,17 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# CT presets as (center, width) in HU (Radiopaedia).
-PRESETS: dict[WindowName, tuple[float, float]] = {
-    WindowName.LUNG: (-600.0, 1500.0),
-    WindowName.MEDIASTINUM: (50.0, 350.0),
-    WindowName.ABDOMEN: (50.0, 400.0),
-    WindowName.BRAIN: (40.0, 80.0),
-    WindowName.BONE: (400.0, 1800.0),
-}
-
-_MONO = ("MONOCHROME1", "MONOCHROME2")
-_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 # What pydicom and its decoders raise on inconsistent headers or undecodable pixel data.
 _DECODE_ERRORS = (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError)
 _HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
@@ -78,166 +75,6 @@ class PreparedImage:
 
     def for_provider(self, provider: Provider | str) -> bytes:
         return self.sized.get(Provider(provider).value, self.png)
-
-
-def window_to_grey(
-    x: np.ndarray, center: float, width: float, function: str = "LINEAR"
-) -> np.ndarray:
-    """Map values to 0..255 by a VOI window, PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT)
-    and C.11.2.1.3 (SIGMOID), with y_min = 0 and y_max = 255."""
-    x = np.asarray(x, dtype=np.float64)
-    function = (function or "LINEAR").strip().upper()
-    if function == "SIGMOID":
-        return 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    if function == "LINEAR_EXACT":
-        if width <= 0:
-            raise UnsupportedImage(f"LINEAR_EXACT window width must be > 0, got {width}")
-        y = ((x - center) / width + 0.5) * 255.0
-    else:
-        if width < 1:
-            raise UnsupportedImage(f"LINEAR window width must be >= 1, got {width}")
-        if width == 1:  # C.11.2.1.2.1 with w = 1 is a threshold at c - 0.5
-            return np.where(x > center - 0.5, 255.0, 0.0)
-        y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-    return np.clip(y, 0.0, 255.0)
-
-
-def _values(value: object) -> list[float]:
-    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
-        return [float(v) for v in value]
-    return [float(value)]
-
-
-def _header_window(ds: pydicom.Dataset, index: int) -> tuple[float, float, str]:
-    centers, widths = _values(ds.WindowCenter), _values(ds.WindowWidth)
-    n = min(len(centers), len(widths))
-    if index >= n:
-        raise UnsupportedImage(
-            f"header window {index} was asked for but the header has {n} window(s)",
-            hint="set preprocess.header_window to an index below the number of windows",
-        )
-    return centers[index], widths[index], str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
-
-
-def _grey_levels(
-    values: np.ndarray, ds: pydicom.Dataset, window: WindowName, header_window: int = 0
-) -> tuple[np.ndarray, str]:
-    """Stored values → display grey 0..255 (float), and a label of the window used.
-
-    PS3.3 C.11.1/C.11.2: the modality LUT (rescale or Modality LUT Sequence) comes first;
-    the VOI is the header window, else the VOI LUT Sequence, else a preset or the full range.
-    """
-    modality = apply_modality_lut(values, ds)
-    has_voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
-    has_header_window = "WindowCenter" in ds and "WindowWidth" in ds
-    if window in (WindowName.AUTO, WindowName.HEADER):
-        if has_header_window:
-            c, w, fn = _header_window(ds, header_window)
-            return window_to_grey(modality, c, w, fn), f"header {c:g}/{w:g} {fn.lower()}"
-        if has_voi_lut:
-            index = min(header_window, len(ds.VOILUTSequence) - 1)
-            bits = int(ds.VOILUTSequence[index].LUTDescriptor[2])
-            out = apply_voi_lut(modality, ds, index=index, prefer_lut=True)
-            return np.asarray(out, np.float64) * (255.0 / (2**bits - 1)), "header VOI LUT"
-        if window is WindowName.HEADER:
-            raise UnsupportedImage("the header has no window (WindowCenter/Width or VOI LUT)")
-        window = WindowName.MEDIASTINUM if str(ds.get("Modality", "")) == "CT" else WindowName.NONE
-    if window is WindowName.NONE:
-        lo, hi = float(np.min(modality)), float(np.max(modality))
-        if hi <= lo:
-            return np.zeros_like(modality, dtype=np.float64), "full range"
-        return (modality - lo) * (255.0 / (hi - lo)), "full range"
-    c, w = PRESETS[window]
-    return window_to_grey(modality, c, w), f"{window.value} {c:g}/{w:g}"
-
-
-_LUT_KEYWORDS = (
-    "PhotometricInterpretation",
-    "Modality",
-    "BitsAllocated",
-    "BitsStored",
-    "PixelRepresentation",
-    "RescaleSlope",
-    "RescaleIntercept",
-    "RescaleType",
-    "ModalityLUTSequence",
-    "WindowCenter",
-    "WindowWidth",
-    "VOILUTFunction",
-    "VOILUTSequence",
-)
-# Enhanced multi-frame objects keep rescale and window in functional groups (PS3.3 C.7.6.16).
-_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
-
-
-def _lut_header(ds: pydicom.Dataset, frame: int) -> pydicom.Dataset:
-    """The attributes the grey-level mapping needs, with an enhanced object's per-frame (else
-    shared) Pixel Value Transformation and Frame VOI LUT macros in place of top-level ones."""
-    out = pydicom.Dataset()
-    for keyword in _LUT_KEYWORDS:
-        if keyword in ds:
-            setattr(out, keyword, ds[keyword].value)
-    groups = [ds.get("SharedFunctionalGroupsSequence")]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame < len(per_frame):
-        groups.insert(0, per_frame)  # per-frame values win over shared ones
-    for macro in _GROUPS:
-        for seq in groups:
-            item = seq[frame if seq is per_frame else 0] if seq else None
-            if item is not None and macro in item and len(item[macro].value):
-                for element in item[macro].value[0]:
-                    if element.keyword and element.keyword not in out:
-                        setattr(out, element.keyword, element.value)
-                break
-    return out
-
-
-def _render_mono(
-    stack: np.ndarray, ds: pydicom.Dataset, window: WindowName, header_window: int
-) -> tuple[np.ndarray, str]:
-    if np.issubdtype(stack.dtype, np.integer) and stack.size > 1:
-        # One lookup table from stored value to grey level instead of float math per pixel;
-        # its domain is the data's own range, so "full range" means the data's range.
-        lo, hi = int(stack.min()), int(stack.max())
-        grey, label = _grey_levels(np.arange(lo, hi + 1, dtype=np.int64), ds, window, header_window)
-        lut = np.rint(grey).astype(np.uint8)
-        if lo >= 0 and stack.dtype.kind == "u":
-            out = np.take(np.pad(lut, (lo, 0)), stack)  # index by the stored value directly
-        else:
-            out = np.take(lut, stack.astype(np.int32) - lo)
-    else:
-        grey, label = _grey_levels(stack, ds, window, header_window)
-        out = np.rint(grey).astype(np.uint8)
-    if ds.PhotometricInterpretation == "MONOCHROME1":  # minimum displays white: invert after VOI
-        np.subtract(255, out, out=out)
-    return out, label
-
-
-def _render_colour(
-    stack: np.ndarray, ds: pydicom.Dataset, palette: bool = False
-) -> tuple[np.ndarray, str]:
-    """RGB / YBR (converted to RGB by the decoder) and PALETTE COLOR through its LUT
-    (PS3.3 C.7.6.3.1.5); LUT entries and samples above 8 bits are scaled to 0..255."""
-    pi = ds.PhotometricInterpretation
-    if pi == "PALETTE COLOR" and not palette and np.issubdtype(stack.dtype, np.integer):
-        # The palette applied once to every possible stored value, scaled to 8 bits: one
-        # table lookup per pixel (same values as apply_color_lut + scaling per pixel).
-        lo, hi = int(stack.min()), int(stack.max())
-        table, _ = _render_colour(np.arange(lo, hi + 1, dtype=stack.dtype), ds, palette=True)
-        return np.take(table, stack.astype(np.int64) - lo, axis=0), "colour"
-    if pi == "PALETTE COLOR":
-        rgb = apply_color_lut(stack, ds)
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-    elif pi in _COLOUR:
-        rgb, bits = stack, int(ds.BitsStored)
-    else:
-        raise UnsupportedImage(f'photometric interpretation "{pi}" is not supported')
-    if rgb.shape[-1] != 3:
-        raise CorruptDicom(f"colour image decoded to shape {rgb.shape}, expected (rows, cols, 3)")
-    if bits > 8:
-        scaled = (rgb.astype(np.float64) * (255.0 / (2**bits - 1))).round()
-        return np.clip(scaled, 0, 255).astype(np.uint8), "colour"
-    return rgb.astype(np.uint8, copy=False), "colour"
 
 
 def _decode(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
@@ -275,12 +112,12 @@ def render_frames(
         if any(not 0 <= i < n for i in wanted):
             raise UnsupportedImage(f"frames {wanted} asked for, the object has {n}")
         stack = np.stack([_decode(ds, i if n > 1 else None) for i in wanted])
-        if pi in _MONO:
+        if pi in MONO:
             if stack.ndim != 3:
                 raise CorruptDicom(f"monochrome image decoded to shape {stack.shape[1:]}")
-            out, label = _render_mono(stack, _lut_header(ds, wanted[0]), window, header_window)
+            out, label = render_mono(stack, lut_header(ds, wanted[0]), window, header_window)
         else:
-            out, label = _render_colour(stack, ds)
+            out, label = render_colour(stack, ds)
     except _HEADER_ERRORS as exc:
         raise CorruptDicom(f"inconsistent header: {exc}") from exc
     if int(out.min()) == int(out.max()):
