@@ -40,9 +40,12 @@ def screen(
     from flows.progress import run_with_progress
     from flows.screen import screen as screen_flow
     from tasks.config import load_settings
+    from tasks.storage import open_store
 
     try:
-        load_settings(config)  # fail fast, before a Prefect run exists
+        settings = load_settings(config)  # fail fast, before a Prefect run exists
+        for uri in (source, out):
+            open_store(uri, settings.storage)  # a missing bucket: one line, no flow run
         summary = run_with_progress(
             screen_flow(source, out, str(config) if config else None, limit, force)
         )

@@ -21,7 +21,13 @@ from tasks.discover import Inventory, Study, discover_studies
 from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
-from tasks.report import report_key, review_entry, write_error, write_run_summary
+from tasks.report import (
+    report_key,
+    review_entry,
+    write_error,
+    write_errors,
+    write_run_summary,
+)
 from tasks.schema import ErrorRecord, RunSummary
 from tasks.storage import Store, open_store, read_json
 from tasks.study import StudyOutcome, screen_study
@@ -97,8 +103,7 @@ async def screen(
     inventory: Inventory = await asyncio.to_thread(
         discover_studies, src, settings.storage.max_concurrency
     )
-    for record in inventory.errors:
-        write_error(dest, record)
+    await asyncio.to_thread(write_errors, dest, inventory.errors, settings.storage.max_concurrency)
     if isinstance(src, SelectedObjects) and src.missing:
         logger.warning(
             "%d named objects are not under %s: %s", len(src.missing), source, src.missing

@@ -178,9 +178,6 @@ class StorageConfig(_Strict):
     header_bytes: int = Field(
         65536, ge=1024, le=2**26, description="first ranged GET of a header read; doubles as needed"
     )
-    spool_mib: int = Field(
-        32, ge=1, le=4096, description="objects larger than this are spooled to a temp file"
-    )
     multipart_threshold_mib: int = Field(
         8, ge=5, le=4096, description="writes and downloads past this use multipart parts"
     )

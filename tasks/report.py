@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -31,6 +32,7 @@ __all__ = [
     "review_key",
     "validate_report",
     "write_error",
+    "write_errors",
     "write_report",
     "write_run_summary",
     "write_schema_file",
@@ -156,6 +158,13 @@ def write_error(store: Store, record: ErrorRecord) -> None:
     store.write_bytes(
         error_key(record), record.model_dump_json(indent=2).encode(), "application/json"
     )
+
+
+def write_errors(store: Store, records: Sequence[ErrorRecord], workers: int = 16) -> None:
+    """Write error records ``workers`` at a time: on S3 each is one PUT, and a prefix of
+    thousands of non-DICOM objects should not cost thousands of sequential round trips."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="error-records") as pool:
+        list(pool.map(lambda record: write_error(store, record), records))
 
 
 def render_review_table(summary: RunSummary) -> str:

@@ -1,5 +1,5 @@
-"""S3 (and S3-compatible) storage with boto3: paginated listing, ranged header reads, spooled
-downloads, encrypted writes, and one clear error line for permanent failures."""
+"""S3 (and S3-compatible) storage with boto3: paginated listing, ranged header reads, downloads
+to temporary files, encrypted writes, and one clear error line for permanent failures."""
 
 from __future__ import annotations
 
@@ -256,20 +256,20 @@ class S3Store:
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[BinaryIO]:
-        """The whole object, streamed into a temporary file that spills to disk past
-        ``spool_mib``, so a large object is never held whole in memory."""
-        with tempfile.SpooledTemporaryFile(max_size=self.config.spool_mib * 2**20) as spool:
+        """The whole object, streamed into an anonymous temporary file (ranged parallel parts
+        past the multipart threshold), so a large object is never held whole in memory."""
+        with tempfile.TemporaryFile(prefix="radflow-s3-") as tmp:
             with self._slots:  # bounds downloads in flight, not the decoding after them
                 self._call(
                     "read",
                     key,
                     self.client.download_fileobj,
                     Key=self.prefix + key,
-                    Fileobj=spool,
+                    Fileobj=tmp,
                     Config=self._transfer,
                 )
-            spool.seek(0)
-            yield spool  # type: ignore[misc]
+            tmp.seek(0)
+            yield tmp  # type: ignore[misc]
 
     def read_bytes(self, key: str) -> bytes:
         resp = self._call("read", key, self.client.get_object, Key=self.prefix + key)
