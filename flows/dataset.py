@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.config import load_settings
 from tasks.dataset import to_jsonl
 from tasks.dataset_build import (
     assemble,
     build_examples,
+    manifest_markdown,
     read_annotations,
     write_dataset,
     write_rejected,
@@ -72,6 +74,9 @@ def build_finetune_dataset(
         m["rejected"]["count"],
         m["estimate"]["training_tokens"],
         m["estimate"]["cost_usd"],
+    )
+    create_markdown_artifact(
+        key="finetune-dataset", markdown=manifest_markdown(m), description=f"dataset in {out}"
     )
     if upload:
         m["upload"] = upload_dataset(

@@ -33,6 +33,7 @@ __all__ = [
     "Dataset",
     "assemble",
     "build_examples",
+    "manifest_markdown",
     "read_annotations",
     "write_dataset",
     "write_rejected",
@@ -207,4 +208,25 @@ def write_dataset(out: str, dataset: Dataset) -> None:
         "manifest.json",
         json.dumps(dataset.manifest, ensure_ascii=False, indent=2).encode(),
         "application/json",
+    )
+
+
+def manifest_markdown(manifest: dict) -> str:
+    """A short Markdown summary of the manifest for the Prefect UI (no patient ids)."""
+    rows = [
+        f"| {name} | {m['examples']} | {len(m['patients'])} | {m['abnormal']} | {m['normal']} "
+        f"| {m['checks']['tokens_total']} | `{m['sha256'][:16]}` |"
+        for name, m in (("train", manifest["train"]), ("validation", manifest["validation"]))
+    ]
+    est = manifest["estimate"]
+    return "\n".join(
+        [
+            "| split | examples | patients | abnormal | normal | tokens | sha256 |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"{manifest['rejected']['count']} annotation(s) rejected (rejected.jsonl). "
+            f"Estimate: {est['epochs']} epochs, {est['training_tokens']} training tokens, "
+            f"${est['cost_usd']:.2f} at ${est['price_per_mtok']:g}/M tokens.",
+        ]
     )

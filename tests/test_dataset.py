@@ -17,6 +17,8 @@ from pathlib import Path
 import openai
 import pytest
 from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.dataset import build_finetune_dataset
 from simulator.samples import synthetic_ct
@@ -303,6 +305,14 @@ def test_flow_builds_a_checked_patient_split_dataset(prefect_harness, annotated,
     text = (out / "train.jsonl").read_text() + (out / "validation.jsonl").read_text()
     for value in (*PHI_VALUES, "patient-"):
         assert value not in text
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-dataset"]))
+        )
+    summary = max(artifacts, key=lambda a: a.created).data
+    assert f"| train | {len(train)} | {len(train_patients)} |" in summary
+    assert "patient-" not in summary
 
     again = build_finetune_dataset(
         str(annotations), str(images), str(tmp_path / "again"), config=str(config)
