@@ -4,7 +4,7 @@ UV := $(PYTHON) -m uv
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess clean help schema
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool clean help schema
 .DEFAULT_GOAL := help
 
 help:
@@ -14,6 +14,8 @@ help:
 	@echo "make schema  regenerate schemas/report.schema.json (report.json's published schema)"
 	@echo "make bench-screen  flow vs plain asyncio, 200 studies x 2 models, 1 s latency"
 	@echo "make bench-preprocess  preprocessing vs decode floor vs naive float64, pydicom-data"
+	@echo "make bench-scale  1, 200, 2000 tiny studies: marginal time per study, peak RSS"
+	@echo "make bench-pool   preprocessing in threads vs a process pool (runner.preprocess)"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock
@@ -48,6 +50,12 @@ bench-screen: .venv/.synced  ## throughput of the screening flow vs a plain-asyn
 
 bench-preprocess: .venv/.synced  ## preprocessing time vs the decode floor and a naive pipeline
 	.venv/bin/python -m benchmarks.preprocess --repeat 3
+
+bench-scale: .venv/.synced  ## linear time and flat memory up to 2,000 studies (sharded runs)
+	.venv/bin/python -m benchmarks.scale --sizes 1,200,2000 --shard-size 250
+
+bench-pool: .venv/.synced  ## preprocessing: threads vs a process pool on this machine's cores
+	.venv/bin/python -m benchmarks.pool
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

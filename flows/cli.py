@@ -203,9 +203,12 @@ def build_dataset(
     """Build a vision fine-tuning dataset (train/validation JSONL + manifest) from annotations."""
     from flows.dataset import build_finetune_dataset
     from tasks.config import load_settings
+    from tasks.storage import open_store
 
     try:
-        load_settings(config)  # fail fast, before a Prefect run exists
+        settings = load_settings(config)  # fail fast, before a Prefect run exists
+        for uri in (images, out):
+            open_store(uri, settings.storage)  # a missing bucket: one line, no flow run
         manifest = build_finetune_dataset(
             annotations,
             images,
