@@ -6,7 +6,9 @@ import io
 import math
 import struct
 from collections.abc import Iterable
+from functools import cache
 
+import bpe_openai
 import numpy as np
 from PIL import Image
 
@@ -89,9 +91,17 @@ def image_tokens(provider: Provider | str, sizes: Iterable[tuple[int, int]]) -> 
     return sum(formula(w, h) for w, h in sizes)
 
 
-def text_tokens(text: str) -> int:
-    """A rough text token estimate: one token per 4 UTF-8 bytes (providers' rule of thumb;
-    the image part of a request dominates and follows the exact formulas above)."""
+@cache
+def _o200k() -> bpe_openai.Encoding:
+    return bpe_openai.get_encoding("o200k_base")
+
+
+def text_tokens(text: str, provider: Provider | str | None = None) -> int:
+    """Text tokens: exact o200k_base for OpenAI (the gpt-4o family's tokenizer, offline);
+    otherwise one token per 4 UTF-8 bytes, the usual rule of thumb (Anthropic publishes no
+    tokenizer). Message framing adds a few tokens that are not counted."""
+    if provider is not None and Provider(provider) is Provider.OPENAI:
+        return len(_o200k().encode(text))
     return math.ceil(len(text.encode("utf-8")) / 4)
 
 
@@ -104,7 +114,7 @@ def png_size(png: bytes) -> tuple[int, int]:
 
 def estimate_input_tokens(provider: Provider | str, pngs: Iterable[bytes], text: str) -> int:
     """Input tokens of one request: its images by the provider's formula, plus its text."""
-    return image_tokens(provider, (png_size(p) for p in pngs)) + text_tokens(text)
+    return image_tokens(provider, (png_size(p) for p in pngs)) + text_tokens(text, provider)
 
 
 def resize_to(pixels: np.ndarray | Image.Image, size: tuple[int, int]) -> Image.Image:

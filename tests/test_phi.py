@@ -73,6 +73,9 @@ def _send(simulator, tmp_path, store, study) -> dict[str, list[dict]]:
 
     readings = asyncio.run(read())
     assert all(r.ok for r in readings)
+    for r in readings:  # estimated before the call vs what the server reported
+        assert r.estimated_input_tokens > 0
+        assert abs(r.estimated_input_tokens - r.input_tokens) <= 0.1 * r.input_tokens, r
     return {
         k: [json.loads(b) for b in v[before.get(k, 0) :]] for k, v in simulator.bodies().items()
     }
