@@ -45,7 +45,7 @@ def build_finetune_dataset(
     annotated studies; with ``upload`` also create a fine-tuning job. Returns the manifest."""
     logger = get_run_logger()
     settings = load_settings(config)
-    parsed, rejected, annotations_sha = read_annotations(annotations)
+    parsed, rejected, annotations_sha = read_annotations(annotations, settings.storage)
     examples, bad_images = build_examples(parsed, images, settings)
     try:
         dataset = assemble(
@@ -60,9 +60,11 @@ def build_finetune_dataset(
             epochs=n_epochs,
         )
     except DatasetError:
-        write_rejected(open_store(out), sorted(rejected + bad_images, key=lambda r: r.line))
+        write_rejected(
+            open_store(out, settings.storage), sorted(rejected + bad_images, key=lambda r: r.line)
+        )
         raise
-    write_dataset(out, dataset)
+    write_dataset(out, dataset, settings.storage)
     m = dataset.manifest
     logger.info(
         "train %d examples (%d patients), validation %d (%d patients), %d rejected; "
@@ -88,7 +90,7 @@ def build_finetune_dataset(
             suffix=suffix,
             seed=seed,
         )
-        open_store(out).write_bytes(
+        open_store(out, settings.storage).write_bytes(
             "manifest.json", json.dumps(m, ensure_ascii=False, indent=2).encode()
         )
     return m

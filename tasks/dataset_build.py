@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import tasks
-from tasks.config import Settings
+from tasks.config import Settings, StorageConfig
 from tasks.dataset import (
     MIN_TRAIN_EXAMPLES,
     Annotation,
@@ -59,10 +59,12 @@ def _split_uri(uri: str) -> tuple[str, str]:
 
 
 @task(name="read-annotations", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
-def read_annotations(uri: str) -> tuple[list[Annotation], list[Rejected], str]:
+def read_annotations(
+    uri: str, storage: StorageConfig | None = None
+) -> tuple[list[Annotation], list[Rejected], str]:
     """Parse the annotations file at ``uri`` (local or S3); returns its sha256 too."""
     folder, key = _split_uri(uri)
-    store = open_store(folder)
+    store = open_store(folder, storage)
     if not store.exists(key):
         raise DatasetError(f'annotations file "{uri}" does not exist')
     data = store.read_bytes(key)
@@ -76,7 +78,7 @@ def build_examples(
     annotations: list[Annotation], images: str, settings: Settings
 ) -> tuple[list[Example], list[Rejected]]:
     """Render and assemble every annotation; a bad image is a :class:`Rejected` with its line."""
-    store = open_store(images)
+    store = open_store(images, settings.storage)
     prompt = load_prompt(settings.language)
     examples: list[Example] = []
     rejected: list[Rejected] = []
@@ -198,9 +200,9 @@ def write_rejected(dest: Store, rejected: list[Rejected]) -> None:
 
 
 @task(name="write-dataset", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
-def write_dataset(out: str, dataset: Dataset) -> None:
+def write_dataset(out: str, dataset: Dataset, storage: StorageConfig | None = None) -> None:
     """train.jsonl, validation.jsonl, rejected.jsonl and manifest.json under ``out``."""
-    dest = open_store(out)
+    dest = open_store(out, storage)
     dest.write_bytes("train.jsonl", to_jsonl(dataset.train), "application/jsonl")
     dest.write_bytes("validation.jsonl", to_jsonl(dataset.validation), "application/jsonl")
     write_rejected(dest, dataset.rejected)

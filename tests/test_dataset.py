@@ -419,3 +419,41 @@ def test_create_job_without_validation_file_or_suffix(simulator, good_example):
     assert (job.hyperparameters.batch_size, job.hyperparameters.n_epochs) == (4, "auto")
     assert job.hyperparameters.learning_rate_multiplier == 0.5 and job.seed == 7
     assert client.files.retrieve(job.training_file).bytes == len(train)
+
+
+def test_flow_reads_and_writes_s3(prefect_harness, moto_server, annotated, tmp_path):
+    """Annotations, images and DEST in S3 (moto_server on loopback), same storage layer as
+    screening: every output object is written with server-side encryption."""
+    import boto3
+
+    annotations, images = annotated
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="ft-data")
+    s3.create_bucket(Bucket="ft-out")
+    for path in sorted(p for p in images.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), "ft-data", "images/" + path.relative_to(images).as_posix())
+    s3.upload_file(str(annotations), "ft-data", "labels/annotations.csv")
+    config = tmp_path / "radflow.yaml"
+    config.write_text("language: ko\npreprocess: {max_edge: 64}\n")
+
+    manifest = build_finetune_dataset(
+        "s3://ft-data/labels/annotations.csv",
+        "s3://ft-data/images/",
+        "s3://ft-out/run1/",
+        config=str(config),
+        val_fraction=0.25,
+    )
+
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="ft-out")["Contents"]}
+    names = ("train.jsonl", "validation.jsonl", "rejected.jsonl", "manifest.json")
+    assert keys == {f"run1/{n}" for n in names}
+    for key in keys:
+        assert s3.head_object(Bucket="ft-out", Key=key)["ServerSideEncryption"] == "AES256"
+    train = s3.get_object(Bucket="ft-out", Key="run1/train.jsonl")["Body"].read()
+    assert hashlib.sha256(train).hexdigest() == manifest["train"]["sha256"]
+    assert manifest["train"]["examples"] + manifest["validation"]["examples"] == 2 * PATIENTS
+    assert not set(manifest["train"]["patients"]) & set(manifest["validation"]["patients"])
+    first = json.loads(train.splitlines()[0])
+    assert first["messages"][1]["content"][0]["text"].startswith("임상 정보: ")
+    rejected = s3.get_object(Bucket="ft-out", Key="run1/rejected.jsonl")["Body"].read()
+    assert [json.loads(r)["line"] for r in rejected.splitlines()] == [30, 31, 32]
