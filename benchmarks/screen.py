@@ -1,6 +1,7 @@
 """Throughput benchmark: the screening flow vs a plain-asyncio loop doing the same work (discover,
 preprocess, the same SDK calls through the same Panel with the same limits; no Prefect, no
-reports), both against one simulator process; prints the ratio (target >= 0.8).
+reports), both against one simulator process; prints the ratio (target >= 0.8). It also
+times the model calls alone (images prepared beforehand): the model layer's own bound.
 
     make bench-screen
     .venv/bin/python -m benchmarks.screen [--studies 200] [--latency 1] [--concurrency 32]
@@ -52,9 +53,10 @@ def _config(sim, folder: Path, concurrency: int) -> Path:
     return path
 
 
-async def baseline(source: str, config: Path) -> tuple[int, int]:
+async def baseline(source: str, config: Path, calls_only: bool = False) -> tuple[int, int, float]:
     """discover → per study (bounded like the flow): preprocess in a thread, then the panel;
-    returns (studies, readings that succeeded)."""
+    returns (studies, readings that succeeded, seconds). With ``calls_only`` every study is
+    preprocessed first and only the model calls are timed (the model layer's own bound)."""
     from tasks.config import load_settings
     from tasks.diagnose import Panel, load_prompt
     from tasks.discover import discover_studies
@@ -67,20 +69,25 @@ async def baseline(source: str, config: Path) -> tuple[int, int]:
     panel, prompt = Panel(settings), load_prompt(settings.language)
     window = asyncio.Semaphore(settings.max_studies_in_flight)
 
-    async def one(study) -> int:
+    def prepare(study) -> dict[str, list[bytes]]:
+        prepared, _ = prepare_study(src, study, settings.preprocess, panel.providers)
+        return {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
+
+    ready = [prepare(s) for s in inventory.studies] if calls_only else []
+    start = time.perf_counter()
+
+    async def one(i: int, study) -> int:
         async with window:
-            prepared, _ = await asyncio.to_thread(
-                prepare_study, src, study, settings.preprocess, panel.providers
-            )
-            sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
+            sized = ready[i] if calls_only else await asyncio.to_thread(prepare, study)
             readings = await panel.read(sized, {"modality": "CT"}, prompt)
             return sum(r.ok for r in readings)
 
     try:
-        ok = await asyncio.gather(*(one(s) for s in inventory.studies))
+        ok = await asyncio.gather(*(one(i, s) for i, s in enumerate(inventory.studies)))
     finally:
         await panel.aclose()
-    return len(inventory.studies), sum(ok)
+    seconds = time.perf_counter() - start if calls_only else 0.0
+    return len(inventory.studies), sum(ok), seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(screen(str(root / "warmup"), str(root / "warmup-out"), str(config)))
             print(f"warm-up flow run (Prefect API start-up) {time.perf_counter() - t0:.1f} s")
 
+            n, ok, calls_only = asyncio.run(baseline(str(root / "studies"), config, True))
+            print(f"model calls only (images ready): {n} studies, {ok} ok in {calls_only:.2f} s")
+
             before = sum(sim.stats()["requests"].values())
             t0 = time.perf_counter()
-            n, ok = asyncio.run(baseline(str(root / "studies"), config))
+            n, ok, _ = asyncio.run(baseline(str(root / "studies"), config))
             plain = time.perf_counter() - t0
             calls = sum(sim.stats()["requests"].values()) - before
             print(f"plain asyncio: {n} studies, {ok} readings ok, {calls} calls in {plain:.2f} s")

@@ -173,10 +173,15 @@ class ModelClient:
         )
 
     async def read(
-        self, pngs: list[bytes], context: dict[str, str], prompt: Prompt
+        self,
+        images: list[bytes] | Mapping[str, list[bytes]],
+        context: dict[str, str],
+        prompt: Prompt,
     ) -> ModelReading:
         """Cache, else the model (one re-ask if invalid), else the fallback; never raises for
-        a provider failure: that becomes a reading with ``ok=False`` and its error."""
+        a provider failure: that becomes a reading with ``ok=False`` and its error. ``images``
+        is one list, or per provider the images sized for it (the fallback picks its own)."""
+        pngs = images if isinstance(images, list) else images[self.cfg.provider.value]
         text = user_text(context, len(pngs), prompt.language)
         key = self.cache_key(pngs, text, prompt) if self.cache else None
         if self.cache and key:
@@ -190,7 +195,7 @@ class ModelClient:
         if reading.ok or self.fallback is None:
             return reading
         logger.warning("model %s failed, asking fallback %s", self.cfg.name, self.fallback.cfg.name)
-        backup = await self.fallback.read(pngs, context, prompt)
+        backup = await self.fallback.read(images, context, prompt)
         served = backup.model_copy(
             update={
                 "model": self.cfg.name,
@@ -374,7 +379,7 @@ class Panel:
         async def one(client: ModelClient) -> ModelReading:
             provider = client.cfg.provider.value
             images = pngs if isinstance(pngs, list) else pngs[provider]
-            reading = await client.read(images, context, prompt)
+            reading = await client.read(pngs, context, prompt)
             text = prompt.text + user_text(context, len(images), prompt.language)
             estimate = estimate_input_tokens(provider, images, text)
             return reading.model_copy(update={"estimated_input_tokens": estimate})

@@ -300,3 +300,25 @@ def test_screen_with_25_percent_faults_reports_everything_once(
     assert second.cached_cost_usd == pytest.approx(first.cost_usd, abs=1e-5)
     rerun = [Report.model_validate_json(p.read_text()) for p in dest.glob("studies/*/report.json")]
     assert all(x.cached for r in rerun for x in r.readings)
+
+
+def test_fallback_gets_images_sized_for_its_own_provider(simulator):
+    import base64
+
+    with running_simulator("--faults", "refusal:1") as sim:
+        backup = _model(simulator, "openai", name="backup", model="sized-backup")
+        settings = _settings(_model(sim, "anthropic", fallback=backup))
+        sized = {"anthropic": [_png(970)], "openai": [_png(971)]}
+
+        async def read() -> list[ModelReading]:
+            panel = Panel(settings)
+            try:
+                return await panel.read(sized, CONTEXT, PROMPT)
+            finally:
+                await panel.aclose()
+
+        [served] = asyncio.run(read())
+    assert served.ok and served.fallback == "backup"
+    [body] = simulator.bodies()["sized-backup"]
+    assert base64.b64encode(_png(971)).decode() in body
+    assert base64.b64encode(_png(970)).decode() not in body
