@@ -175,7 +175,7 @@ class S3Store:
             if self._client_obj is None:
                 retries: Any = {
                     "mode": self.config.retry_mode,
-                    "max_attempts": self.config.max_attempts,
+                    "total_max_attempts": self.config.max_attempts,  # the first included
                 }
                 self._client_obj = boto3.session.Session().client(
                     "s3",

@@ -268,3 +268,91 @@ def test_cli_missing_bucket_stops_with_one_line(prefect_harness, moto_server, tm
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "s3://no-such-bucket/" in lines[0] and "NoSuchBucket" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+class _FlakyProxy:
+    """An HTTP proxy on loopback in front of moto_server that answers the first ``faults``
+    requests with 503 SlowDown (S3's throttling reply) or drops the connection (a reset)."""
+
+    def __init__(self, upstream: str, faults: int, mode: str = "503") -> None:
+        import http.server
+        import threading
+
+        import httpx
+
+        proxy = self
+        self.faults, self.seen = faults, 0
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with proxy._lock:
+                    proxy.seen += 1
+                    fail = proxy.faults > 0
+                    proxy.faults -= fail
+                if fail and mode == "reset":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fail:
+                    xml = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    self.wfile.write(xml)
+                    return
+                resp = httpx.request(
+                    self.command,
+                    upstream + self.path,
+                    headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
+                    content=body,
+                )
+                self.send_response(resp.status_code)
+                hop = {"transfer-encoding", "connection", "content-encoding", "content-length"}
+                for k, v in resp.headers.items():
+                    if k.lower() not in hop:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _FlakyProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["503", "reset"])
+def test_transient_errors_are_retried_then_reported(moto_server, monkeypatch, mode):
+    s3 = _s3()
+    s3.create_bucket(Bucket=f"flaky-{mode}")
+    s3.put_object(Bucket=f"flaky-{mode}", Key="in/a b.txt", Body=b"hello")
+    retrying = StorageConfig(retry_mode="standard", max_attempts=4)
+    with _FlakyProxy(moto_server, faults=2, mode=mode) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        store = S3Store(f"s3://flaky-{mode}/in", retrying)
+        assert [r.key for r in store.list()] == ["a b.txt"]  # 2 failures, then the answer
+        assert proxy.seen == 3
+        proxy.faults = 1
+        assert store.read_bytes("a b.txt") == b"hello"
+        assert proxy.seen == 5
+    with _FlakyProxy(moto_server, faults=5, mode=mode) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        once = S3Store(f"s3://flaky-{mode}/in", StorageConfig(max_attempts=2))
+        with pytest.raises(StorageUnavailable, match=f"flaky-{mode}/in/a b.txt"):
+            once.read_bytes("a b.txt")
+        assert proxy.seen == 2  # the configured attempts, no more
