@@ -246,6 +246,55 @@ def build_dataset(
 
 
 @app.command()
+def evaluate(
+    labels: Annotated[
+        str, typer.Argument(help="labels CSV: study_instance_uid,abnormal[,patient_id,findings]")
+    ],
+    images: Annotated[str, typer.Option("--images", help="folder or s3:// prefix of the DICOMs")],
+    out: Annotated[str, typer.Option("--out", help="destination folder or s3:// prefix")],
+    config: Annotated[
+        Path | None, typer.Option(help="config YAML (else $RADFLOW_CONFIG, ./radflow.yaml)")
+    ] = None,
+    margin: Annotated[
+        float | None,
+        typer.Option(min=0, max=1, help="regression margin (else evaluation.regression_margin)"),
+    ] = None,
+) -> None:
+    """Measure every model and the consensus against labelled studies (DEST/metrics.json);
+    exit 1 when sensitivity or specificity dropped beyond the margin since the last run."""
+    import asyncio
+
+    from flows.evaluate import evaluate_accuracy
+    from tasks.config import load_settings
+    from tasks.evaluation_report import load_labels
+
+    async def run() -> tuple[object, object]:
+        cfg = str(config) if config else None
+        state = await evaluate_accuracy(labels, images, out, cfg, margin, return_state=True)
+        return state, await state.aresult(raise_on_failure=False)
+
+    try:
+        load_settings(config)  # fail fast, before a Prefect run exists
+        load_labels.fn(labels)
+        state, result = asyncio.run(run())
+    except RadflowError as exc:
+        raise _fail(exc) from None
+    if isinstance(result, BaseException):
+        from tasks.errors import EvaluationRegression
+
+        raise _fail(result, code=1 if isinstance(result, EvaluationRegression) else 2)
+    shown = ("sensitivity", "specificity", "auroc", "cohen_kappa")
+    for name, m in {"consensus": result["consensus"], **result["models"]}.items():
+        cells = []
+        for k in shown:
+            lo, hi = m["ci95"][k]
+            value = "–" if m[k] is None else f"{m[k]:.3f}"
+            cells.append(f"{k} {value}" + (f" ({lo:.3f}–{hi:.3f})" if lo is not None else ""))
+        Console().print(f"{name}: n={m['n']}  " + "  ".join(cells), highlight=False)
+    Console().print(f"metrics, reliability, plots → {out}", highlight=False)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="folder for samples, config and reports")] = Path(
         "demo-output"
