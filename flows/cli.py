@@ -328,6 +328,8 @@ def bridge(
     from flows.bridge import run_bridge
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("httpx", "botocore"):  # one line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         run_bridge(queue_url, quiet_seconds, wait_seconds=wait_seconds)
     except RadflowError as exc:
