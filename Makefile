@@ -29,6 +29,11 @@ demo: .venv/.synced
 	.venv/bin/radflow demo --out demo-output
 
 test: .venv/.synced
+	@# the UI check of tests/test_events_e2e.py drives headless Chromium; on Debian, get it once
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 \
+		|| (apt-get install -y -qq chromium >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1) \
+		|| echo "chromium could not be installed: the flow-run page screenshot check will be skipped"
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 test-unit: .venv/.synced
