@@ -235,14 +235,14 @@ class S3Store:
                 resp = self.client.get_object(
                     Bucket=self.bucket, Key=self.prefix + key, Range=f"bytes={first}-{last}"
                 )
+                with contextlib.closing(resp["Body"]) as body:
+                    data = body.read()  # a reset mid-body is a BotoCoreError too
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") == "InvalidRange":
                     return b"", first  # past the end (an empty object)
                 raise storage_error(exc, "read", self.bucket, self.prefix + key) from None
             except BotoCoreError as exc:
                 raise storage_error(exc, "read", self.bucket, self.prefix + key) from None
-            with contextlib.closing(resp["Body"]) as body:
-                data = body.read()
         total = resp.get("ContentRange", "").rpartition("/")[2]
         return data, int(total) if total.isdigit() else resp.get("ContentLength", len(data))
 
@@ -272,16 +272,13 @@ class S3Store:
             yield tmp  # type: ignore[misc]
 
     def read_bytes(self, key: str) -> bytes:
-        resp = self._call("read", key, self.client.get_object, Key=self.prefix + key)
-        with contextlib.closing(resp["Body"]) as body:
-            return body.read()
+        """A small object whole (reports, manifests); inputs go through ``open_read``."""
 
-    def read_json_bytes(self, key: str) -> bytes | None:
-        """The object's bytes, or None when there is no such key (one request, no HEAD)."""
-        try:
-            return self.read_bytes(key)
-        except ObjectMissing:
-            return None
+        def get(**kwargs: Any) -> bytes:
+            with contextlib.closing(self.client.get_object(**kwargs)["Body"]) as body:
+                return body.read()
+
+        return self._call("read", key, get, Key=self.prefix + key)
 
     def write_bytes(self, key: str, data: bytes, content_type: str = "") -> None:
         """One PUT (multipart past the threshold) with server-side encryption on every write."""
