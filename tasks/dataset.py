@@ -19,13 +19,13 @@ from PIL import Image
 from pydantic import BaseModel
 from sklearn.model_selection import StratifiedGroupKFold
 
-from tasks.config import Language, Settings
+from tasks.config import Language, Provider, Settings
 from tasks.context import clinical_context
 from tasks.diagnose import Prompt, user_text
 from tasks.discover import read_header
 from tasks.errors import AnnotationError, DatasetError, RadflowError
 from tasks.finetune_checks import MAX_IMAGE_BYTES, MAX_IMAGES_PER_EXAMPLE, check_example
-from tasks.preprocess import prepare
+from tasks.preprocess import prepare_all
 from tasks.schema import Reading, Urgency
 from tasks.storage import ObjectRef, Store
 
@@ -216,7 +216,8 @@ def build_example(
 ) -> Example:
     """The chat example of one annotation: the screening prompt, the de-identified context
     and the key images (rendered as screening renders them), answered by the annotation's
-    reading. Nothing from the DICOM header but :func:`clinical_context` reaches the text."""
+    reading. Images are what screening sends an OpenAI model (its provider-sized PNG, as RGB).
+    Nothing from the DICOM header but :func:`clinical_context` reaches the text."""
     parts: list[dict] = []
     headers: list[dict[str, str]] = []
     hashes: list[str] = []
@@ -226,10 +227,16 @@ def build_example(
         data = store.read_bytes(key)
         ref = ObjectRef(f"{store.uri.rstrip('/')}/{key}", key, len(data), "")
         headers.append(read_header(store, ref).header)
-        image = prepare(io.BytesIO(data), settings.preprocess, name=ref.uri)
-        url, digest = _rgb_data_url(image.png, ref.uri)
-        parts.append({"type": "image_url", "image_url": {"url": url, "detail": "high"}})
-        hashes.append(digest)
+        images = prepare_all(io.BytesIO(data), settings.preprocess, ref.uri, [Provider.OPENAI])
+        for image in images:  # one, or several with preprocess.key_images spaced:N
+            url, digest = _rgb_data_url(image.for_provider(Provider.OPENAI), ref.uri)
+            parts.append({"type": "image_url", "image_url": {"url": url, "detail": "high"}})
+            hashes.append(digest)
+    if len(parts) > MAX_IMAGES_PER_EXAMPLE:
+        raise AnnotationError(
+            f"{len(parts)} key images; at most {MAX_IMAGES_PER_EXAMPLE} per example",
+            hint="name fewer images or lower preprocess.key_images",
+        )
     text = user_text(clinical_context(headers), len(parts), Language(settings.language))
     record = {
         "messages": [

@@ -11,10 +11,11 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cache
 
-import bpe_openai
 from PIL import Image, UnidentifiedImageError
+
+from tasks.config import Provider
+from tasks.sizing import openai_image_tokens, text_tokens
 
 __all__ = [
     "MAX_IMAGE_BYTES",
@@ -23,9 +24,7 @@ __all__ = [
     "FormatReport",
     "check_example",
     "check_examples",
-    "count_tokens",
     "estimate_cost",
-    "openai_image_tokens",
 ]
 
 # OpenAI vision fine-tuning limits (fine-tuning guide, "Vision fine-tuning"):
@@ -42,23 +41,6 @@ ROLES = {"system", "developer", "user", "assistant", "function", "tool"}
 TARGET_EPOCHS = 3
 MIN_TARGET_EXAMPLES, MAX_TARGET_EXAMPLES = 100, 25_000
 MIN_DEFAULT_EPOCHS, MAX_DEFAULT_EPOCHS = 1, 25
-
-
-@cache
-def _encoding(name: str) -> bpe_openai.Encoding:
-    return bpe_openai.get_encoding(name)
-
-
-def openai_image_tokens(width: int, height: int, detail: str = "high") -> int:
-    """OpenAI's published formula: 85 + 170 per 512-px tile after fitting 2048² and scaling
-    the short side to 768 (low detail: 85). Written here: tasks/ has no shared sizing module."""
-    if detail == "low":
-        return 85
-    scale = min(1.0, 2048 / max(width, height))
-    w, h = width * scale, height * scale
-    scale = min(1.0, 768 / min(w, h))
-    w, h = w * scale, h * scale
-    return 85 + 170 * math.ceil(w / 512) * math.ceil(h / 512)
 
 
 def _image(part: Mapping) -> tuple[Image.Image | None, int, str | None]:
@@ -100,7 +82,6 @@ def check_example(example: object) -> tuple[list[str], int, int]:
     messages = example.get("messages")
     if not isinstance(messages, list) or not messages:
         return ["missing_messages_list"], 0, 0
-    enc = _encoding("o200k_base")
     tokens, assistant_tokens, images = 3, 0, 0
     for message in messages:
         if not isinstance(message, Mapping):
@@ -113,9 +94,9 @@ def check_example(example: object) -> tuple[list[str], int, int]:
         role = message.get("role")
         if role not in ROLES:
             errors.append("unrecognized_role")
-        tokens += 3 + (len(enc.encode(role)) if isinstance(role, str) else 0)
+        tokens += 3 + (_tokens(role) if isinstance(role, str) else 0)
         if isinstance(message.get("name"), str):
-            tokens += 1 + len(enc.encode(message["name"]))
+            tokens += 1 + _tokens(message["name"])
         content = message.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list) or not parts:
@@ -125,7 +106,7 @@ def check_example(example: object) -> tuple[list[str], int, int]:
         for part in parts:
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                n = len(enc.encode(part["text"]))
+                n = _tokens(part["text"])
                 tokens += n
                 assistant_tokens += n if role == "assistant" else 0
                 if not part["text"].strip():
@@ -197,8 +178,9 @@ def check_examples(examples: Iterable[object], token_limit: int = 65_536) -> For
     return report
 
 
-def count_tokens(text: str, encoding: str = "o200k_base") -> int:
-    return len(_encoding(encoding).encode(text))
+def _tokens(text: str) -> int:
+    """Exact o200k_base count (the gpt-4o family's tokenizer), from ``tasks.sizing``."""
+    return text_tokens(text, Provider.OPENAI)
 
 
 @dataclass(frozen=True)
