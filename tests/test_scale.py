@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import yaml
+from prefect.exceptions import ObjectNotFound
 
 from flows.screen import screen
 from simulator.samples import synthetic_ct
@@ -18,7 +23,7 @@ from tasks.discover import Instance, Study
 from tasks.runner import merge_summary, plan_shards
 from tasks.schema import Report, RunSummary
 from tasks.storage import ObjectRef
-from tests.conftest import sim_config
+from tests.conftest import child_env, sim_config
 
 
 def _study(uid: str, n: int) -> Study:
@@ -154,3 +159,60 @@ def test_config_runner_section_round_trips(tmp_path):
     path.write_text(yaml.safe_dump({"runner": {"shard_size": 500, "shards_in_flight": 4}}))
     runner = load_settings(path).runner
     assert (runner.shard_size, runner.shards_in_flight, runner.shard_deployment) == (500, 4, None)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)  # `radflow serve` and each shard run import radflow in a new process
+def test_shards_run_as_deployment_runs_on_a_served_deployment(prefect_harness, simulator, tmp_path):
+    """runner.shard_deployment: each shard is a run of deployments/prefect.yaml's `shard`
+    deployment, executed by `radflow serve` in its own process (as a worker would)."""
+    from prefect.client.orchestration import get_client
+
+    source = _tiny_studies(tmp_path / "in", 4)
+    config = sim_config(
+        simulator,
+        tmp_path,
+        preprocess={"max_edge": 64},
+        runner={"shard_size": 2, "shards_in_flight": 2, "shard_deployment": "screen/shard"},
+    )
+    dest = tmp_path / "out"
+    radflow = str(Path(sys.executable).with_name("radflow"))
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [radflow, "serve", "--only", "shard", "--poll-seconds", "1"],
+            env=child_env(prefect_harness),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        async def registered() -> bool:
+            async with get_client() as client:
+                try:
+                    await client.read_deployment_by_name("screen/shard")
+                except ObjectNotFound:
+                    return False
+                return True
+
+        deadline = time.monotonic() + 180
+        while not asyncio.run(registered()):  # start-up of the server process, not a test race
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "radflow serve did not register `shard`"
+            time.sleep(0.5)
+
+        summary = asyncio.run(screen(str(source), str(dest), str(config)))
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+
+    assert summary.reported == 4 == len(_reports(dest)) and summary.errors == 0
+    assert len(summary.shards) == 2 and summary.model_calls == 8
+
+    async def child_runs() -> list:
+        async with get_client() as client:
+            return [await client.read_flow_run(UUID(i)) for i in summary.shards]
+
+    runs = asyncio.run(child_runs())
+    assert all(r.state.is_completed() and r.deployment_id for r in runs)
+    assert all(r.parent_task_run_id is not None for r in runs)  # linked to the parent run
