@@ -8,11 +8,13 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
-from prefect import Flow, get_run_logger
+from prefect import Flow, get_client, get_run_logger
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 
 from tasks.config import RunnerConfig
 from tasks.discover import Study
+from tasks.errors import ConfigError
 from tasks.runner import merge_summary, plan_shards
 from tasks.schema import RunSummary
 from tasks.storage import Store, read_json
@@ -32,6 +34,19 @@ async def _on_deployment(name: str, parameters: dict[str, Any], dest: Store) -> 
     if data is None:
         raise RuntimeError(f"shard run {run.name} wrote no runs/{run.id}.json under {dest.uri}")
     return RunSummary.model_validate(data)
+
+
+async def _check_deployment(name: str) -> None:
+    """Fail before any shard starts when the shard deployment does not exist."""
+    async with get_client() as client:
+        try:
+            await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(
+                f'runner.shard_deployment "{name}" is not a deployment on {client.api_url}',
+                hint="deploy deployments/prefect.yaml (its `shard` deployment is screen/shard) "
+                "or run `radflow serve --only shard`",
+            ) from None
 
 
 async def run_shards(
@@ -57,6 +72,8 @@ async def run_shards(
     are re-counted over the whole run. Returns the child flow run ids.
     """
     logger = get_run_logger()
+    if runner.shard_deployment:
+        await _check_deployment(runner.shard_deployment)
     hook = progress.get()
     shards = plan_shards(pending, runner.shard_size)
     by_key = {inst.ref.key: study for study in pending for inst in study.instances}

@@ -20,6 +20,7 @@ from flows.screen import screen
 from simulator.samples import synthetic_ct
 from tasks.config import RunnerConfig, Settings
 from tasks.discover import Instance, Study
+from tasks.errors import ConfigError
 from tasks.runner import merge_summary, plan_shards
 from tasks.schema import Report, RunSummary
 from tasks.storage import ObjectRef
@@ -216,3 +217,18 @@ def test_shards_run_as_deployment_runs_on_a_served_deployment(prefect_harness, s
     runs = asyncio.run(child_runs())
     assert all(r.state.is_completed() and r.deployment_id for r in runs)
     assert all(r.parent_task_run_id is not None for r in runs)  # linked to the parent run
+
+
+@pytest.mark.e2e
+def test_a_missing_shard_deployment_fails_before_any_study_is_read(
+    prefect_harness, simulator, tmp_path
+):
+    source = _tiny_studies(tmp_path / "in", 3)
+    config = sim_config(
+        simulator, tmp_path, runner={"shard_size": 1, "shard_deployment": "screen/nope"}
+    )
+    before = _calls(simulator)
+    with pytest.raises(ConfigError, match='runner.shard_deployment "screen/nope" is not a'):
+        asyncio.run(screen(str(source), str(tmp_path / "out"), str(config)))
+    assert _calls(simulator) == before
+    assert not list((tmp_path / "out").glob("studies/*/report.json"))
