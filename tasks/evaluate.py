@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+from sklearn import config_context
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
     brier_score_loss,
     cohen_kappa_score,
     confusion_matrix,
+    multilabel_confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
 )
@@ -191,6 +193,20 @@ def binary_metrics(
     return out
 
 
+_CELLS = (np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]))  # (truth, call) of tn, fp, fn, tp
+
+
+def _table_metrics(tn: int, fp: int, fn: int, tp: int) -> tuple[float, float]:
+    """(accuracy, Cohen's kappa) of one confusion table, by scikit-learn on the four cells
+    weighted by their counts."""
+    truth, call = _CELLS
+    weights = np.array([tn, fp, fn, tp])
+    return (
+        accuracy_score(truth, call, sample_weight=weights),
+        cohen_kappa_score(truth, call, labels=[0, 1], sample_weight=weights),
+    )
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     y_pred: np.ndarray,
@@ -199,9 +215,10 @@ def bootstrap_ci(
     seed: int,
 ) -> dict[str, list[float | None]]:
     """Percentile 95 % intervals from ``resamples`` seeded resamples of the cases (the same
-    resamples for every subject of equal size, so intervals are paired). Each resample is
-    scored with scikit-learn; resamples holding a single class are dropped (AUROC, sensitivity
-    and specificity are undefined there)."""
+    resamples for every subject of equal size, so intervals are paired). Every value comes
+    from scikit-learn: the resamples are the columns of one multilabel problem; accuracy and
+    kappa depend only on the confusion table, so they are computed once per distinct table. Resamples holding a single class are dropped
+    (sensitivity, specificity and AUROC are undefined there)."""
     n = len(y_true)
     if n < 2:
         return {m: [None, None] for m in METRICS}
@@ -210,26 +227,31 @@ def bootstrap_ci(
     idx = idx[(t.min(axis=1) == 0) & (t.max(axis=1) == 1)]
     if not len(idx):
         return {m: [None, None] for m in METRICS}
-    t, p = y_true[idx].T, y_pred[idx].T  # one column per resample: a multilabel problem
+    t, p = y_true[idx].T, y_pred[idx].T  # one column per resample
     s = (y_pred if y_score is None else y_score)[idx].T
-    with warnings.catch_warnings():
+    # inputs are checked 0/1 arrays: skip scikit-learn's per-call validation (most of the cost)
+    with (
+        warnings.catch_warnings(),
+        config_context(assume_finite=True, skip_parameter_validation=True),
+    ):
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         ppv, sens, f1, _ = precision_recall_fscore_support(t, p, average=None, zero_division=np.nan)
         npv, spec, _, _ = precision_recall_fscore_support(
             1 - t, 1 - p, average=None, zero_division=np.nan
         )
+        tables = multilabel_confusion_matrix(t, p).reshape(-1, 4)  # tn, fp, fn, tp per resample
+        distinct, inverse = np.unique(tables, axis=0, return_inverse=True)
+        per_table = np.array([_table_metrics(*row) for row in distinct])[inverse.ravel()]
         values = {
-            "accuracy": np.array([accuracy_score(t[:, j], p[:, j]) for j in range(t.shape[1])]),
+            "accuracy": per_table[:, 0],
             "sensitivity": sens,
             "specificity": spec,
             "ppv": ppv,
             "npv": npv,
             "f1": f1,
             "auroc": np.asarray(roc_auc_score(t, s, average=None)),
-            "cohen_kappa": np.array(
-                [cohen_kappa_score(t[:, j], p[:, j], labels=[0, 1]) for j in range(t.shape[1])]
-            ),
+            "cohen_kappa": per_table[:, 1],
         }
         out = {}
         for name, v in values.items():
