@@ -366,7 +366,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
         pytest.skip("chromium is not installed (make test installs it on Debian); UI check skipped")
     page = (
         env["PREFECT_API_URL"].removesuffix("/api")
-        + f"/runs/flow-run/{runs[0]['id']}?tab=Artifacts"
+        + f"/v2/runs/flow-run/{runs[0]['id']}?tab=Artifacts"  # the v1 UI drops ?tab= on load
     )
     phase("checks done; opening the flow-run page in chromium")
     dom = _browse(page, tmp_path / "chromium-dom", "--dump-dom")
