@@ -135,6 +135,18 @@ def _deployment(env: dict[str, str], name: str) -> dict:
     return _api(env, "GET", f"/deployments/name/screen/{name}")
 
 
+def _timeline(env: dict[str, str], run: dict) -> str:
+    """Seconds from the run's creation (the trigger firing) to each state it went through."""
+    from datetime import datetime
+
+    states = _api(env, "GET", "/flow_run_states/", params={"flow_run_id": run["id"]})
+    created = datetime.fromisoformat(run["created"])
+    return ", ".join(
+        f"{s['name']} +{(datetime.fromisoformat(s['timestamp']) - created).total_seconds():.1f} s"
+        for s in sorted(states, key=lambda s: s["timestamp"])
+    )
+
+
 def _upload_study(s3, tmp: Path, bucket: str, prefix: str, seed: int, n: int, multipart: bool):
     """Write ``n`` slices of one synthetic CT study and upload them one by one."""
     uid = f"1.2.826.0.1.3680043.10.999.{seed}"
@@ -360,6 +372,8 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
             + ", ".join(f"{k}: {v:.1f} s" for k, v in latencies.items())
             + f"; p50 {p50:.1f} s (target <= 10 s)"
         )
+        for run in runs:  # where the time went, from the run's state history on the server
+            print(f"  {run['parameters']['source']}: {_timeline(env, run)}")
 
     # the flow-run page in a real browser: it loads and shows the artifacts
     if _chromium() is None:
