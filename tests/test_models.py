@@ -302,11 +302,15 @@ def test_screen_with_25_percent_faults_reports_everything_once(
     assert all(x.cached for r in rerun for x in r.readings)
 
 
-def test_fallback_gets_images_sized_for_its_own_provider(simulator):
+def test_fallback_gets_images_sized_for_its_own_provider():
     import base64
 
-    with running_simulator("--faults", "refusal:1") as sim:
-        backup = _model(simulator, "openai", name="backup", model="sized-backup")
+    # own simulators: the session one's recorded bodies are checked by other tests
+    with (
+        running_simulator("--faults", "refusal:1") as sim,
+        running_simulator("--record-bodies") as clean,
+    ):
+        backup = _model(clean, "openai", name="backup", model="sized-backup")
         settings = _settings(_model(sim, "anthropic", fallback=backup))
         sized = {"anthropic": [_png(970)], "openai": [_png(971)]}
 
@@ -318,7 +322,8 @@ def test_fallback_gets_images_sized_for_its_own_provider(simulator):
                 await panel.aclose()
 
         [served] = asyncio.run(read())
+        bodies = clean.bodies()
     assert served.ok and served.fallback == "backup"
-    [body] = simulator.bodies()["sized-backup"]
+    [body] = bodies["sized-backup"]
     assert base64.b64encode(_png(971)).decode() in body
     assert base64.b64encode(_png(970)).decode() not in body
