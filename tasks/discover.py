@@ -97,10 +97,19 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
     try:
         with store.open_header(ref.key) as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            at_end = ref.size > 0 and fh.tell() >= ref.size
     except InvalidDicomError as exc:
         raise NotDicom(f'"{ref.uri}" is not a DICOM file: no DICM preamble') from exc
     except (EOFError, ValueError, TypeError, KeyError, IndexError, OSError) as exc:
         raise CorruptDicom(f'"{ref.uri}" has an unreadable header: {exc}') from exc
+    required = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    if at_end and (len(ds) == 0 or any(k not in ds for k in required)):
+        # pydicom stops quietly at the end of the data: a cut file, not a UID-less one
+        found = f"{len(ds)} data elements" if len(ds) else "no data elements"
+        raise CorruptDicom(
+            f'"{ref.uri}" has an unreadable header: truncated after {ref.size} bytes '
+            f"({found} after the file meta header, no {', '.join(k for k in required if k not in ds)})"
+        )
     study = _uid(ds, "StudyInstanceUID", ref.uri)
     series = _uid(ds, "SeriesInstanceUID", ref.uri)
     sop = _uid(ds, "SOPInstanceUID", ref.uri)

@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from tasks.config import PreprocessConfig, Provider, WindowName
 from tasks.errors import CorruptDicom, NotDicom, PhiRisk, RadflowError, UnsupportedImage
 from tasks.greylevels import (
+    COLOUR,
     MONO,
     PRESETS,
     lut_header,
@@ -36,6 +37,7 @@ from tasks.sizing import (
 )
 
 __all__ = [
+    "MAX_FRAME_BYTES",
     "PRESETS",
     "PreparedImage",
     "finish",
@@ -53,6 +55,13 @@ logger = logging.getLogger(__name__)
 # What pydicom and its decoders raise on inconsistent headers or undecodable pixel data.
 _DECODE_ERRORS = (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError)
 _HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+# The largest decoded frame accepted (a 5120 × 4096 16-bit mammogram is 40 MiB): headers
+# are untrusted, and a decoder allocates Rows × Columns × samples × bytes before it finds
+# that the data holds far less.
+MAX_FRAME_BYTES = 256 * 2**20
+_RENDERABLE = (*MONO, *COLOUR, "PALETTE COLOR")
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,59 @@ class PreparedImage:
 
     def for_provider(self, provider: Provider | str) -> bytes:
         return self.sized.get(Provider(provider).value, self.png)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_claims(ds: pydicom.Dataset) -> None:
+    """Check what the header claims before anything is decoded or allocated: a known
+    transfer syntax (PS3.5 10), a photometric interpretation radflow renders (PS3.3
+    C.7.6.3.1.2), and a frame size under ``MAX_FRAME_BYTES``. For native pixel data the
+    claimed size is also checked against the bytes actually present."""
+    tsuid = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    if tsuid is not None and not pydicom.uid.UID(str(tsuid)).is_transfer_syntax:
+        raise UnsupportedImage(f'transfer syntax "{tsuid}" is not supported (not in PS3.5/PS3.6)')
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    if pi and pi not in _RENDERABLE:  # a missing one is a CorruptDicom from the decoder
+        raise UnsupportedImage(f'photometric interpretation "{pi[:64]}" is not supported')
+    if any(k not in ds for k in ("Rows", "Columns", "BitsAllocated")):
+        return  # the decoder names what is missing
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (*_HEADER_ERRORS,) as exc:
+        raise CorruptDicom(f"inconsistent header: {exc}") from exc
+    if min(rows, cols, samples, bits, frames) < 1:
+        raise CorruptDicom(
+            f"impossible image size: {rows}×{cols}, {samples} samples, {bits} bits, {frames} frames"
+        )
+    frame = rows * cols * samples * -(-bits // 8)
+    claim = f"{rows}×{cols}×{samples} at {bits} bits × {frames} frames"
+    if frame > MAX_FRAME_BYTES:
+        raise UnsupportedImage(
+            f"the header claims {claim} = {_size(frame)} per frame, {_size(frame * frames)} "
+            f"in all; frames above {_size(MAX_FRAME_BYTES)} are refused before decoding",
+            hint="a header this large is corrupt or hostile; check the file",
+        )
+    tsuid = pydicom.uid.UID(str(tsuid)) if tsuid is not None else None
+    if "PixelData" in ds and (tsuid is None or not tsuid.is_compressed):
+        have = len(ds.PixelData)
+        need = rows * cols * samples * bits * frames // 8
+        if pi == "YBR_FULL_422":
+            need = need * 2 // 3
+        if have < need:
+            raise CorruptDicom(
+                f"pixel data truncated: {_size(have)} present, less than expected (the header "
+                f"claims {claim} = {_size(need)})"
+            )
 
 
 def _decode(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
@@ -105,6 +167,8 @@ def render_frames(
         if "Rows" in ds:
             raise UnsupportedImage("no pixel data, though it has image attributes: truncated?")
         raise UnsupportedImage("no pixel data")
+    if "PixelData" in ds:
+        check_claims(ds)
     try:
         pi = str(ds.get("PhotometricInterpretation", ""))
         n = int(ds.get("NumberOfFrames", 1) or 1)

@@ -1,0 +1,170 @@
+"""Hostile inputs for the reliability suite and benchmark: files that look like DICOM but are
+not, are cut short, claim gigabytes of pixels, hold no image, repeat an instance, or carry odd
+names; next to a few good studies. Each entry says what the screening run must make of it."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import RLELossless, generate_uid
+
+from simulator.samples import synthetic_ct
+
+__all__ = ["HUGE", "Expected", "build_hostile_folder", "huge_claim"]
+
+HUGE = {"Rows": 65535, "Columns": 65535, "NumberOfFrames": 1000}  # ≈ 8.6 TB at 16 bits
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a screening run must make of one file: a report ("report") or an error record
+    of ``kind``; ``why`` is what the file is."""
+
+    kind: str
+    why: str
+
+
+def _png_bytes() -> bytes:
+    """A valid 1×1 grey PNG."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        body = tag + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _pixel_offset(path: Path) -> int:
+    """Byte offset where the (7FE0,0010) element's value starts."""
+    ds = pydicom.dcmread(path, defer_size=64)
+    return ds["PixelData"].file_tell
+
+
+def _variant(src: Path, dest: Path, seed: int, **changes: object) -> Path:
+    """Copy ``src`` with new UIDs (its own study) and the header ``changes``."""
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["hostile-study", str(seed)])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["hostile-series", str(seed)])
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["hostile-sop", str(seed)])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in changes.items():
+        if keyword == "TransferSyntaxUID":
+            ds.file_meta.TransferSyntaxUID = value
+        elif value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def huge_claim(
+    src: Path, dest: Path, seed: int, *, compressed: bool, frames: int = HUGE["NumberOfFrames"]
+) -> Path:
+    """A CT slice whose header claims 65535² pixels × ``frames`` while the data holds one
+    small frame: native bytes, or one valid RLE frame (compressed). Without a check, pydicom
+    3.0 allocates and fills Rows × Columns × 2 bytes (8 GiB) for the one-frame RLE claim
+    before finding that the segment is short."""
+    ds = pydicom.dcmread(src)
+    changes: dict[str, object] = {**HUGE, "NumberOfFrames": frames}
+    if compressed:
+        # a real RLE frame of the small image, wrapped as the first of the claimed frames
+        ds.compress(RLELossless, encoding_plugin="pydicom")
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        changes["PixelData"] = encapsulate([frame])
+        changes["TransferSyntaxUID"] = RLELossless
+    tmp = dest.with_suffix(".src")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(tmp, enforce_file_format=True)
+    try:
+        out = _variant(tmp, dest, seed, **changes)
+    finally:
+        tmp.unlink()
+    if compressed:  # save_as keeps the undefined length; the encapsulated flag must say so
+        check = pydicom.dcmread(out, stop_before_pixels=True)
+        assert check.file_meta.TransferSyntaxUID == RLELossless
+    return out
+
+
+def build_hostile_folder(dest: str | Path, *, good: int = 3) -> dict[str, Expected]:
+    """Fill ``dest`` with ``good`` good studies (odd file names) and the hostile files;
+    returns {relative path: Expected}."""
+    dest = Path(dest)
+    made: dict[str, Expected] = {}
+    odd = [
+        "good/with spaces and ünïcödé 환자.dcm",
+        "good/100% done.dcm",
+        "good/-leading-dash.dcm",
+        "good/" + "very-long-name-" * 14 + ".dcm",
+    ]
+    for i in range(good):
+        rel = odd[i % len(odd)]
+        synthetic_ct(dest / rel, lesion=i % 2 == 0, seed=500 + i, size=128)
+        made[rel] = Expected("report", f"good CT study, odd file name {rel!r}")
+    base = dest / "good" / odd[0].split("/", 1)[1]
+
+    bad = dest / "hostile"
+    bad.mkdir(parents=True, exist_ok=True)
+    (bad / "empty.dcm").write_bytes(b"")
+    made["hostile/empty.dcm"] = Expected("NotDicom", "zero-byte file")
+    (bad / "notes.dcm").write_text("Patient notes, definitely not DICOM\n" * 20)
+    made["hostile/notes.dcm"] = Expected("NotDicom", "a text file named .dcm")
+    (bad / "picture.dcm").write_bytes(_png_bytes())
+    made["hostile/picture.dcm"] = Expected("NotDicom", "a PNG file named .dcm")
+
+    data = synthetic_ct(bad / "src.tmp", lesion=True, seed=601, size=128).read_bytes()
+    (bad / "src.tmp").unlink()
+    (bad / "truncated-header.dcm").write_bytes(data[:300])  # inside the meta/dataset header
+    made["hostile/truncated-header.dcm"] = Expected("CorruptDicom", "header cut at 300 bytes")
+    src = synthetic_ct(bad / "cut.tmp", lesion=True, seed=602, size=128)
+    start = _pixel_offset(src)
+    cut = src.read_bytes()[: start + (len(data) - start) // 2]
+    src.unlink()
+    (bad / "truncated-pixels.dcm").write_bytes(cut)
+    made["hostile/truncated-pixels.dcm"] = Expected("CorruptDicom", "pixel data cut in half")
+
+    _variant(base, bad / "no-pixels.dcm", 603, PixelData=None)
+    made["hostile/no-pixels.dcm"] = Expected("UnsupportedImage", "CT header without pixel data")
+    huge_claim(base, bad / "huge-native.dcm", 604, compressed=False)
+    made["hostile/huge-native.dcm"] = Expected(
+        "UnsupportedImage", "header claims 65535²×1000 frames, native"
+    )
+    huge_claim(base, bad / "huge-rle.dcm", 605, compressed=True)
+    made["hostile/huge-rle.dcm"] = Expected(
+        "UnsupportedImage", "header claims 65535²×1000 frames, RLE"
+    )
+    huge_claim(base, bad / "huge-rle-1-frame.dcm", 608, compressed=True, frames=1)
+    made["hostile/huge-rle-1-frame.dcm"] = Expected(
+        "UnsupportedImage", "header claims one 65535² frame (8 GiB), RLE"
+    )
+    _variant(base, bad / "unknown-syntax.dcm", 606, TransferSyntaxUID="1.2.826.0.1.3680043.2.1")
+    made["hostile/unknown-syntax.dcm"] = Expected("UnsupportedImage", "unknown transfer syntax")
+    _variant(base, bad / "purple.dcm", 607, PhotometricInterpretation="PURPLE")
+    made["hostile/purple.dcm"] = Expected(
+        "UnsupportedImage", "impossible photometric interpretation"
+    )
+    for name, what in (("rtplan.dcm", "RT plan"), ("test-SR.dcm", "structured report")):
+        path = get_testdata_file(name, download=False)
+        if path is None:
+            raise FileNotFoundError(f'"{name}" is missing from pydicom\'s test files')
+        shutil.copyfile(path, bad / name)
+        made[f"hostile/{name}"] = Expected("UnsupportedImage", f"non-image object ({what})")
+    shutil.copyfile(base, bad / "duplicate of a good one.dcm")
+    made["hostile/duplicate of a good one.dcm"] = Expected(
+        "DuplicateInstance", "the same instance as a good file, copied"
+    )
+    return made
