@@ -4,7 +4,7 @@ UV := $(PYTHON) -m uv
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool clean help schema
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability clean help schema
 .DEFAULT_GOAL := help
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make bench-preprocess  preprocessing vs decode floor vs naive float64, pydicom-data"
 	@echo "make bench-scale  1, 200, 2000 tiny studies: marginal time per study, peak RSS"
 	@echo "make bench-pool   preprocessing in threads vs a process pool (runner.preprocess)"
+	@echo "make bench-reliability  hostile inputs, faults, crash/resume, PHI, injection, secrets"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock
@@ -61,6 +62,9 @@ bench-scale: .venv/.synced  ## linear time and flat memory up to 2,000 studies (
 
 bench-pool: .venv/.synced  ## preprocessing: threads vs a process pool on this machine's cores
 	.venv/bin/python -m benchmarks.pool
+
+bench-reliability: .venv/.synced  ## per point: what was tried and the measured outcome
+	.venv/bin/python -m benchmarks.reliability
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

@@ -300,6 +300,13 @@ def test_screen_with_25_percent_faults_reports_everything_once(
     assert second.cached_cost_usd == pytest.approx(first.cost_usd, abs=1e-5)
     rerun = [Report.model_validate_json(p.read_text()) for p in dest.glob("studies/*/report.json")]
     assert all(x.cached for r in rerun for x in r.readings)
+    injected = ", ".join(f"{n} {k}" for k, n in sorted(stats["injected"].items()))
+    print(
+        f"\nRELIABILITY provider faults: {sum(stats['requests'].values())} requests, "
+        f"{injected} injected → {first.reported}/{first.studies} studies reported "
+        f"({first.degraded} degraded), none twice, {sum(x.fallback for x in readings)} "
+        f"readings by the fallback; rerun: {second.cache_hits} cache hits, 0 requests"
+    )
 
 
 def test_fallback_gets_images_sized_for_its_own_provider():

@@ -356,3 +356,8 @@ def test_transient_errors_are_retried_then_reported(moto_server, monkeypatch, mo
         with pytest.raises(StorageUnavailable, match=f"flaky-{mode}/in/a b.txt"):
             once.read_bytes("a b.txt")
         assert proxy.seen == 2  # the configured attempts, no more
+    print(
+        f"\nRELIABILITY storage faults ({mode}): 3 injected into a listing and a read "
+        f"→ retried, both answered intact; 5 in a row with max_attempts=2 → "
+        f"StorageUnavailable after 2 attempts, nothing read half"
+    )

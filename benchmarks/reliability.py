@@ -1,0 +1,74 @@
+"""Reliability and security figures in one run: runs the suite's scenario tests (each starts
+its own simulator, moto_server, Prefect API and `radflow screen` processes on loopback) and
+prints, per point, what was tried and the outcome each test measured and asserted.
+
+    python -m benchmarks.reliability
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# point → the test that proves it (pytest node ids, relative to the repo root)
+POINTS = {
+    "1. hostile inputs": [
+        "tests/test_reliability.py::"
+        "test_hostile_inputs_each_get_one_error_record_and_good_studies_are_reported",
+        "tests/test_reliability.py::test_untrusted_sizes_are_checked_before_any_allocation",
+    ],
+    "2. provider faults": [
+        "tests/test_models.py::test_screen_with_25_percent_faults_reports_everything_once"
+    ],
+    "3. storage faults": ["tests/test_s3.py::test_transient_errors_are_retried_then_reported"],
+    "4. crash and resume": [
+        "tests/test_reliability.py::"
+        "test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_twice"
+    ],
+    "5-7. PHI, prompt injection, secrets": [
+        "tests/test_reliability.py::"
+        "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs"
+    ],
+}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    tests = [t for ts in POINTS.values() for t in ts]
+    start = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rA", *tests],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - start
+    out = run.stdout
+    figures = [line.removeprefix("RELIABILITY ") for line in out.splitlines()
+               if line.startswith("RELIABILITY ")]  # fmt: skip
+    outcome = {
+        m.group(2): m.group(1) for m in re.finditer(r"^(PASSED|FAILED|ERROR) (\S+)", out, re.M)
+    }
+    for point, ids in POINTS.items():
+        print(point)
+        for test in ids:
+            states = {k: v for k, v in outcome.items() if k.split("[")[0] == test}
+            state = ", ".join(sorted(set(states.values()))) or "NOT RUN"
+            print(f"  {state:<7} {test.split('::')[1]}")
+    print("\nfigures (measured in this run):")
+    for line in figures:
+        print(f"  {line}")
+    print(f"\n{len(outcome)} test runs in {elapsed:.0f} s, pytest exit {run.returncode}")
+    if run.returncode != 0:
+        print(out[-4000:], run.stderr[-2000:], sep="\n")
+    return run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
