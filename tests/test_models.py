@@ -304,7 +304,7 @@ def test_screen_with_25_percent_faults_reports_everything_once(
     print(
         f"\nRELIABILITY provider faults: {sum(stats['requests'].values())} requests, "
         f"{injected} injected → {first.reported}/{first.studies} studies reported "
-        f"({first.degraded} degraded), none twice, {sum(x.fallback for x in readings)} "
+        f"({first.degraded} degraded), none twice, {sum(bool(x.fallback) for x in readings)} "
         f"readings by the fallback; rerun: {second.cache_hits} cache hits, 0 requests"
     )
 
