@@ -239,12 +239,12 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
 
     # 2. S3 bucket notifying an SQS queue; the simulator; config with output on S3
     s3, sqs = boto3.client("s3"), boto3.client("sqs")
-    s3.create_bucket(Bucket="scans")
-    s3.create_bucket(Bucket="reports")
+    s3.create_bucket(Bucket="ev-scans")
+    s3.create_bucket(Bucket="ev-reports")
     queue = sqs.create_queue(QueueName="radflow-uploads")["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]
     s3.put_bucket_notification_configuration(
-        Bucket="scans",
+        Bucket="ev-scans",
         NotificationConfiguration={
             "QueueConfigurations": [
                 {
@@ -256,7 +256,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
         },
     )
     with running_simulator("--latency", "1", "--seed", "5") as sim:
-        config = sim_config(sim, tmp_path, output="s3://reports/out")
+        config = sim_config(sim, tmp_path, output="s3://ev-reports/out")
         env["RADFLOW_CONFIG"] = str(config)
         serve_log, bridge_log = tmp_path / "serve.log", tmp_path / "bridge.log"
         radflow = str(BIN / "radflow")
@@ -280,10 +280,10 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
                 # 3. two studies: one of two slices (put), one multipart (two events)
                 studies = {
                     "incoming/study a/": _upload_study(
-                        s3, tmp_path, "scans", "incoming/study a/", 2, 2, False
+                        s3, tmp_path, "ev-scans", "incoming/study a/", 2, 2, False
                     ),
                     "incoming/study-b/": _upload_study(
-                        s3, tmp_path, "scans", "incoming/study-b/", 3, 1, True
+                        s3, tmp_path, "ev-scans", "incoming/study-b/", 3, 1, True
                     ),
                 }
                 latencies = {}
@@ -293,7 +293,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
                     def reported(key: str = key) -> bool:
                         assert serve.poll() is None, tail(serve_log)
                         assert bridge.poll() is None, tail(bridge_log)
-                        found = s3.list_objects_v2(Bucket="reports", Prefix=key)
+                        found = s3.list_objects_v2(Bucket="ev-reports", Prefix=key)
                         return found.get("KeyCount", 0) > 0
 
                     wait_for(f"report of {prefix}", reported, timeout=600)
@@ -331,19 +331,19 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
         assert len(runs) == 2, [r["name"] for r in runs]
         assert all(r["state_type"] == "COMPLETED" for r in runs), [r["state"] for r in runs]
         by_source = {r["parameters"]["source"]: r for r in runs}
-        assert set(by_source) == {"s3://scans/incoming/study a/", "s3://scans/incoming/study-b/"}
-        assert by_source["s3://scans/incoming/study a/"]["parameters"]["keys"] == [
+        assert set(by_source) == {"s3://ev-scans/incoming/study a/", "s3://ev-scans/incoming/study-b/"}
+        assert by_source["s3://ev-scans/incoming/study a/"]["parameters"]["keys"] == [
             "slice 1.dcm",
             "slice 2.dcm",
         ]
-        assert by_source["s3://scans/incoming/study-b/"]["parameters"]["keys"] == ["slice 1.dcm"]
+        assert by_source["s3://ev-scans/incoming/study-b/"]["parameters"]["keys"] == ["slice 1.dcm"]
         for run in runs:
             assert run["name"].startswith("screen-") and run["name"].endswith("-1-study")
             assert {"radflow", "on-upload", "model:gpt-4o", "model:claude"} <= set(run["tags"])
             assert f"source:{run['parameters']['source']}" in run["tags"]
 
         # exactly two reports and one reading per model per study
-        reports = s3.list_objects_v2(Bucket="reports", Prefix="out/studies/")["Contents"]
+        reports = s3.list_objects_v2(Bucket="ev-reports", Prefix="out/studies/")["Contents"]
         assert sorted(o["Key"] for o in reports if o["Key"].endswith("report.json")) == sorted(
             f"out/studies/{uid}/report.json" for uid, _ in studies.values()
         )
@@ -363,7 +363,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
         assert {PROGRESS_KEY, RESULTS_KEY, SUMMARY_KEY} <= set(by_key), sorted(by_key)
         assert by_key[PROGRESS_KEY]["data"] == 100
         assert "## Review queue" in by_key[SUMMARY_KEY]["data"]
-        assert "s3://reports/out/studies/" in by_key[RESULTS_KEY]["data"]
+        assert "s3://ev-reports/out/studies/" in by_key[RESULTS_KEY]["data"]
 
     p50 = statistics.median(latencies.values())
     with capsys.disabled():
