@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
 from tasks.config import ReviewConfig
 from tasks.schema import Consensus, MergedItem, ModelReading, ReviewCode, ReviewReason, Urgency
@@ -143,6 +142,9 @@ def panel_kappa(votes: Iterable[Sequence[bool | None]]) -> tuple[float | None, i
         rows = [r for r in rows if len(r) == width]
     if len(rows) < 2 or len(rows[0]) < 2:
         return None, len(rows)
+    # imported here: statsmodels takes ~3 s to import, and every flow run imports this module
+    from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
+
     table, _ = aggregate_raters(np.asarray(rows, dtype=int), n_cat=2)
     if (table.sum(axis=0) == 0).any():
         return None, len(rows)
