@@ -20,6 +20,7 @@ POINTS = {
         "tests/test_reliability.py::"
         "test_hostile_inputs_each_get_one_error_record_and_good_studies_are_reported",
         "tests/test_reliability.py::test_untrusted_sizes_are_checked_before_any_allocation",
+        "tests/test_reliability.py::test_a_file_cut_anywhere_is_one_clear_error_never_a_crash",
     ],
     "2. provider faults": [
         "tests/test_models.py::test_screen_with_25_percent_faults_reports_everything_once"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -100,22 +101,26 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
             at_end = ref.size > 0 and fh.tell() >= ref.size
     except InvalidDicomError as exc:
         raise NotDicom(f'"{ref.uri}" is not a DICOM file: no DICM preamble') from exc
-    except (EOFError, ValueError, TypeError, KeyError, IndexError, OSError) as exc:
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, OSError, struct.error) as exc:
         raise CorruptDicom(f'"{ref.uri}" has an unreadable header: {exc}') from exc
-    required = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-    if at_end and (len(ds) == 0 or any(k not in ds for k in required)):
+    sop_class = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
+    try:
+        study = _uid(ds, "StudyInstanceUID", ref.uri)
+        series = _uid(ds, "SeriesInstanceUID", ref.uri)
+        sop = _uid(ds, "SOPInstanceUID", ref.uri)
+        if "Rows" not in ds or "Columns" not in ds:
+            raise UnsupportedImage(f'"{ref.uri}" holds no image ({sop_class}): no Rows/Columns')
+    except RadflowError as exc:
         # pydicom stops quietly at the end of the data: a cut file, not a UID-less one
-        found = f"{len(ds)} data elements" if len(ds) else "no data elements"
-        raise CorruptDicom(
-            f'"{ref.uri}" has an unreadable header: truncated after {ref.size} bytes '
-            f"({found} after the file meta header, no {', '.join(k for k in required if k not in ds)})"
-        )
-    study = _uid(ds, "StudyInstanceUID", ref.uri)
-    series = _uid(ds, "SeriesInstanceUID", ref.uri)
-    sop = _uid(ds, "SOPInstanceUID", ref.uri)
-    if "Rows" not in ds or "Columns" not in ds:
-        sop_class = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "unknown"))
-        raise UnsupportedImage(f'"{ref.uri}" holds no image ({sop_class}): no Rows/Columns')
+        cut = isinstance(exc, CorruptDicom) or len(ds) == 0 or "Image Storage" in str(sop_class)
+        if at_end and cut:
+            found = f"{len(ds)} data elements" if len(ds) else "no data elements"
+            what = str(exc.args[0]).removeprefix(f'"{ref.uri}" ')
+            raise CorruptDicom(
+                f'"{ref.uri}" has an unreadable header: truncated after {ref.size} bytes '
+                f"({found} after the file meta header; {what})"
+            ) from exc
+        raise
     try:
         number = int(ds.get("InstanceNumber")) if ds.get("InstanceNumber") is not None else None
     except (TypeError, ValueError):
