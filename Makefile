@@ -41,12 +41,12 @@ test-unit: .venv/.synced
 	.venv/bin/python -m pytest -q -m "not e2e"
 
 lint: .venv/.synced
-	.venv/bin/ruff check flows tasks simulator tests
-	.venv/bin/ruff format --check flows tasks simulator tests
+	.venv/bin/ruff check flows tasks simulator tests benchmarks infra
+	.venv/bin/ruff format --check flows tasks simulator tests benchmarks infra
 
 format: .venv/.synced
-	.venv/bin/ruff format flows tasks simulator tests
-	.venv/bin/ruff check --fix flows tasks simulator tests
+	.venv/bin/ruff format flows tasks simulator tests benchmarks infra
+	.venv/bin/ruff check --fix flows tasks simulator tests benchmarks infra
 
 schema: .venv/.synced  ## regenerate schemas/report.schema.json from the pydantic Report model
 	.venv/bin/python -c "from tasks.report import write_schema_file; print(write_schema_file())"

@@ -207,9 +207,7 @@ class Report(BaseModel):
     radflow_version: str
     impression: Impression | None = Field(None, description="model-written narrative, optional")
     provenance: Provenance | None = None
-    outputs: list[str] = Field(
-        default_factory=list, description="files written beside report.json"
-    )
+    outputs: list[str] = Field(default_factory=list, description="files written beside report.json")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 

@@ -331,7 +331,10 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
         assert len(runs) == 2, [r["name"] for r in runs]
         assert all(r["state_type"] == "COMPLETED" for r in runs), [r["state"] for r in runs]
         by_source = {r["parameters"]["source"]: r for r in runs}
-        assert set(by_source) == {"s3://ev-scans/incoming/study a/", "s3://ev-scans/incoming/study-b/"}
+        assert set(by_source) == {
+            "s3://ev-scans/incoming/study a/",
+            "s3://ev-scans/incoming/study-b/",
+        }
         assert by_source["s3://ev-scans/incoming/study a/"]["parameters"]["keys"] == [
             "slice 1.dcm",
             "slice 2.dcm",
