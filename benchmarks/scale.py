@@ -25,10 +25,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import yaml
 
-from simulator.process import free_port, running_simulator
+from simulator.process import free_port, running_simulator, serving
 from simulator.samples import synthetic_ct
 
 __all__ = ["main", "marginal_ratio"]
@@ -84,32 +83,10 @@ def prefect_server(home: Path, wait: float = 120.0) -> Iterator[tuple[str, subpr
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {proc.returncode}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prefect server did not answer on {url} within {wait:.0f} s")
-            time.sleep(0.2)
+    with serving([*cmd, "--port", str(port)], url + "/health", name="prefect server",
+                 env=env, wait=wait) as proc:  # fmt: skip
         yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_one(source: Path, dest: Path, config: Path, api_url: str) -> dict:

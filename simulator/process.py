@@ -1,4 +1,4 @@
-"""Run the simulator as its own process on a free loopback port (demo, tests, benchmarks)."""
+"""Run servers (the simulator, moto, Prefect) as their own processes on free loopback ports."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import contextlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 
-__all__ = ["SimulatorProcess", "free_port", "running_simulator"]
+__all__ = ["SimulatorProcess", "free_port", "running_simulator", "serving"]
 
 
 def free_port() -> int:
@@ -38,44 +39,51 @@ class SimulatorProcess:
 
 
 @contextlib.contextmanager
+def serving(
+    cmd: list[str],
+    health_url: str,
+    *,
+    name: str,
+    env: dict[str, str] | None = None,
+    wait: float = 60.0,
+) -> Iterator[subprocess.Popen]:
+    """Run ``cmd`` as its own process until ``health_url`` answers 200; stop it afterwards.
+
+    Its output goes to a temporary file (a pipe would fill up and block it); the file's tail
+    is quoted when the process exits before answering."""
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + wait
+            while True:  # start-up polling with a deadline, not synchronisation of a test
+                if proc.poll() is not None:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-2000:].strip()
+                    raise RuntimeError(f"{name} exited with {proc.returncode}: {tail}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(health_url, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not answer on {health_url} within {wait:.0f} s")
+                time.sleep(0.1)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
 def running_simulator(
     *args: str, port: int | None = None, wait: float = 30.0
 ) -> Iterator[SimulatorProcess]:
     """Start ``radflow simulator`` with ``args``; wait until /health answers; stop it after."""
     port = port or free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "simulator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--quiet",
-        *args,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                raise RuntimeError(f"simulator exited with {proc.returncode}: {err.strip()}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"simulator did not answer on {url} within {wait:.0f} s")
-            time.sleep(0.1)
+    cmd = [sys.executable, "-m", "flows.cli", "simulator", "--host", "127.0.0.1",
+           "--port", str(port), "--quiet", *args]  # fmt: skip
+    with serving(cmd, url + "/health", name="simulator", wait=wait) as proc:
         yield SimulatorProcess(url, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

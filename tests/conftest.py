@@ -36,14 +36,9 @@ def simulator():
 def moto_server():
     """A real S3 wire protocol: ``moto_server`` as its own process on a free loopback port.
     boto3 reaches it through AWS_ENDPOINT_URL with fake credentials for the whole session."""
-    import subprocess
     import sys
-    import tempfile
-    import time
 
-    import httpx
-
-    from simulator.process import free_port
+    from simulator.process import free_port, serving
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -54,37 +49,14 @@ def moto_server():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    # it logs every request: a file, as a pipe would fill up and block it
-    with tempfile.TemporaryFile() as log, pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             mp.delenv(name, raising=False)
         for name, value in env.items():
             mp.setenv(name, value)
-        proc = subprocess.Popen(
-            [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while True:  # poll until it answers (start-up, not synchronisation of a test)
-                if proc.poll() is not None:
-                    log.seek(0)
-                    err = log.read().decode(errors="replace")[-2000:]
-                    raise RuntimeError(f"moto_server exited with {proc.returncode}: {err}")
-                try:
-                    httpx.get(url + "/moto-api/", timeout=1)
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"moto_server did not answer on {url}") from None
-                    time.sleep(0.1)
+        cmd = [str(exe), "-H", "127.0.0.1", "-p", str(port)]
+        with serving(cmd, url + "/moto-api/", name="moto_server"):
             yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 @pytest.fixture(scope="session")
