@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -49,20 +50,16 @@ def demo_config(base_url: str, language: str) -> dict:
 
 
 def summary_table(dest: Path) -> Table:
-    table = Table(title="radflow demo — SIMULATED readings (test double), not medical opinions")
-    for col in (
-        "study",
-        "modality",
-        "consensus",
-        "urgency",
-        "agreement",
-        "review",
-        "tokens",
-        "cost $",
-    ):
-        table.add_column(
-            col, justify="right" if col in ("agreement", "tokens", "cost $") else "left"
-        )
+    """One row per report; compact enough for an 80-column terminal."""
+    table = Table(
+        title="radflow demo — SIMULATED readings (test double), not medical opinions",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    right = ("agree", "tokens", "cost $")
+    for col in ("input", "modality", "consensus", "urgency", "agree", "review", "tokens", "cost $"):
+        table.add_column(col, justify="right" if col in right else "left", no_wrap=True)
     for path in sorted(dest.glob("studies/*/report.json")):
         r = json.loads(path.read_text())
         c = r["consensus"]
@@ -70,10 +67,10 @@ def summary_table(dest: Path) -> Table:
         verdict = {True: "[red]abnormal", False: "[green]normal", None: "no reading"}[c["abnormal"]]
         tokens = sum(x["input_tokens"] + x["output_tokens"] for x in r["readings"])
         table.add_row(
-            "…" + r["study_instance_uid"][-22:],
+            Path(r["sources"][0]).stem[:14] if r["sources"] else r["study_instance_uid"][-14:],
             modality,
             verdict,
-            c["urgency"] or "-",
+            (c["urgency"] or "-").replace("_", "-"),
             f"{c['agreement']:.0%}",
             "yes" if c["needs_review"] else "no",
             str(tokens),
