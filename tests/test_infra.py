@@ -292,11 +292,11 @@ def test_bootstrap_wires_bucket_notifications_to_the_queue(moto_server):
 def test_bootstrap_saves_model_keys_as_secret_blocks(prefect_harness, monkeypatch, capsys):
     from prefect.blocks.system import Secret
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai-never-printed")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-anthropic-never-printed")
+    monkeypatch.setenv("OPENAI_API_KEY", "test-openai-key-never-printed")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-anthropic-key-never-printed")
     bootstrap.main(["secrets"])
-    assert Secret.load("radflow-openai-api-key").get() == "sk-test-openai-never-printed"
-    assert Secret.load("radflow-anthropic-api-key").get() == "sk-test-anthropic-never-printed"
+    assert Secret.load("radflow-openai-api-key").get() == "test-openai-key-never-printed"
+    assert Secret.load("radflow-anthropic-api-key").get() == "test-anthropic-key-never-printed"
     assert "never-printed" not in capsys.readouterr().out
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set"):
