@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from simulator.process import running_simulator
+from simulator.process import panel_config, running_simulator
 from simulator.samples import build_sample_folder
 
 __all__ = ["baseline", "main"]
@@ -28,26 +28,7 @@ KEY_ENV = "RADFLOW_BENCH_KEY"
 
 
 def _config(sim, folder: Path, concurrency: int) -> Path:
-    models = [
-        {
-            "name": "gpt-4o",
-            "provider": "openai",
-            "model": "gpt-4o",
-            "base_url": sim.openai_base_url,
-            "api_key_env": KEY_ENV,
-            "max_concurrency": concurrency,
-            "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
-        },
-        {
-            "name": "claude",
-            "provider": "anthropic",
-            "model": "claude-sonnet-4-6",
-            "base_url": sim.url,
-            "api_key_env": KEY_ENV,
-            "max_concurrency": concurrency,
-            "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
-        },
-    ]
+    models = panel_config(sim.url, KEY_ENV, max_concurrency=concurrency)
     path = folder / "radflow.yaml"
     path.write_text(yaml.safe_dump({"language": "en", "models": models}))
     return path

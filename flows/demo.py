@@ -13,7 +13,7 @@ from rich.table import Table
 
 from flows.progress import run_with_progress
 from flows.screen import screen
-from simulator.process import running_simulator
+from simulator.process import panel_config, running_simulator
 from simulator.samples import build_sample_folder
 
 __all__ = ["run_demo"]
@@ -26,26 +26,7 @@ def demo_config(base_url: str, language: str) -> dict:
     return {
         "language": language,
         "preprocess": {"max_edge": 1024, "window": "auto"},
-        "models": [
-            {
-                "name": "gpt-4o",
-                "provider": "openai",
-                "model": "gpt-4o",
-                "base_url": base_url + "/v1",
-                "api_key_env": DEMO_KEY_ENV,
-                "max_concurrency": 8,
-                "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
-            },
-            {
-                "name": "claude",
-                "provider": "anthropic",
-                "model": "claude-sonnet-4-6",
-                "base_url": base_url,
-                "api_key_env": DEMO_KEY_ENV,
-                "max_concurrency": 8,
-                "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
-            },
-        ],
+        "models": panel_config(base_url, DEMO_KEY_ENV),
     }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
-__all__ = ["SimulatorProcess", "free_port", "running_simulator", "serving"]
+__all__ = ["SimulatorProcess", "free_port", "panel_config", "running_simulator", "serving"]
 
 
 def free_port() -> int:
@@ -36,6 +36,18 @@ class SimulatorProcess:
 
     def bodies(self) -> dict[str, list[str]]:
         return httpx.get(self.url + "/bodies", timeout=30).json()
+
+
+def panel_config(url: str, key_env: str, max_concurrency: int = 8) -> list[dict]:
+    """The config's ``models``: an OpenAI and an Anthropic model, both pointed at the simulator
+    at ``url`` (as a user points them at a gateway), with the key read from ``key_env``."""
+    common = {"api_key_env": key_env, "max_concurrency": max_concurrency}
+    return [
+        {"name": "gpt-4o", "provider": "openai", "model": "gpt-4o", "base_url": url + "/v1",
+         "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}, **common},
+        {"name": "claude", "provider": "anthropic", "model": "claude-sonnet-4-6", "base_url": url,
+         "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}, **common},
+    ]  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.process import running_simulator
+from simulator.process import panel_config, running_simulator
 from simulator.samples import build_sample_folder
 
 KEY_ENV = "RADFLOW_TEST_KEY"
@@ -77,24 +77,7 @@ def sim_config(sim, tmp_path: Path, language: str = "en", **extra) -> Path:
 
     config = {
         "language": language,
-        "models": [
-            {
-                "name": "gpt-4o",
-                "provider": "openai",
-                "model": "gpt-4o",
-                "base_url": sim.openai_base_url,
-                "api_key_env": KEY_ENV,
-                "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
-            },
-            {
-                "name": "claude",
-                "provider": "anthropic",
-                "model": "claude-sonnet-4-6",
-                "base_url": sim.url,
-                "api_key_env": KEY_ENV,
-                "price": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
-            },
-        ],
+        "models": panel_config(sim.url, KEY_ENV),
         **extra,
     }
     path = tmp_path / "radflow.yaml"
