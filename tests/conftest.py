@@ -91,3 +91,18 @@ def child_env(api_url: str) -> dict[str, str]:
     env["PREFECT_API_URL"] = api_url
     env[KEY_ENV] = TEST_KEY
     return env
+
+
+def read_reports(dest: Path) -> dict:
+    """Every report.json under a local DEST, by StudyInstanceUID."""
+    from tasks.schema import Report
+
+    return {
+        p.parent.name: Report.model_validate_json(p.read_text())
+        for p in dest.glob("studies/*/report.json")
+    }
+
+
+def sim_calls(sim) -> int:
+    """Requests the simulator has received so far, all models together."""
+    return sum(sim.stats()["requests"].values())

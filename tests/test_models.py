@@ -19,7 +19,7 @@ from tasks.config import Settings
 from tasks.diagnose import Panel, load_prompt
 from tasks.schema import ModelReading, Report, RunSummary
 from tasks.storage import LocalStore
-from tests.conftest import KEY_ENV, TEST_KEY
+from tests.conftest import KEY_ENV, TEST_KEY, read_reports
 
 PROMPT = load_prompt("en")
 CONTEXT = {"modality": "CT"}
@@ -262,10 +262,7 @@ def test_screen_with_25_percent_faults_reports_everything_once(
         config.write_text(yaml.safe_dump({"language": "en", "models": models}))
         first = asyncio.run(screen(str(source), str(dest), str(config)))
         stats = faulty.stats()
-        reports = {
-            p.parent.name: Report.model_validate_json(p.read_text())
-            for p in dest.glob("studies/*/report.json")
-        }
+        reports = read_reports(dest)
         second = asyncio.run(screen(str(source), str(dest), str(config), force=True))
         after = faulty.stats()
 

@@ -24,8 +24,7 @@ from pydicom.uid import generate_uid
 from simulator.hostile import build_hostile_folder
 from simulator.process import running_simulator
 from simulator.samples import build_sample_folder, synthetic_ct
-from tasks.schema import Report
-from tests.conftest import KEY_ENV, TEST_KEY, child_env, sim_config
+from tests.conftest import KEY_ENV, TEST_KEY, child_env, read_reports, sim_config
 
 pytestmark = pytest.mark.e2e
 
@@ -36,11 +35,17 @@ def _errors(dest: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(dest.glob("errors/*.json"))]
 
 
-def _reports(dest: Path) -> dict[str, Report]:
-    return {
-        p.parent.name: Report.model_validate_json(p.read_text())
-        for p in dest.glob("studies/*/report.json")
-    }
+def _screen_cli(
+    source: Path, dest: Path, config: Path, api_url: str
+) -> subprocess.CompletedProcess:
+    """``radflow screen`` as a user runs it, against the harness's Prefect API."""
+    return subprocess.run(
+        [*RADFLOW, "screen", str(source), "--out", str(dest), "--config", str(config)],
+        env=child_env(api_url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 # ---- 1. hostile inputs ----------------------------------------------------------------------
@@ -52,13 +57,7 @@ def test_hostile_inputs_each_get_one_error_record_and_good_studies_are_reported(
     source, dest = tmp_path / "in", tmp_path / "out"
     made = build_hostile_folder(source, good=4)
     config = sim_config(simulator, tmp_path)
-    run = subprocess.run(
-        [*RADFLOW, "screen", str(source), "--out", str(dest), "--config", str(config)],
-        env=child_env(prefect_harness),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = _screen_cli(source, dest, config, prefect_harness)
     assert run.returncode == 0, run.stderr[-3000:]
     errors = _errors(dest)
     bad = {rel: e for rel, e in made.items() if e.kind != "report"}
@@ -76,7 +75,7 @@ def test_hostile_inputs_each_get_one_error_record_and_good_studies_are_reported(
     assert len(errors) == len(bad)  # nothing else failed, nothing was recorded twice
     # every good study reported, from its odd-named file
     good = [rel for rel, e in made.items() if e.kind == "report"]
-    reports = _reports(dest)
+    reports = read_reports(dest)
     assert len(reports) == len(good) == 4
     sources = [s for r in reports.values() for s in r.sources]
     assert all(any(s.endswith("/" + rel) for s in sources) for rel in good)
@@ -218,7 +217,7 @@ def test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_tw
             )
             try:
                 deadline = time.monotonic() + 300
-                while len(_cached(dest)) < 4 or not _reports(dest):  # some work done
+                while len(_cached(dest)) < 4 or not read_reports(dest):  # some work done
                     assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                     assert time.monotonic() < deadline, "no reading was cached in 300 s"
                     time.sleep(0.05)
@@ -227,7 +226,7 @@ def test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_tw
                 first.wait()
         assert first.returncode == -signal.SIGKILL
         cached = _cached(dest)  # what the crashed run had answered and kept
-        reported_before = set(_reports(dest))
+        reported_before = set(read_reports(dest))
         answered_before = sum(_settled(sim)["answered"].values())
         assert len(reported_before) < n  # the kill really was mid-run
 
@@ -235,7 +234,7 @@ def test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_tw
         assert second.returncode == 0, second.stderr[-3000:]
         answered_after = sum(_settled(sim)["answered"].values())
 
-    reports = _reports(dest)
+    reports = read_reports(dest)
     assert len(reports) == n and not _errors(dest)
     (summary_path,) = dest.glob("runs/*.json")  # the killed run never wrote a summary
     summary = json.loads(summary_path.read_text())
@@ -355,18 +354,12 @@ def test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs(
                 }
             )
             config.write_text(yaml.safe_dump(data))
-            run = subprocess.run(
-                [*RADFLOW, "screen", str(source), "--out", str(dest), "--config", str(config)],
-                env=child_env(prefect_harness),
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
+            run = _screen_cli(source, dest, config, prefect_harness)
             bodies = json.dumps(sim.bodies(), ensure_ascii=False)
     finally:
         echo.shutdown()
     assert run.returncode == 0, run.stderr[-3000:]
-    reports = _reports(dest)
+    reports = read_reports(dest)
     assert len(reports) == 2 and all(r.status == "degraded" for r in reports.values())
     leaky = [x for r in reports.values() for x in r.readings if x.model == "leaky"]
     assert all(not x.ok and "401" in (x.error or "") for x in leaky)  # the SDK error is kept

@@ -26,7 +26,7 @@ from tasks.errors import ObjectMissing, StorageError, StorageUnavailable
 from tasks.s3 import S3Store, parse_s3_uri, storage_error
 from tasks.schema import Report, RunSummary
 from tasks.storage import open_store
-from tests.conftest import child_env, sim_config
+from tests.conftest import child_env, sim_calls, sim_config
 
 JUNK = 1050  # tiny non-DICOM objects: more than one list_objects_v2 page (1,000 keys)
 ODD_KEY = "synthetic/환자 00/lesion slice 100% (a+b) #1.dcm"
@@ -185,10 +185,6 @@ def _all_keys(bucket: str, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def _calls(sim) -> int:
-    return sum(sim.stats()["requests"].values())
-
-
 @pytest.mark.e2e
 def test_screen_s3_to_s3_reports_every_object_once_encrypted_and_reruns_free(
     prefect_harness, simulator, scans, tmp_path
@@ -198,13 +194,13 @@ def test_screen_s3_to_s3_reports_every_object_once_encrypted_and_reruns_free(
     config = sim_config(
         simulator, tmp_path, storage={"multipart_threshold_mib": 5, "max_concurrency": 8}
     )
-    before = _calls(simulator)
+    before = sim_calls(simulator)
 
     summary = asyncio.run(screen("s3://scans/in", "s3://reports/out/", str(config)))
 
     # 4 real + 4 synthetic studies + the 8 MiB multipart one
     assert summary.studies == summary.reported == 9 and summary.degraded == 0
-    assert _calls(simulator) - before == 18 == summary.model_calls
+    assert sim_calls(simulator) - before == 18 == summary.model_calls
     written = _all_keys("reports", "out/")
     report_keys = [k for k in written if k.endswith("/report.json")]
     reports = [
@@ -235,7 +231,7 @@ def test_screen_s3_to_s3_reports_every_object_once_encrypted_and_reruns_free(
     stamps = {k: s3.head_object(Bucket="reports", Key=k)["LastModified"] for k in report_keys}
     again = asyncio.run(screen("s3://scans/in", "s3://reports/out/", str(config)))
     assert again.skipped == 9 and again.reported == 0 and again.model_calls == 0
-    assert _calls(simulator) - before == 18
+    assert sim_calls(simulator) - before == 18
     assert stamps == {
         k: s3.head_object(Bucket="reports", Key=k)["LastModified"] for k in report_keys
     }

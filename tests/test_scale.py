@@ -22,9 +22,9 @@ from tasks.config import RunnerConfig, Settings
 from tasks.discover import Instance, Study
 from tasks.errors import ConfigError
 from tasks.runner import merge_summary, plan_shards
-from tasks.schema import Report, RunSummary
+from tasks.schema import RunSummary
 from tasks.storage import ObjectRef
-from tests.conftest import child_env, sim_config
+from tests.conftest import child_env, read_reports, sim_calls, sim_config
 
 
 def _study(uid: str, n: int) -> Study:
@@ -96,32 +96,21 @@ def _tiny_studies(root: Path, n: int) -> Path:
     return root
 
 
-def _reports(dest: Path) -> dict[str, Report]:
-    return {
-        p.parent.name: Report.model_validate_json(p.read_text())
-        for p in dest.glob("studies/*/report.json")
-    }
-
-
-def _calls(sim) -> int:
-    return sum(sim.stats()["requests"].values())
-
-
 @pytest.mark.e2e
 def test_sharded_run_reports_every_study_exactly_once(prefect_harness, simulator, tmp_path):
     source = _tiny_studies(tmp_path / "in", 7)
     config = sim_config(simulator, tmp_path, preprocess={"max_edge": 64}, runner={"shard_size": 3})
     dest = tmp_path / "out"
-    before = _calls(simulator)
+    before = sim_calls(simulator)
 
     summary = asyncio.run(screen(str(source), str(dest), str(config)))
 
     assert summary.studies == 7 == summary.reported and summary.errors == 0
     assert len(summary.shards) == 3 == len(set(summary.shards))  # 3 + 3 + 1 studies
-    reports = _reports(dest)
+    reports = read_reports(dest)
     assert len(reports) == 7 and all(r.status == "complete" for r in reports.values())
     # every study read once: two models each, no study in two shards
-    assert _calls(simulator) - before == 14 == summary.model_calls
+    assert sim_calls(simulator) - before == 14 == summary.model_calls
     children = [
         RunSummary.model_validate_json((dest / "runs" / f"{run_id}.json").read_text())
         for run_id in summary.shards
@@ -132,7 +121,7 @@ def test_sharded_run_reports_every_study_exactly_once(prefect_harness, simulator
 
     # a rerun skips everything at the parent: no shards, no model calls
     again = asyncio.run(screen(str(source), str(dest), str(config)))
-    assert again.skipped == 7 and again.shards == [] and _calls(simulator) - before == 14
+    assert again.skipped == 7 and again.shards == [] and sim_calls(simulator) - before == 14
 
 
 @pytest.mark.e2e
@@ -149,7 +138,7 @@ def test_process_pool_renders_the_same_images_as_threads(prefect_harness, simula
         dest = tmp_path / f"out-{mode}"
         summary = asyncio.run(screen(str(source), str(dest), str(config)))
         assert summary.reported == 3
-        results[mode] = {uid: [i.sha256 for i in r.images] for uid, r in _reports(dest).items()}
+        results[mode] = {uid: [i.sha256 for i in r.images] for uid, r in read_reports(dest).items()}
     assert results["process"] == results["thread"] and len(results["thread"]) == 3
 
 
@@ -207,7 +196,7 @@ def test_shards_run_as_deployment_runs_on_a_served_deployment(prefect_harness, s
         serve.terminate()
         serve.wait(timeout=60)
 
-    assert summary.reported == 4 == len(_reports(dest)) and summary.errors == 0
+    assert summary.reported == 4 == len(read_reports(dest)) and summary.errors == 0
     assert len(summary.shards) == 2 and summary.model_calls == 8
 
     async def child_runs() -> list:
@@ -227,8 +216,8 @@ def test_a_missing_shard_deployment_fails_before_any_study_is_read(
     config = sim_config(
         simulator, tmp_path, runner={"shard_size": 1, "shard_deployment": "screen/nope"}
     )
-    before = _calls(simulator)
+    before = sim_calls(simulator)
     with pytest.raises(ConfigError, match='runner.shard_deployment "screen/nope" is not a'):
         asyncio.run(screen(str(source), str(tmp_path / "out"), str(config)))
-    assert _calls(simulator) == before
+    assert sim_calls(simulator) == before
     assert not list((tmp_path / "out").glob("studies/*/report.json"))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from flows.screen import screen
-from tasks.schema import Report, RunSummary
-from tests.conftest import TEST_KEY, child_env, sim_config
+from tasks.schema import RunSummary
+from tests.conftest import TEST_KEY, child_env, read_reports, sim_calls, sim_config
 
 pytestmark = pytest.mark.e2e
 
@@ -28,27 +28,16 @@ PHI_VALUES = (
 )
 
 
-def _reports(dest: Path) -> dict[str, Report]:
-    return {
-        p.parent.name: Report.model_validate_json(p.read_text())
-        for p in dest.glob("studies/*/report.json")
-    }
-
-
-def _calls(sim) -> int:
-    return sum(sim.stats()["requests"].values())
-
-
 def test_screen_reports_every_study_and_reruns_for_free(
     prefect_harness, simulator, samples, tmp_path
 ):
     config = sim_config(simulator, tmp_path, language="en")
     dest = tmp_path / "out"
-    before = _calls(simulator)
+    before = sim_calls(simulator)
 
     summary = asyncio.run(screen(str(samples), str(dest), str(config)))
 
-    reports = _reports(dest)
+    reports = read_reports(dest)
     # 4 real pydicom-data studies + 4 synthetic ones; notes.txt is an error record
     assert len(reports) == 8 == summary.reported == summary.studies
     errors = [json.loads(p.read_text()) for p in dest.glob("errors/*.json")]
@@ -69,7 +58,7 @@ def test_screen_reports_every_study_and_reruns_for_free(
     lesion = [r for r in reports.values() if any("lesion" in s for s in r.sources)]
     assert lesion and all(any(x.abnormal for x in r.readings) for r in lesion)
 
-    assert _calls(simulator) - before == 16 == summary.model_calls
+    assert sim_calls(simulator) - before == 16 == summary.model_calls
     run = RunSummary.model_validate_json(next(dest.glob("runs/*.json")).read_text())
     assert run.reported == 8 and run.errors == 1 and run.cost_usd > 0 and run.simulated
 
@@ -87,7 +76,7 @@ def test_screen_reports_every_study_and_reruns_for_free(
     mtimes = {p: p.stat().st_mtime_ns for p in dest.glob("studies/*/report.json")}
     again = asyncio.run(screen(str(samples), str(dest), str(config)))
     assert again.skipped == 8 and again.reported == 0 and again.model_calls == 0
-    assert _calls(simulator) - before == 16
+    assert sim_calls(simulator) - before == 16
     assert mtimes == {p: p.stat().st_mtime_ns for p in dest.glob("studies/*/report.json")}
 
 
@@ -97,7 +86,7 @@ def test_korean_reports_and_a_failing_model_degrade(prefect_harness, simulator, 
     config.write_text(text)  # the anthropic model now points at a closed port
     dest = tmp_path / "out"
     summary = asyncio.run(screen(str(samples), str(dest), str(config), limit=2))
-    reports = _reports(dest)
+    reports = read_reports(dest)
     assert len(reports) == 2 == summary.degraded
     for report in reports.values():
         ok, failed = report.readings
@@ -129,7 +118,7 @@ def test_cli_screen_against_a_compatible_server(prefect_harness, simulator, samp
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reported 8/8 studies" in proc.stdout
-    assert len(_reports(dest)) == 8
+    assert len(read_reports(dest)) == 8
     assert TEST_KEY not in proc.stdout + proc.stderr
 
 
