@@ -21,6 +21,7 @@ from tasks.discover import Inventory, Study, discover_studies
 from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
+from tasks.reliability import model_weights
 from tasks.report import (
     report_key,
     review_entry,
@@ -149,12 +150,13 @@ async def screen(
         prompt = load_prompt(settings.language)
         panel = Panel(settings, cache=ReadingCache(dest))
         window = asyncio.Semaphore(settings.max_studies_in_flight)
+        weights = await asyncio.to_thread(model_weights, settings)  # once, not per study
 
         async def one(study: Study) -> StudyOutcome:
             async with window:
                 # quote(): Prefect passes the objects as they are instead of walking them
                 # looking for futures (≈25 ms of event-loop time per study otherwise)
-                args = (quote(a) for a in (study, src, dest, settings, panel, prompt))
+                args = (quote(a) for a in (study, src, dest, settings, panel, prompt, weights))
                 state = await screen_study(*args, return_state=True)
             if state.is_completed():
                 return await state.aresult()

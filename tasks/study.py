@@ -20,7 +20,6 @@ from tasks.errors import RadflowError
 from tasks.keyimages import KeyRule, parse_rule, pick
 from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
-from tasks.reliability import model_weights
 from tasks.report import write_error, write_report
 from tasks.runner import run_preprocess
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
@@ -144,9 +143,16 @@ def prepare_study(
     tags=["radflow-study"],
 )
 async def screen_study(
-    study: Study, source: Store, dest: Store, settings: Settings, panel: Panel, prompt: Prompt
+    study: Study,
+    source: Store,
+    dest: Store,
+    settings: Settings,
+    panel: Panel,
+    prompt: Prompt,
+    weights: tuple[dict[str, float], str],
 ) -> StudyOutcome:
-    """Preprocess, read with every model, combine, and write the study's report."""
+    """Preprocess, read with every model, combine, and write the study's report.
+    ``weights`` is (vote weight per model, where they come from), loaded once per run."""
     logger = get_run_logger()
     uid = study.study_instance_uid
     prepared, errors = await run_preprocess(  # threads, or a process pool (runner.preprocess)
@@ -167,8 +173,7 @@ async def screen_study(
     context = clinical_context(i.header for i in study.instances)
     sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
     readings = await panel.read(sized, context, prompt)
-    weights, weights_source = await asyncio.to_thread(model_weights, settings)
-    consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
+    consensus = build_consensus(readings, weights[0], settings.review, weights_source=weights[1])
     impression = None
     if settings.synthesis is not None:
         impression = await synthesize(settings.synthesis, settings, consensus, readings)
