@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from pydicom.data import get_testdata_file
 
 from simulator.samples import synthetic_ct
 from tasks.discover import discover_studies
+from tasks.errors import StorageError
 from tasks.storage import LocalStore
 
 
@@ -54,3 +57,13 @@ def test_fingerprint_changes_when_an_input_changes(tmp_path):
     synthetic_ct(tmp_path / "x.dcm", lesion=True, seed=1)
     after = discover_studies.fn(LocalStore(tmp_path)).studies[0].fingerprint
     assert before != after
+
+
+def test_local_store_keys_cannot_leave_the_folder(tmp_path):
+    store = LocalStore(tmp_path / "root")
+    store.write_bytes("a/../b/report.json", b"{}")
+    assert (tmp_path / "root/b/report.json").read_bytes() == b"{}"
+    for key in ("../outside.json", "/etc/passwd", "a/../../outside.json", ".", ""):
+        with pytest.raises(StorageError, match="escapes the folder"):
+            store.write_bytes(key, b"x")
+    assert not (tmp_path / "outside.json").exists()
