@@ -20,7 +20,7 @@ from pathlib import Path
 from simulator.samples import REAL_SAMPLES, synthetic_ct
 from tasks.config import PreprocessConfig, RunnerConfig, StorageConfig
 from tasks.discover import Study, discover_studies
-from tasks.runner import preprocess_pool, run_preprocess, shutdown_pools
+from tasks.runner import off_loop, preprocess_pool, shutdown_pools
 from tasks.storage import LocalStore, Store
 from tasks.study import prepare_study
 
@@ -61,9 +61,7 @@ async def run(
 
     async def one(store: Store, study: Study) -> int:
         async with window:
-            images, errors = await run_preprocess(
-                runner, storage, prepare_study, store, study, config
-            )
+            images, errors = await off_loop(runner, storage, prepare_study, [store], study, config)
         if errors or not images:
             raise RuntimeError(f"{study.study_instance_uid}: {[e.reason for e in errors]}")
         return len(images)

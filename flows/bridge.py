@@ -120,7 +120,7 @@ def run_bridge(
         stats.duplicates = batcher.duplicates
         stats.deleted += _delete(sqs, queue_url, handles, batcher.deletable())
         for study in batcher.ready(clock()):
-            if not _emit(study, emit):
+            if not _emit(study, emit, clock()):
                 stop.wait(1)  # the API is down: keep the messages, try again shortly
                 break
             stats.events += 1
@@ -128,7 +128,7 @@ def run_bridge(
     return stats
 
 
-def _emit(study: PendingStudy, emit: Callable[[dict[str, Any]], None]) -> bool:
+def _emit(study: PendingStudy, emit: Callable[[dict[str, Any]], None], now: float) -> bool:
     event = study_event(study)
     try:
         emit(event)
@@ -136,10 +136,11 @@ def _emit(study: PendingStudy, emit: Callable[[dict[str, Any]], None]) -> bool:
         logger.warning("event for %s not accepted (%s); will retry", study.uri, exc)
         return False
     logger.info(
-        "%s: %d objects quiet for %.1f s → event %s",
+        "%s: %d objects (arriving over %.1f s, then quiet for %.1f s) → event %s",
         study.uri,
         len(study.objects),
         study.last_seen - study.first_seen,
+        now - study.last_seen,
         event["id"],
     )
     return True

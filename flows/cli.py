@@ -350,13 +350,20 @@ def serve(
     poll_seconds: Annotated[
         float, typer.Option(min=0.5, help="how often to look for runs to start")
     ] = 2.0,
+    warm: Annotated[
+        bool,
+        typer.Option(
+            help="run event-triggered deployments (on-upload) in this already-imported "
+            "process instead of a new interpreter per run (saves seconds per upload)"
+        ),
+    ] = True,
 ) -> None:
     """Serve the deployments of deployments/prefect.yaml in-process (no work pool)."""
     from flows.serve import DEFAULT_PREFECT_FILE
     from flows.serve import serve as serve_deployments
 
     try:
-        serve_deployments(prefect_file or DEFAULT_PREFECT_FILE, only, limit, poll_seconds)
+        serve_deployments(prefect_file or DEFAULT_PREFECT_FILE, only, limit, poll_seconds, warm)
     except RadflowError as exc:
         raise _fail(exc) from None
 

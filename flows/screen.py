@@ -7,15 +7,16 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from functools import partial
+from importlib import import_module
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from flows.shards import run_shards
 from tasks.cache import ReadingCache
 from tasks.config import load_settings
-from tasks.consensus import panel_kappa
+from tasks.consensus import KAPPA_MODULE, panel_kappa
 from tasks.diagnose import Panel, load_prompt
 from tasks.discover import Inventory, Study, discover_studies
 from tasks.errors import ConfigError
@@ -29,7 +30,9 @@ from tasks.report import (
     write_errors,
     write_run_summary,
 )
+from tasks.runner import resolve_runner
 from tasks.schema import ErrorRecord, RunSummary
+from tasks.sr import warm_up
 from tasks.storage import Store, open_store, read_json
 from tasks.study import StudyOutcome, screen_study
 
@@ -130,6 +133,7 @@ async def screen(
     labels = run_tags(source, [m.name for m in settings.models])
     await monitor.label(run_name(started, len(studies)), labels)
     await monitor.start(len(pending))
+    warming: asyncio.Future | None = None
     rows: list[dict] = []
     votes: list[list[bool | None]] = []  # per study read: each model's abnormal (kappa)
     if settings.runner.shard_size and len(pending) > settings.runner.shard_size:
@@ -147,6 +151,16 @@ async def screen(
             on_failure=partial(_fail_unreported, dest),
         )
     elif pending:
+        # `preprocess: auto` → threads or the process pool, by the size of this run
+        settings = settings.model_copy(
+            update={"runner": resolve_runner(settings.runner, len(pending))}
+        )
+        # while the first models read: highdicom's tables for the SRs, and statsmodels for
+        # the kappa at the end (each takes a second or more to load on a busy machine)
+        loads = [asyncio.to_thread(warm_up)] if settings.runner.preprocess == "thread" else []
+        if len(pending) > 1:
+            loads.append(asyncio.to_thread(import_module, KAPPA_MODULE))
+        warming = asyncio.ensure_future(asyncio.gather(*loads))
         prompt = load_prompt(settings.language)
         panel = Panel(settings, cache=ReadingCache(dest))
         window = asyncio.Semaphore(settings.max_studies_in_flight)
@@ -167,8 +181,7 @@ async def screen(
             return StudyOutcome(study.study_instance_uid, None, records)
 
         try:
-            with tags(*labels):  # task runs carry the source and model tags too
-                running = [asyncio.ensure_future(one(s)) for s in pending]
+            running = [asyncio.ensure_future(one(s)) for s in pending]
             for done, next_outcome in enumerate(asyncio.as_completed(running), 1):
                 outcome = await next_outcome
                 _add(summary, outcome)
@@ -181,6 +194,8 @@ async def screen(
                     hook(done, len(pending), outcome)
         finally:
             await panel.aclose()
+    if warming is not None:
+        await warming
     summary.fleiss_kappa, summary.kappa_studies = panel_kappa(votes)
     summary.finished_at = datetime.now(UTC)
     key = write_run_summary(dest, summary)

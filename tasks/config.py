@@ -224,12 +224,12 @@ class RunnerConfig(_Strict):
     """How a screening run uses machines: preprocessing in threads or processes, and shards
     (child flow runs) for large runs. See "Scaling out" in the README."""
 
-    preprocess: Literal["thread", "process"] = Field(
-        "thread", description="run the CPU-bound preprocessing in threads or a process pool"
+    preprocess: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="the CPU-bound work of a study (rendering, SR and FHIR reports) in threads "
+        "or a process pool; auto = the pool for runs of 50 or more studies on 4 or more CPUs",
     )
-    workers: int | None = Field(
-        None, ge=1, le=256, description="process-pool size for preprocess: process (None = CPUs)"
-    )
+    workers: int | None = Field(None, ge=1, le=256, description="process-pool size (None = CPUs)")
     shard_size: int = Field(
         0,
         ge=0,

@@ -11,11 +11,12 @@ import numpy as np
 from tasks.config import ReviewConfig
 from tasks.schema import Consensus, MergedItem, ModelReading, ReviewCode, ReviewReason, Urgency
 
-__all__ = ["RULE", "build_consensus", "merge_items", "panel_kappa", "reason_text"]
+__all__ = ["KAPPA_MODULE", "RULE", "build_consensus", "merge_items", "panel_kappa", "reason_text"]
 
 logger = logging.getLogger(__name__)
 
 RULE = "weighted-majority-v1"
+KAPPA_MODULE = "statsmodels.stats.inter_rater"  # Fleiss' kappa; slow to import, so lazily
 
 
 def merge_items(readings: Iterable[ModelReading], field: str) -> list[MergedItem]:
@@ -142,7 +143,8 @@ def panel_kappa(votes: Iterable[Sequence[bool | None]]) -> tuple[float | None, i
         rows = [r for r in rows if len(r) == width]
     if len(rows) < 2 or len(rows[0]) < 2:
         return None, len(rows)
-    # imported here: statsmodels takes ~3 s to import, and every flow run imports this module
+    # imported here: statsmodels takes seconds to import, and every flow run imports this
+    # module (the screening flow imports it in a thread early in runs that will need it)
     from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
     table, _ = aggregate_raters(np.asarray(rows, dtype=int), n_cat=2)

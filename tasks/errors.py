@@ -19,6 +19,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "UnsupportedImage",
+    "WorkerCrashed",
 ]
 
 
@@ -116,3 +117,12 @@ class StorageUnavailable(StorageError):
 class ObjectMissing(RadflowError):
     default = "the object is gone"
     hint = "it was listed but deleted or moved before it could be read; run again"
+
+
+class WorkerCrashed(RadflowError):
+    default = "a process-pool worker died"
+    hint = (
+        "a worker runs out of memory, crashes in a decoder, or cannot start: a script that "
+        'starts a run needs `if __name__ == "__main__":` (Python\'s spawn rule); '
+        "or set runner.preprocess: thread"
+    )

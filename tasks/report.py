@@ -14,16 +14,17 @@ from pathlib import Path
 import jsonschema
 import pydicom
 
-from tasks.errors import ReportError
+from tasks.errors import RadflowError, ReportError
 from tasks.fhir import build_fhir, fhir_json
 from tasks.markdown import image_name, render_markdown
 from tasks.schema import ErrorRecord, Report, ReviewEntry, RunSummary
-from tasks.sr import build_sr, device_uid, sr_bytes
+from tasks.sr import build_sr, device_uid, read_evidence, sr_bytes
 from tasks.storage import Store
 
 __all__ = [
     "SCHEMA_ID",
     "error_key",
+    "publish_report",
     "render_markdown",
     "render_review_table",
     "report_key",
@@ -152,6 +153,35 @@ def write_report(
     store.write_bytes(
         report_key(uid), report.model_dump_json(indent=2).encode(), "application/json"
     )
+
+
+def publish_report(
+    source: Store,
+    dest: Store,
+    report: Report,
+    pngs: dict[str, bytes],
+    evidence: Sequence[tuple[str, str]],
+) -> list[ErrorRecord]:
+    """Read the SR evidence (the key images' headers, given as (key, uri) in ``source``) and
+    write the study's report files. The CPU-heavy end of a study (the SR alone is ~25 ms), so
+    a run may do it in its process pool: everything here pickles. An unreadable evidence
+    header costs the SR and FHIR files, not the report; it is returned as an error record."""
+    errors = []
+    try:
+        datasets = read_evidence(source, evidence)
+    except RadflowError as exc:
+        datasets = []
+        record = ErrorRecord(
+            source=evidence[0][1],
+            reason=f"no SR/FHIR report: {exc}",
+            kind=exc.kind,
+            stage="report",
+            study_instance_uid=report.study_instance_uid,
+        )
+        write_error(dest, record)
+        errors.append(record)
+    write_report(dest, report, pngs, datasets)
+    return errors
 
 
 def write_error(store: Store, record: ErrorRecord) -> None:

@@ -19,7 +19,15 @@ from tasks.errors import CorruptDicom
 from tasks.schema import Report, Urgency
 from tasks.storage import Store
 
-__all__ = ["build_sr", "device_uid", "evidence_dataset", "read_evidence", "sr_bytes", "sr_uids"]
+__all__ = [
+    "build_sr",
+    "device_uid",
+    "evidence_dataset",
+    "read_evidence",
+    "sr_bytes",
+    "sr_uids",
+    "warm_up",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -215,3 +223,24 @@ def sr_bytes(sr: pydicom.Dataset) -> bytes:
     buffer = io.BytesIO()
     sr.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def warm_up() -> None:
+    """Build and drop one SR of a made-up instance, so that highdicom reads its tables of the
+    standard (~0.3 s on an idle machine, once per process) now: in a thread while a run's
+    first models are reading, or when `radflow serve` starts, not in a study's report."""
+    ds = pydicom.Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in "123")
+    ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.Modality = "CT"
+    root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
+    root.ContentSequence = [_text(codes.DCM.Finding, "warm-up")]
+    hd.sr.ComprehensiveSR(
+        evidence=[evidence_dataset(ds, "warm-up")],
+        content=root,
+        series_instance_uid=generate_uid(),
+        series_number=990,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer="radflow",
+    )

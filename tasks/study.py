@@ -4,8 +4,8 @@ inside it, see DESIGN.md for why)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -20,10 +20,9 @@ from tasks.errors import RadflowError
 from tasks.keyimages import KeyRule, parse_rule, pick
 from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
-from tasks.report import write_error, write_report
-from tasks.runner import run_preprocess
+from tasks.report import publish_report, write_error
+from tasks.runner import off_loop
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
-from tasks.sr import read_evidence
 from tasks.storage import Store
 from tasks.synthesis import impression_prompt, synthesize
 
@@ -140,7 +139,8 @@ def prepare_study(
     retry_delay_seconds=[5, 30],
     timeout_seconds=1800,
     cache_policy=NO_CACHE,
-    tags=["radflow-study"],
+    # no tags: a tagged task run asks the API for tag concurrency slots as it starts (one
+    # round trip per study, and stalls of seconds when the server's database is busy)
 )
 async def screen_study(
     study: Study,
@@ -155,14 +155,9 @@ async def screen_study(
     ``weights`` is (vote weight per model, where they come from), loaded once per run."""
     logger = get_run_logger()
     uid = study.study_instance_uid
-    prepared, errors = await run_preprocess(  # threads, or a process pool (runner.preprocess)
-        settings.runner,
-        settings.storage,
-        prepare_study,
-        source,
-        study,
-        settings.preprocess,
-        panel.providers,
+    cpu = partial(off_loop, settings.runner, settings.storage)  # threads or the process pool
+    prepared, errors = await cpu(
+        prepare_study, [source], study, settings.preprocess, panel.providers
     )
     for record in errors:
         write_error(dest, record)
@@ -230,24 +225,9 @@ async def screen_study(
             ),
         ),
     )
-    try:
-        evidence = await asyncio.to_thread(
-            read_evidence, source, [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
-        )
-    except RadflowError as exc:  # the report stands; the SR and FHIR files are missing
-        evidence = []
-        record = ErrorRecord(
-            source=prepared[0][0].ref.uri,
-            reason=f"no SR/FHIR report: {exc}",
-            kind=exc.kind,
-            stage="report",
-            study_instance_uid=uid,
-        )
-        errors.append(record)
-        write_error(dest, record)
-    await asyncio.to_thread(
-        write_report, dest, report, {img.sha256: img.png for _, img in prepared}, evidence
-    )
+    evidence = [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
+    pngs = {img.sha256: img.png for _, img in prepared}
+    errors += await cpu(publish_report, [source, dest], report, pngs, evidence)
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",
         uid,

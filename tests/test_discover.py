@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from pydicom.data import get_testdata_file
 
 from simulator.samples import synthetic_ct

@@ -357,3 +357,14 @@ def test_transient_errors_are_retried_then_reported(moto_server, monkeypatch, mo
         f"→ retried, both answered intact; 5 in a row with max_attempts=2 → "
         f"StorageUnavailable after 2 attempts, nothing read half"
     )
+
+
+def test_stores_with_the_same_settings_share_one_client(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    a, b = S3Store("s3://in/x/", StorageConfig()), S3Store("s3://out/", StorageConfig())
+    assert a.client is b.client  # one botocore session per process, not one per store
+    assert S3Store("s3://in/", StorageConfig(max_concurrency=3)).client is not a.client
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:2")  # a new endpoint, a new client
+    moved = S3Store("s3://in/x/", StorageConfig()).client
+    assert moved is not a.client and moved.meta.endpoint_url == "http://127.0.0.1:2"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,12 +19,20 @@ from prefect.exceptions import ObjectNotFound
 
 from flows.screen import screen
 from simulator.samples import synthetic_ct
-from tasks.config import RunnerConfig, Settings
+from tasks.config import RunnerConfig, Settings, StorageConfig
 from tasks.discover import Instance, Study
-from tasks.errors import ConfigError
-from tasks.runner import merge_summary, plan_shards
+from tasks.errors import ConfigError, WorkerCrashed
+from tasks.runner import (
+    POOL_MIN_CPUS,
+    POOL_MIN_STUDIES,
+    merge_summary,
+    off_loop,
+    plan_shards,
+    resolve_runner,
+    shutdown_pools,
+)
 from tasks.schema import RunSummary
-from tasks.storage import ObjectRef
+from tasks.storage import LocalStore, ObjectRef
 from tests.conftest import child_env, read_reports, sim_calls, sim_config
 
 
@@ -87,7 +96,41 @@ def test_runner_config_rejects_bad_values():
         Settings.model_validate({"runner": {"preprocess": "fork"}})
     with pytest.raises(ValueError, match="shard_size"):
         Settings.model_validate({"runner": {"shard_size": -1}})
-    assert Settings().runner == RunnerConfig(preprocess="thread", shard_size=0)
+    assert Settings().runner == RunnerConfig(preprocess="auto", shard_size=0)
+
+
+def test_auto_takes_the_pool_only_for_large_runs_on_enough_cpus(monkeypatch):
+    auto = RunnerConfig()
+    monkeypatch.setattr("os.cpu_count", lambda: POOL_MIN_CPUS)
+    assert resolve_runner(auto, POOL_MIN_STUDIES).preprocess == "process"
+    assert resolve_runner(auto, POOL_MIN_STUDIES - 1).preprocess == "thread"
+    monkeypatch.setattr("os.cpu_count", lambda: POOL_MIN_CPUS - 1)
+    assert resolve_runner(auto, 10_000).preprocess == "thread"
+    fixed = RunnerConfig(preprocess="process")
+    assert resolve_runner(fixed, 1) is fixed  # an explicit choice stands
+
+
+def _die(store, code: int) -> None:
+    os._exit(code)  # a worker killed mid-study (out of memory, a crash in a decoder)
+
+
+def _where(store) -> str:
+    return store.uri
+
+
+def test_a_dead_pool_worker_fails_its_study_and_the_next_call_gets_a_new_pool(tmp_path):
+    runner = RunnerConfig(preprocess="process", workers=1)
+    store = LocalStore(tmp_path)
+
+    async def calls() -> str:
+        with pytest.raises(WorkerCrashed, match="_die lost its pool process"):
+            await off_loop(runner, StorageConfig(), _die, [store], 3)
+        return await off_loop(runner, StorageConfig(), _where, [store])
+
+    try:
+        assert asyncio.run(calls()) == str(tmp_path)
+    finally:
+        shutdown_pools()
 
 
 def _tiny_studies(root: Path, n: int) -> Path:
@@ -139,6 +182,9 @@ def test_process_pool_renders_the_same_images_as_threads(prefect_harness, simula
         summary = asyncio.run(screen(str(source), str(dest), str(config)))
         assert summary.reported == 3
         results[mode] = {uid: [i.sha256 for i in r.images] for uid, r in read_reports(dest).items()}
+        for uid in results[mode]:  # the SR and FHIR files are written in the pool too
+            written = {p.name for p in (dest / "studies" / uid).iterdir()}
+            assert {"report.sr.dcm", "report.fhir.json", "report.md"} <= written
     assert results["process"] == results["thread"] and len(results["thread"]) == 3
 
 
