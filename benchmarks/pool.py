@@ -22,7 +22,7 @@ from tasks.config import PreprocessConfig, RunnerConfig, StorageConfig
 from tasks.discover import Study, discover_studies
 from tasks.runner import off_loop, preprocess_pool, shutdown_pools
 from tasks.storage import LocalStore, Store
-from tasks.study import prepare_study
+from tasks.studyimages import prepare_study
 
 __all__ = ["main"]
 
@@ -48,7 +48,7 @@ def build(root: Path, copies: int, synthetic: int) -> list[tuple[Store, Study]]:
     items = []
     for folder in folders:
         store = LocalStore(folder)
-        (study,) = discover_studies.fn(store).studies
+        (study,) = discover_studies(store).studies
         items.append((store, study))
     return items
 

@@ -42,7 +42,7 @@ async def baseline(source: str, config: Path, calls_only: bool = False) -> tuple
     from tasks.diagnose import Panel, load_prompt
     from tasks.discover import discover_studies
     from tasks.storage import open_store
-    from tasks.study import prepare_study
+    from tasks.studyimages import prepare_study
 
     settings = load_settings(config)
     src = open_store(source)

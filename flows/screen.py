@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from functools import partial
 from importlib import import_module
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
@@ -18,7 +19,7 @@ from tasks.cache import ReadingCache
 from tasks.config import load_settings
 from tasks.consensus import KAPPA_MODULE, panel_kappa
 from tasks.diagnose import Panel, load_prompt
-from tasks.discover import Inventory, Study, discover_studies
+from tasks.discover import Inventory, Study, discover_studies, retry_unless_permanent
 from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
@@ -30,11 +31,11 @@ from tasks.report import (
     write_errors,
     write_run_summary,
 )
-from tasks.runner import resolve_runner
+from tasks.runner import resolve_runner, warm_pool
 from tasks.schema import ErrorRecord, RunSummary
 from tasks.sr import warm_up
 from tasks.storage import Store, open_store, read_json
-from tasks.study import StudyOutcome, screen_study
+from tasks.study import Batch, Screening, StudyOutcome, screen_studies
 
 __all__ = ["progress_hook", "screen"]
 
@@ -42,6 +43,15 @@ __all__ = ["progress_hook", "screen"]
 progress_hook: ContextVar[Callable[[int, int, StudyOutcome | None], None] | None] = ContextVar(
     "radflow_progress_hook", default=None
 )
+
+
+discover = task(
+    name="discover-studies",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)(discover_studies)
 
 
 def _already_reported(dest: Store, study: Study) -> bool:
@@ -104,9 +114,7 @@ async def screen(
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
     if keys is not None:
         src = SelectedObjects(src, keys)
-    inventory: Inventory = await asyncio.to_thread(
-        discover_studies, src, settings.storage.max_concurrency
-    )
+    inventory: Inventory = await asyncio.to_thread(discover, src, settings.storage.max_concurrency)
     await asyncio.to_thread(write_errors, dest, inventory.errors, settings.storage.max_concurrency)
     if isinstance(src, SelectedObjects) and src.missing:
         logger.warning(
@@ -155,45 +163,41 @@ async def screen(
         settings = settings.model_copy(
             update={"runner": resolve_runner(settings.runner, len(pending))}
         )
-        # while the first models read: highdicom's tables for the SRs, and statsmodels for
-        # the kappa at the end (each takes a second or more to load on a busy machine)
-        loads = [asyncio.to_thread(warm_up)] if settings.runner.preprocess == "thread" else []
+        # while the first models read: highdicom's tables for the SRs (in the pool's processes
+        # if it has them) and statsmodels for the kappa at the end (each takes a second or
+        # more to load on a busy machine)
+        pooled = settings.runner.preprocess == "process"
+        loads = [warm_pool(settings.runner) if pooled else asyncio.to_thread(warm_up)]
         if len(pending) > 1:
             loads.append(asyncio.to_thread(import_module, KAPPA_MODULE))
         warming = asyncio.ensure_future(asyncio.gather(*loads))
-        prompt = load_prompt(settings.language)
-        panel = Panel(settings, cache=ReadingCache(dest))
-        window = asyncio.Semaphore(settings.max_studies_in_flight)
-        weights = await asyncio.to_thread(model_weights, settings)  # once, not per study
-
-        async def one(study: Study) -> StudyOutcome:
-            async with window:
-                # quote(): Prefect passes the objects as they are instead of walking them
-                # looking for futures (≈25 ms of event-loop time per study otherwise)
-                args = (quote(a) for a in (study, src, dest, settings, panel, prompt, weights))
-                state = await screen_study(*args, return_state=True)
-            if state.is_completed():
-                return await state.aresult()
-            reason = state.message or "unknown error"
-            records = _failed_study_errors(study, reason)
-            for record in records:
-                write_error(dest, record)
-            return StudyOutcome(study.study_instance_uid, None, records)
-
+        run = Screening(
+            source=src,
+            dest=dest,
+            settings=settings,
+            panel=Panel(settings, cache=ReadingCache(dest)),
+            prompt=load_prompt(settings.language),
+            weights=await asyncio.to_thread(model_weights, settings),  # once, not per study
+            window=asyncio.Semaphore(settings.max_studies_in_flight),
+        )
+        outcomes: asyncio.Queue[StudyOutcome | None] = asyncio.Queue()
+        screening = asyncio.ensure_future(_screen_batches(pending, run, outcomes.put_nowait))
+        screening.add_done_callback(lambda _: outcomes.put_nowait(None))  # the end
         try:
-            running = [asyncio.ensure_future(one(s)) for s in pending]
-            for done, next_outcome in enumerate(asyncio.as_completed(running), 1):
-                outcome = await next_outcome
+            done = 0
+            while (outcome := await outcomes.get()) is not None:
+                done += 1
                 _add(summary, outcome)
                 if outcome.report is not None:
                     votes.append([r.abnormal if r.ok else None for r in outcome.report.readings])
-                if outcome.report is not None:
                     rows.append(result_row(outcome.report, out))
                 await monitor.advance(done, len(pending))
                 if hook:
                     hook(done, len(pending), outcome)
+            await screening  # its own error, if any, fails the run
         finally:
-            await panel.aclose()
+            screening.cancel()  # when the loop above failed; a no-op once it is done
+            await run.panel.aclose()
     if warming is not None:
         await warming
     summary.fleiss_kappa, summary.kappa_studies = panel_kappa(votes)
@@ -214,6 +218,41 @@ async def screen(
         key,
     )
     return summary
+
+
+async def _screen_batches(
+    studies: list[Study], run: Screening, finished: Callable[[StudyOutcome], None]
+) -> None:
+    """One ``screen-studies`` task run per ``runner.studies_per_task`` studies; enough of them
+    at once to keep ``run.window`` full. Each study's outcome goes to ``finished``: from its
+    task run as it ends, or here, as error records, when its task run failed for good."""
+    size = run.settings.runner.studies_per_task
+    n = len(studies)
+    batches = [
+        Batch(f"{i + 1}-{min(i + size, n)}-of-{n}", studies[i : i + size])
+        for i in range(0, n, size)
+    ]
+    # twice what the window holds: a batch waiting on its last slow study does not idle it
+    slots = asyncio.Semaphore(2 * -(-run.settings.max_studies_in_flight // size))
+
+    async def one(batch: Batch) -> None:
+        async with slots:
+            # quote(): Prefect passes the objects as they are instead of walking them looking
+            # for futures (≈25 ms of event-loop time per study otherwise)
+            state = await screen_studies(
+                quote(batch), quote(run), quote(finished), return_state=True
+            )
+        if state.is_completed():
+            return
+        for study in batch.studies:
+            uid = study.study_instance_uid
+            if uid not in batch.done:
+                reason = batch.failed.get(uid) or state.message or "unknown error"
+                records = _failed_study_errors(study, reason)
+                await asyncio.to_thread(write_errors, run.dest, records)
+                finished(StudyOutcome(uid, None, records))
+
+    await asyncio.gather(*(one(b) for b in batches))
 
 
 def _add(summary: RunSummary, outcome: StudyOutcome) -> None:

@@ -227,9 +227,18 @@ class RunnerConfig(_Strict):
     preprocess: Literal["auto", "thread", "process"] = Field(
         "auto",
         description="the CPU-bound work of a study (rendering, SR and FHIR reports) in threads "
-        "or a process pool; auto = the pool for runs of 50 or more studies on 4 or more CPUs",
+        "or a process pool; auto = the pool for runs of 50 or more studies on 2 or more CPUs",
     )
-    workers: int | None = Field(None, ge=1, le=256, description="process-pool size (None = CPUs)")
+    workers: int | None = Field(
+        None, ge=1, le=256, description="process-pool size (None = one per CPU)"
+    )
+    studies_per_task: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        description="studies per Prefect task run (each task run costs the API and the event "
+        "loop 10-40 ms: per study, that was most of a run's orchestration overhead)",
+    )
     shard_size: int = Field(
         0,
         ge=0,

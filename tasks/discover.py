@@ -9,11 +9,9 @@ import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import pydicom
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.states import State
 from pydicom.errors import InvalidDicomError
 
 from tasks.errors import (
@@ -27,7 +25,15 @@ from tasks.errors import (
 from tasks.schema import ErrorRecord
 from tasks.storage import ObjectRef, Store
 
-__all__ = ["Instance", "Inventory", "Study", "discover_studies", "group_instances", "read_header"]
+__all__ = [
+    "Instance",
+    "Inventory",
+    "Study",
+    "discover_studies",
+    "group_instances",
+    "read_header",
+    "retry_unless_permanent",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -176,22 +182,18 @@ def _header_or_error(store: Store, ref: ObjectRef) -> Instance | ErrorRecord:
         return error_record(ref, exc, "discover")
 
 
-def _retry_unless_permanent(task: object, task_run: object, state: State) -> bool:
-    """Retry transient failures only: a permanent StorageError would fail again the same way."""
+def retry_unless_permanent(task: object, task_run: object, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn`` for discovery: retry transient failures only, since a
+    permanent StorageError would fail again the same way."""
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, StorageError) or isinstance(exc, StorageUnavailable)
 
 
-@task(
-    name="discover-studies",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_retry_unless_permanent,
-    cache_policy=NO_CACHE,
-)
 def discover_studies(store: Store, workers: int = 16) -> Inventory:
     """List the source and read every header (``workers`` at once; S3 reads only the header
-    bytes); unreadable objects become error records."""
+    bytes); unreadable objects become error records. A plain function, without Prefect
+    (process-pool workers import this module for its data classes); the screening flow runs
+    it as its ``discover-studies`` task."""
     instances: list[Instance] = []
     errors: list[ErrorRecord] = []
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="header") as pool:

@@ -18,6 +18,7 @@ __all__ = [
     "ReportError",
     "StorageError",
     "StorageUnavailable",
+    "StudiesFailed",
     "UnsupportedImage",
     "WorkerCrashed",
 ]
@@ -126,3 +127,8 @@ class WorkerCrashed(RadflowError):
         'starts a run needs `if __name__ == "__main__":` (Python\'s spawn rule); '
         "or set runner.preprocess: thread"
     )
+
+
+class StudiesFailed(RadflowError):
+    default = "studies failed"
+    hint = "each study's error record names its reason; a rerun screens what was not reported"

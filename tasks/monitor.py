@@ -5,6 +5,7 @@ and where the reports are."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -119,6 +120,7 @@ class RunMonitor:
         self.flow_run_id = UUID(str(flow_run_id)) if flow_run_id else None
         self._progress: UUID | None = None
         self._shown = -1.0
+        self._updated = 0.0  # time.monotonic() of the last update
 
     async def label(self, name: str, tags: Sequence[str]) -> None:
         """Rename the flow run and add tags (the deployment's own tags stay)."""
@@ -143,16 +145,18 @@ class RunMonitor:
         )
 
     async def advance(self, done: int, total: int) -> None:
-        """Update the progress artifact (at most every whole percent, and at the end)."""
+        """Update the progress artifact: at most once a second (the UI polls no faster) and
+        every whole percent, and at the end."""
         if self._progress is None or total == 0:
             return
         percent = round(100.0 * done / total, 1)
-        if done < total and percent - self._shown < 1.0:
+        now = time.monotonic()
+        if done < total and (percent - self._shown < 1.0 or now - self._updated < 1.0):
             return
         from prefect.artifacts import aupdate_progress_artifact
 
         await aupdate_progress_artifact(self._progress, progress=percent)
-        self._shown = percent
+        self._shown, self._updated = percent, now
 
     async def finish(self, summary: RunSummary, rows: list[dict[str, Any]], summary_key: str):
         if self.flow_run_id is None:

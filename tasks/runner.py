@@ -11,13 +11,15 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.config import RunnerConfig, StorageConfig
-from tasks.discover import Study
 from tasks.errors import WorkerCrashed
 from tasks.schema import RunSummary
 from tasks.storage import Store, open_store
+
+if TYPE_CHECKING:  # not at run time: pool workers import this module, and discover imports Prefect
+    from tasks.discover import Study
 
 __all__ = [
     "merge_summary",
@@ -25,9 +27,11 @@ __all__ = [
     "POOL_MIN_CPUS",
     "POOL_MIN_STUDIES",
     "off_loop",
+    "pool_size",
     "preprocess_pool",
     "resolve_runner",
     "shutdown_pools",
+    "warm_pool",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,29 +43,59 @@ T = TypeVar("T")
 _NOT_SUMMED = frozenset({"studies", "skipped", "fleiss_kappa", "kappa_studies"})
 
 _pools: dict[int, ProcessPoolExecutor] = {}
+_starting: set[int] = set()  # pool sizes whose processes warm_pool is still starting
 
 # ``preprocess: auto`` takes the process pool from this many studies to read: a worker spends
 # a few seconds importing pydicom, highdicom and the rest before its first study, which a
 # small run (an upload event's single study) would wait for, and a large one earns back.
 POOL_MIN_STUDIES = 50
-POOL_MIN_CPUS = 4
+POOL_MIN_CPUS = 2
 
 
 def resolve_runner(runner: RunnerConfig, studies: int) -> RunnerConfig:
     """``runner`` with ``preprocess: auto`` decided for a run that reads ``studies``:
     ``process`` from :data:`POOL_MIN_STUDIES` on a machine with :data:`POOL_MIN_CPUS` CPUs.
-    (On 2 CPUs the pool measured slower than threads in bench-screen, 31.7 s vs ~22 s: the
-    event loop, the Prefect server and the workers then share two cores.)"""
+    The pool has one process per CPU: on 2 CPUs, bench-screen measured 10.4 s with two
+    workers, 12.4 s with one and ~20 s in threads (200 studies, SR and FHIR reports
+    included; the event loop waits on the models most of the time)."""
     if runner.preprocess != "auto":
         return runner
     pool = studies >= POOL_MIN_STUDIES and (os.cpu_count() or 1) >= POOL_MIN_CPUS
     return runner.model_copy(update={"preprocess": "process" if pool else "thread"})
 
 
+def pool_size(workers: int | None) -> int:
+    return workers or os.cpu_count() or 1
+
+
+def _warm() -> None:
+    """In a pool process: import what its jobs use and load highdicom's tables."""
+    import tasks.report  # noqa: F401  (publish_report's module)
+    import tasks.studyimages  # noqa: F401  (prepare_study's module)
+    from tasks.sr import warm_up
+
+    warm_up()
+
+
+async def warm_pool(runner: RunnerConfig) -> None:
+    """Start the pool's processes and let each load what its jobs need (a second or two),
+    overlapping a run's first model calls. Meanwhile :func:`off_loop` uses threads, so the
+    first studies do not wait for the pool."""
+    size = pool_size(runner.workers)
+    pool = preprocess_pool(runner.workers)
+    loop = asyncio.get_running_loop()
+    _starting.add(size)
+    try:
+        await asyncio.gather(*(loop.run_in_executor(pool, _warm) for _ in range(size)))
+    finally:
+        _starting.discard(size)
+
+
 def preprocess_pool(workers: int | None) -> ProcessPoolExecutor:
-    """One process pool per size for this process, started with ``spawn`` (forking a process
-    that runs an event loop and Prefect's threads is unsafe)."""
-    size = workers or os.cpu_count() or 1
+    """One process pool per size for this process (``workers``, or one per CPU),
+    started with ``spawn`` (forking a process that runs an event loop and Prefect's threads
+    is unsafe)."""
+    size = pool_size(workers)
     pool = _pools.get(size)
     if pool is None:
         pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"))
@@ -102,8 +136,8 @@ async def off_loop(
 ) -> T:
     """``fn(*stores, *args)`` off the event loop: in a thread, or in the process pool when
     ``runner.preprocess`` is ``process`` (then ``fn`` and ``args`` must pickle; the stores
-    are reopened there by URI)."""
-    if runner.preprocess != "process":
+    are reopened there by URI; while :func:`warm_pool` starts it, in a thread)."""
+    if runner.preprocess != "process" or pool_size(runner.workers) in _starting:
         return await asyncio.to_thread(fn, *stores, *args)
     pool = preprocess_pool(runner.workers)
     loop = asyncio.get_running_loop()

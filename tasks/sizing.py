@@ -7,12 +7,15 @@ import math
 import struct
 from collections.abc import Iterable
 from functools import cache
+from typing import TYPE_CHECKING
 
-import bpe_openai
 import numpy as np
 from PIL import Image
 
 from tasks.config import Provider
+
+if TYPE_CHECKING:
+    import bpe_openai
 
 __all__ = [
     "ANTHROPIC_MAX_BYTES",
@@ -93,6 +96,10 @@ def image_tokens(provider: Provider | str, sizes: Iterable[tuple[int, int]]) -> 
 
 @cache
 def _o200k() -> bpe_openai.Encoding:
+    # imported here: bpe_openai loads every encoding it has (~0.5 s) as it is imported, and
+    # the preprocessing that imports this module (pool workers included) counts no text
+    import bpe_openai
+
     return bpe_openai.get_encoding("o200k_base")
 
 

@@ -77,13 +77,25 @@ def sr_uids(report: Report) -> tuple[str, str]:
     return series, sop
 
 
+# What the SR takes from its evidence: the patient, clinical-trial and study-level elements
+# (groups 0008/0010/0012/0020/0032, of which highdicom copies the Patient and Study modules)
+# and each instance's identity. Acquisition and pixel-description groups, private elements
+# and the rest stay behind: highdicom deep-copies every evidence dataset it is given.
+_EVIDENCE_GROUPS = frozenset({0x0008, 0x0010, 0x0012, 0x0020, 0x0032})
+
+
 def evidence_dataset(ds: pydicom.Dataset, source: str) -> pydicom.Dataset:
-    """A copy of a source header (read with ``stop_before_pixels``) carrying what the SR
-    needs; missing Type 2 patient/study attributes are added empty."""
+    """What the SR needs of a source header (read with ``stop_before_pixels``), copied;
+    missing Type 2 patient/study attributes are added empty."""
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not ds.get(keyword):
             raise CorruptDicom(f'"{source}" has no {keyword}: it cannot be SR evidence')
-    out = copy.deepcopy(ds)
+    out = pydicom.Dataset()
+    for element in ds:
+        if element.tag.group in _EVIDENCE_GROUPS and not element.tag.is_private:
+            out.add(copy.deepcopy(element))
+    if "NumberOfFrames" in ds:  # which frame of a multi-frame image was read
+        out.NumberOfFrames = ds.NumberOfFrames
     for keyword in _TYPE2:
         if keyword not in out:
             setattr(out, keyword, "")

@@ -1,9 +1,11 @@
-"""Screen one study: key images → panel readings → consensus → report. This is the coarse
-Prefect task of the screening flow (one task run per study; model calls are plain async calls
-inside it, see DESIGN.md for why)."""
+"""Screen one study: key images → panel readings → consensus → report; and the coarse Prefect
+task of the screening flow, one task run per batch of studies (model calls are plain async
+calls inside it, see DESIGN.md for why)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -11,22 +13,26 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import tasks
-from tasks.config import PreprocessConfig, Settings
+from tasks.config import Settings
 from tasks.consensus import build_consensus
 from tasks.context import clinical_context
 from tasks.diagnose import Panel, Prompt
-from tasks.discover import Instance, Study
-from tasks.errors import RadflowError
-from tasks.keyimages import KeyRule, parse_rule, pick
-from tasks.keyimages import montage as montage_of
-from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
+from tasks.discover import Study
+from tasks.errors import StudiesFailed
 from tasks.report import publish_report, write_error
 from tasks.runner import off_loop
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
 from tasks.storage import Store
+from tasks.studyimages import prepare_study
 from tasks.synthesis import impression_prompt, synthesize
 
-__all__ = ["StudyOutcome", "key_instances", "prepare_study", "screen_study"]
+__all__ = [
+    "Batch",
+    "Screening",
+    "StudyOutcome",
+    "screen_studies",
+    "screen_study",
+]
 
 
 @dataclass
@@ -38,121 +44,77 @@ class StudyOutcome:
     errors: list[ErrorRecord] = field(default_factory=list)
 
 
-def key_instances(study: Study) -> list[list[Instance]]:
-    """Per series, its instances ordered middle-out: the first that renders is the key image."""
-    out = []
-    for instances in study.series.values():
-        mid = len(instances) // 2
-        out.append(sorted(instances, key=lambda i: abs(instances.index(i) - mid)))
-    return out
+@dataclass(frozen=True)
+class Screening:
+    """What every study of a run shares, made once per run by the flow."""
+
+    source: Store
+    dest: Store
+    settings: Settings
+    panel: Panel
+    prompt: Prompt
+    weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
+    window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
 
 
-def _near(instances: list[Instance], position: int, used: set[str]) -> list[Instance]:
-    """Candidates for the slice at ``position``: it, then its neighbours outwards."""
-    order = sorted(range(len(instances)), key=lambda k: (abs(k - position), k))
-    return [instances[k] for k in order if instances[k].sop_instance_uid not in used]
+@dataclass
+class Batch:
+    """Consecutive studies of a run, screened by one task run. ``done`` and ``failed`` (the
+    last reason per study) outlive the task run's attempts: a retry skips what is done."""
 
-
-def _series_slots(study: Study, rule: KeyRule) -> list[tuple[list[list[Instance]], bool]]:
-    """Per series: one candidate list per key slot, and whether the slots form a montage.
-    A single-instance series has one slot (its frames follow the rule inside the object)."""
-    out = []
-    for instances in study.series.values():
-        if len(instances) == 1 or rule.kind == "middle":
-            out.append(([_near(instances, len(instances) // 2, set())], False))
-        else:
-            slots = [_near(instances, k, set()) for k in pick(len(instances), rule)]
-            out.append((slots, rule.kind == "montage"))
-    return out
-
-
-def prepare_study(
-    store: Store,
-    study: Study,
-    config: PreprocessConfig,
-    providers: tuple[str, ...] = (),
-) -> tuple[list[tuple[Instance, PreparedImage]], list[ErrorRecord]]:
-    """Render the key images of each series by ``config.key_images`` (middle slice, N evenly
-    spaced slices, or one montage of R×C slices; a multi-frame object follows the same rule
-    over its frames), up to ``config.max_images_per_study``, each also sized for every
-    provider in ``providers``. An instance that fails becomes an error record and its
-    nearest unused neighbour is tried instead."""
-    rule = parse_rule(config.key_images)
-    single = config.model_copy(update={"key_images": "middle"})
-    images: list[tuple[Instance, PreparedImage]] = []
-    errors: list[ErrorRecord] = []
-
-    def attempt(candidates: list[Instance], used: set[str], fn):
-        for inst in candidates:
-            if inst.sop_instance_uid in used:
-                continue
-            used.add(inst.sop_instance_uid)
-            try:
-                with store.open_read(inst.ref.key) as fh:
-                    return inst, fn(fh, inst)
-            except RadflowError as exc:
-                errors.append(
-                    ErrorRecord(
-                        source=inst.ref.uri,
-                        reason=str(exc),
-                        kind=exc.kind,
-                        stage="preprocess",
-                        study_instance_uid=study.study_instance_uid,
-                    )
-                )
-        return None
-
-    for slots, as_montage in _series_slots(study, rule):
-        if len(images) >= config.max_images_per_study:
-            break
-        used: set[str] = set()
-        if as_montage:
-            tiles = [
-                t
-                for slot in slots
-                if (t := attempt(slot, used, lambda fh, i: render_file(fh, config, i.ref.uri)))
-            ]
-            if tiles:
-                key = tiles[len(tiles) // 2][0]
-                pixels = montage_of([p for _, (p, _) in tiles], rule.rows, rule.cols)
-                members = study.series[key.series_instance_uid]
-                index = [members.index(inst) for inst, _ in tiles]  # slice positions
-                image = finish(pixels, tiles[0][1][1], index, config, providers)
-                images.append((key, image))
-            continue
-        per_slot = single if len(slots) > 1 else config
-        for slot in slots:
-            got = attempt(
-                slot, used, lambda fh, i, c=per_slot: prepare_all(fh, c, i.ref.uri, providers)
-            )
-            if got:
-                inst, prepared = got
-                room = config.max_images_per_study - len(images)
-                images += [(inst, img) for img in prepared[:room]]
-    return images, errors
+    label: str
+    studies: list[Study]
+    done: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @task(
-    name="screen-study",
-    task_run_name="study-{study.study_instance_uid}",
+    name="screen-studies",
+    task_run_name="studies-{batch.label}",
     retries=2,
     retry_delay_seconds=[5, 30],
     timeout_seconds=1800,
     cache_policy=NO_CACHE,
-    # no tags: a tagged task run asks the API for tag concurrency slots as it starts (one
-    # round trip per study, and stalls of seconds when the server's database is busy)
+    # no tags: a tagged task run asks the API for tag concurrency slots as it starts
 )
-async def screen_study(
-    study: Study,
-    source: Store,
-    dest: Store,
-    settings: Settings,
-    panel: Panel,
-    prompt: Prompt,
-    weights: tuple[dict[str, float], str],
-) -> StudyOutcome:
-    """Preprocess, read with every model, combine, and write the study's report.
-    ``weights`` is (vote weight per model, where they come from), loaded once per run."""
+async def screen_studies(
+    batch: Batch, run: Screening, finished: Callable[[StudyOutcome], None]
+) -> int:
+    """Screen the studies of ``batch`` not done yet, each as soon as ``run.window`` has room,
+    calling ``finished`` with each outcome as it comes. One task run per batch rather than
+    per study: each task run costs the event loop and the Prefect API 10-40 ms (DESIGN.md).
+    A study that raises fails the task run once the others have finished; Prefect's retries
+    then screen the ones left."""
+    todo = [s for s in batch.studies if s.study_instance_uid not in batch.done]
+
+    async def one(study: Study) -> None:
+        async with run.window:
+            outcome = await screen_study(study, run)
+        batch.done.add(study.study_instance_uid)
+        batch.failed.pop(study.study_instance_uid, None)
+        finished(outcome)
+
+    results = await asyncio.gather(*(one(s) for s in todo), return_exceptions=True)
+    for study, result in zip(todo, results, strict=True):
+        if isinstance(result, BaseException):
+            batch.failed[study.study_instance_uid] = f"{type(result).__name__}: {result}"
+    if batch.failed:
+        raise StudiesFailed(
+            f"{len(batch.failed)} of {len(todo)} studies failed: "
+            + "; ".join(f"{uid}: {reason}" for uid, reason in batch.failed.items())
+        )
+    return len(todo)
+
+
+async def screen_study(study: Study, run: Screening) -> StudyOutcome:
+    """Preprocess, read with every model, combine, and write the study's report."""
+    source, dest, settings, panel, prompt = (
+        run.source,
+        run.dest,
+        run.settings,
+        run.panel,
+        run.prompt,
+    )
     logger = get_run_logger()
     uid = study.study_instance_uid
     cpu = partial(off_loop, settings.runner, settings.storage)  # threads or the process pool
@@ -168,7 +130,8 @@ async def screen_study(
     context = clinical_context(i.header for i in study.instances)
     sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
     readings = await panel.read(sized, context, prompt)
-    consensus = build_consensus(readings, weights[0], settings.review, weights_source=weights[1])
+    weights, weights_source = run.weights
+    consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     impression = None
     if settings.synthesis is not None:
         impression = await synthesize(settings.synthesis, settings, consensus, readings)

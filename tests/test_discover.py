@@ -25,7 +25,7 @@ def test_groups_by_study_and_series_with_odd_names(tmp_path):
             instance=i + 1,
         )
     synthetic_ct(tmp_path / "other.dcm", lesion=True, seed=9)
-    inv = discover_studies.fn(LocalStore(tmp_path))
+    inv = discover_studies(LocalStore(tmp_path))
     assert inv.errors == []
     assert sorted(len(s.instances) for s in inv.studies) == [1, 3]
     big = next(s for s in inv.studies if s.study_instance_uid == study)
@@ -39,7 +39,7 @@ def test_non_dicom_empty_and_duplicates_become_error_records(tmp_path):
     (tmp_path / "empty.dcm").write_bytes(b"")
     (tmp_path / "readme.txt").write_text("hello")
     shutil.copyfile(get_testdata_file("rtplan.dcm", download=False), tmp_path / "plan.dcm")
-    inv = discover_studies.fn(LocalStore(tmp_path))
+    inv = discover_studies(LocalStore(tmp_path))
     kinds = sorted((r.kind, r.source.rsplit("/", 1)[-1]) for r in inv.errors)
     assert kinds == [
         ("DuplicateInstance", "one.dcm"),
@@ -52,9 +52,9 @@ def test_non_dicom_empty_and_duplicates_become_error_records(tmp_path):
 
 def test_fingerprint_changes_when_an_input_changes(tmp_path):
     synthetic_ct(tmp_path / "x.dcm", lesion=False, seed=1)
-    before = discover_studies.fn(LocalStore(tmp_path)).studies[0].fingerprint
+    before = discover_studies(LocalStore(tmp_path)).studies[0].fingerprint
     synthetic_ct(tmp_path / "x.dcm", lesion=True, seed=1)
-    after = discover_studies.fn(LocalStore(tmp_path)).studies[0].fingerprint
+    after = discover_studies(LocalStore(tmp_path)).studies[0].fingerprint
     assert before != after
 
 

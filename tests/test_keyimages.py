@@ -16,7 +16,7 @@ from tasks.discover import discover_studies
 from tasks.errors import ConfigError
 from tasks.keyimages import KeyRule, montage, parse_rule, pick
 from tasks.storage import open_store
-from tasks.study import prepare_study
+from tasks.studyimages import prepare_study
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def series(tmp_path):
             instance=n,
         )
     store = open_store(str(tmp_path))
-    (study,) = discover_studies.fn(store).studies
+    (study,) = discover_studies(store).studies
     return store, study
 
 

@@ -17,7 +17,7 @@ from tasks.context import clinical_context
 from tasks.diagnose import Panel, load_prompt
 from tasks.discover import discover_studies
 from tasks.storage import open_store
-from tasks.study import prepare_study
+from tasks.studyimages import prepare_study
 from tests.conftest import sim_config
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ def _study(root, description: str, tag: str):
         phi={**PHI, "StudyDescription": description, "SeriesDescription": description},
     )
     store = open_store(str(root / tag))
-    (study,) = discover_studies.fn(store).studies
+    (study,) = discover_studies(store).studies
     return store, study
 
 

@@ -21,7 +21,7 @@ from prefect.states import Completed, Failed
 from flows.screen import screen
 from simulator.samples import synthetic_ct
 from tasks.config import StorageConfig
-from tasks.discover import _retry_unless_permanent, read_header
+from tasks.discover import read_header, retry_unless_permanent
 from tasks.errors import ObjectMissing, StorageError, StorageUnavailable
 from tasks.s3 import S3Store, parse_s3_uri, storage_error
 from tasks.schema import Report, RunSummary
@@ -174,10 +174,10 @@ def test_boto_errors_map_to_permanent_transient_and_missing():
         storage_error(client_error("NoSuchKey", 404), "read", "b", "k"), ObjectMissing
     )
     # the discovery task retries transient storage failures only
-    assert _retry_unless_permanent(None, None, Failed(data=slow))
-    assert not _retry_unless_permanent(None, None, Failed(data=denied))
-    assert _retry_unless_permanent(None, None, Failed(data=OSError("disk")))
-    assert _retry_unless_permanent(None, None, Completed(data=1))
+    assert retry_unless_permanent(None, None, Failed(data=slow))
+    assert not retry_unless_permanent(None, None, Failed(data=denied))
+    assert retry_unless_permanent(None, None, Failed(data=OSError("disk")))
+    assert retry_unless_permanent(None, None, Completed(data=1))
 
 
 def _all_keys(bucket: str, prefix: str) -> list[str]:
