@@ -178,3 +178,40 @@ def test_cli_config_error_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "language" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_failing_study_is_retried_alone_and_ends_as_error_records(
+    prefect_harness, simulator, tmp_path
+):
+    """Three studies in one task run: one whose report folder is blocked for its first
+    attempt, one blocked for good, one fine. The task run's retries screen only what is not
+    done, answered model calls are not paid again, and the blocked study ends as error records
+    naming it; the others are reported once each."""
+    import threading
+
+    from simulator.samples import synthetic_ct
+
+    source, dest = tmp_path / "in", tmp_path / "out"
+    uids = {
+        name: f"1.2.826.0.1.3680043.10.777.{i}" for i, name in enumerate(("flaky", "bad", "ok"))
+    }
+    for name, uid in uids.items():
+        synthetic_ct(source / f"{name}.dcm", lesion=False, seed=len(name), study_uid=uid)
+    (dest / "studies").mkdir(parents=True)
+    for name in ("flaky", "bad"):  # a file where the study's report folder goes
+        (dest / "studies" / uids[name]).write_text("in the way")
+    unblock = threading.Timer(2.0, (dest / "studies" / uids["flaky"]).unlink)  # before retry 1
+    unblock.start()
+    config = sim_config(simulator, tmp_path)
+    before = sim_calls(simulator)
+    try:
+        summary = asyncio.run(screen(str(source), str(dest), str(config)))
+    finally:
+        unblock.cancel()
+
+    assert set(read_reports(dest)) == {uids["flaky"], uids["ok"]} and summary.reported == 2
+    errors = [json.loads(p.read_text()) for p in dest.glob("errors/*.json")]
+    assert [e["study_instance_uid"] for e in errors] == [uids["bad"]]
+    assert errors[0]["kind"] == "StudyFailed" and uids["bad"] in errors[0]["reason"]
+    assert summary.errors == 1
+    assert sim_calls(simulator) - before == 6  # 3 studies x 2 models, retries read the cache
