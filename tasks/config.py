@@ -233,7 +233,7 @@ class RunnerConfig(_Strict):
         None, ge=1, le=256, description="process-pool size (None = one per CPU)"
     )
     studies_per_task: int = Field(
-        10,
+        25,
         ge=1,
         le=10_000,
         description="studies per Prefect task run (each task run costs the API and the event "

@@ -5,12 +5,14 @@ calls inside it, see DESIGN.md for why)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 import tasks
 from tasks.config import Settings
@@ -106,6 +108,14 @@ async def screen_studies(
     return len(todo)
 
 
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger (the lines show in the UI), or this module's outside Prefect."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
 async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     """Preprocess, read with every model, combine, and write the study's report."""
     source, dest, settings, panel, prompt = (
@@ -115,7 +125,7 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
         run.panel,
         run.prompt,
     )
-    logger = get_run_logger()
+    logger = _logger()
     uid = study.study_instance_uid
     cpu = partial(off_loop, settings.runner, settings.storage)  # threads or the process pool
     prepared, errors = await cpu(
