@@ -130,9 +130,10 @@ def runner_deployments(
 async def serve_warm(deployments: list[Any], poll_seconds: float, limit: int | None) -> None:
     """Register ``deployments`` (triggers included) and execute their flow runs in this
     process: every ``poll_seconds``, claim the scheduled runs (the server accepts one
-    Scheduled → Pending transition, so no run starts twice) and run each as an asyncio task,
-    at most ``limit`` at once (the rest stay Scheduled). A run that fails ends Failed on the server like any other;
-    cancelling a warm run from the UI is not supported (it runs to its end)."""
+    Scheduled → Pending transition, so no run starts twice; a deployment concurrency limit
+    answers with a later Scheduled state instead) and run each as an asyncio task, at most
+    ``limit`` at once (the rest stay Scheduled). A run that fails ends Failed on the server
+    like any other; cancelling a warm run from the UI is not supported (it runs to its end)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import Abort, PrefectHTTPStatusError
     from prefect.flow_engine import run_flow
