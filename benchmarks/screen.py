@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import sys
 import tempfile
@@ -77,14 +78,10 @@ async def same_work(source: str, dest: str, config: Path) -> tuple[int, int]:
     """The flow's work without Prefect: discovery, ``screen_study`` for every study under the
     same window and the same threads or process pool (warmed the same way), the run's kappa.
     Returns (studies reported, readings that succeeded)."""
-    from tasks.cache import ReadingCache
     from tasks.config import load_settings
-    from tasks.consensus import panel_kappa
-    from tasks.diagnose import Panel, load_prompt
+    from tasks.consensus import KAPPA_MODULE, panel_kappa
     from tasks.discover import discover_studies
-    from tasks.reliability import model_weights
-    from tasks.runner import resolve_runner, shutdown_pools, warm_pool
-    from tasks.sr import warm_up
+    from tasks.runner import resolve_runner, shutdown_pools, warm
     from tasks.storage import open_store
     from tasks.study import Screening, screen_study
 
@@ -93,17 +90,10 @@ async def same_work(source: str, dest: str, config: Path) -> tuple[int, int]:
     inventory = await asyncio.to_thread(discover_studies, src)
     runner = resolve_runner(settings.runner, len(inventory.studies))
     settings = settings.model_copy(update={"runner": runner})
-    pooled = runner.preprocess == "process"
-    warming = asyncio.ensure_future(warm_pool(runner) if pooled else asyncio.to_thread(warm_up))
-    run = Screening(
-        source=src,
-        dest=out,
-        settings=settings,
-        panel=Panel(settings, cache=ReadingCache(out)),
-        prompt=load_prompt(settings.language),
-        weights=model_weights(settings),
-        window=asyncio.Semaphore(settings.max_studies_in_flight),
-    )
+    # loaded in the background as the flow does: the pool or highdicom's tables, statsmodels
+    kappa = asyncio.to_thread(importlib.import_module, KAPPA_MODULE)
+    warming = asyncio.ensure_future(asyncio.gather(warm(runner), kappa))
+    run = await Screening.start(src, out, settings)
 
     async def one(study):
         async with run.window:

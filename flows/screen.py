@@ -15,15 +15,12 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from flows.shards import run_shards
-from tasks.cache import ReadingCache
 from tasks.config import load_settings
 from tasks.consensus import KAPPA_MODULE, panel_kappa
-from tasks.diagnose import Panel, load_prompt
 from tasks.discover import Inventory, Study, discover_studies, retry_unless_permanent
 from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
-from tasks.reliability import model_weights
 from tasks.report import (
     report_key,
     review_entry,
@@ -31,9 +28,8 @@ from tasks.report import (
     write_errors,
     write_run_summary,
 )
-from tasks.runner import resolve_runner, warm_pool
+from tasks.runner import resolve_runner, warm
 from tasks.schema import ErrorRecord, RunSummary
-from tasks.sr import warm_up
 from tasks.storage import Store, open_store, read_json
 from tasks.study import Batch, Screening, StudyOutcome, screen_studies
 
@@ -163,23 +159,13 @@ async def screen(
         settings = settings.model_copy(
             update={"runner": resolve_runner(settings.runner, len(pending))}
         )
-        # while the first models read: highdicom's tables for the SRs (in the pool's processes
-        # if it has them) and statsmodels for the kappa at the end (each takes a second or
-        # more to load on a busy machine)
-        pooled = settings.runner.preprocess == "process"
-        loads = [warm_pool(settings.runner) if pooled else asyncio.to_thread(warm_up)]
+        # while the first models read: the pool's processes or highdicom's tables (for the
+        # SRs), and statsmodels (for the kappa at the end); each takes a second or more
+        loads = [warm(settings.runner)]
         if len(pending) > 1:
             loads.append(asyncio.to_thread(import_module, KAPPA_MODULE))
         warming = asyncio.ensure_future(asyncio.gather(*loads))
-        run = Screening(
-            source=src,
-            dest=dest,
-            settings=settings,
-            panel=Panel(settings, cache=ReadingCache(dest)),
-            prompt=load_prompt(settings.language),
-            weights=await asyncio.to_thread(model_weights, settings),  # once, not per study
-            window=asyncio.Semaphore(settings.max_studies_in_flight),
-        )
+        run = await Screening.start(src, dest, settings)
         outcomes: asyncio.Queue[StudyOutcome | None] = asyncio.Queue()
         screening = asyncio.ensure_future(_screen_batches(pending, run, outcomes.put_nowait))
         screening.add_done_callback(lambda _: outcomes.put_nowait(None))  # the end

@@ -31,6 +31,7 @@ __all__ = [
     "preprocess_pool",
     "resolve_runner",
     "shutdown_pools",
+    "warm",
     "warm_pool",
 ]
 
@@ -89,6 +90,17 @@ async def warm_pool(runner: RunnerConfig) -> None:
         await asyncio.gather(*(loop.run_in_executor(pool, _warm) for _ in range(size)))
     finally:
         _starting.discard(size)
+
+
+async def warm(runner: RunnerConfig) -> None:
+    """Load, while a run's first models read, what its first reports would otherwise load on
+    the clock: the pool's processes (:func:`warm_pool`), or highdicom's tables in this one."""
+    if runner.preprocess == "process":
+        await warm_pool(runner)
+    else:
+        from tasks.sr import warm_up
+
+        await asyncio.to_thread(warm_up)
 
 
 def preprocess_pool(workers: int | None) -> ProcessPoolExecutor:

@@ -15,12 +15,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 import tasks
+from tasks.cache import ReadingCache
 from tasks.config import Settings
 from tasks.consensus import build_consensus
 from tasks.context import clinical_context
-from tasks.diagnose import Panel, Prompt
+from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
 from tasks.errors import StudiesFailed
+from tasks.reliability import model_weights
 from tasks.report import publish_report, write_error
 from tasks.runner import off_loop
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
@@ -57,6 +59,20 @@ class Screening:
     prompt: Prompt
     weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
+
+    @classmethod
+    async def start(cls, source: Store, dest: Store, settings: Settings) -> Screening:
+        """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
+        weights (read once: a reliability.json may be on S3), the window."""
+        return cls(
+            source=source,
+            dest=dest,
+            settings=settings,
+            panel=Panel(settings, cache=ReadingCache(dest)),
+            prompt=load_prompt(settings.language),
+            weights=await asyncio.to_thread(model_weights, settings),
+            window=asyncio.Semaphore(settings.max_studies_in_flight),
+        )
 
 
 @dataclass
