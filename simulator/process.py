@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import httpx
 
-__all__ = ["SimulatorProcess", "free_port", "panel_config", "running_simulator", "serving"]
+__all__ = [
+    "SimulatorProcess",
+    "free_port",
+    "panel_config",
+    "running_simulator",
+    "serving",
+    "stop",
+]
 
 
 def free_port() -> int:
@@ -80,12 +87,17 @@ def serving(
                 time.sleep(0.1)
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import boto3
 import httpx
 import pytest
 
-from simulator.process import free_port, running_simulator
+from simulator.process import free_port, running_simulator, stop
 from simulator.samples import synthetic_ct
 from tasks.monitor import PROGRESS_KEY, RESULTS_KEY, SUMMARY_KEY
 from tests.conftest import KEY_ENV, TEST_KEY, sim_config
@@ -66,12 +66,7 @@ def process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subproce
         try:
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def tail(path: Path, n: int = 40) -> str:
