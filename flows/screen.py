@@ -58,13 +58,13 @@ def _already_reported(dest: Store, study: Study) -> bool:
 def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
     return [
         ErrorRecord(
-            source=i.ref.uri,
+            source=ref.uri,
             reason=f"study {study.study_instance_uid} failed: {reason}",
             kind="StudyFailed",
             stage="screen",
             study_instance_uid=study.study_instance_uid,
         )
-        for i in study.instances
+        for ref in study.objects
     ]
 
 

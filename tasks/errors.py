@@ -8,6 +8,7 @@ __all__ = [
     "CorruptDicom",
     "DatasetError",
     "EvaluationRegression",
+    "IdentityConflict",
     "LabelError",
     "NotDicom",
     "NotificationError",
@@ -86,6 +87,14 @@ class CorruptDicom(RadflowError):
 class UnsupportedImage(RadflowError):
     default = "the DICOM object holds no image radflow can render"
     hint = "only image objects (CT, MR, CR, DX, US, ...) with pixel data are screened"
+
+
+class IdentityConflict(RadflowError):
+    default = "instances disagree on whose images they are or which instance they are"
+    hint = (
+        "one study holds one patient's images and one SOPInstanceUID names one instance: "
+        "re-export the study from the PACS, or correct the UIDs or patient attributes"
+    )
 
 
 class PhiRisk(RadflowError):

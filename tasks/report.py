@@ -1,5 +1,6 @@
 """Write what a study's reading produced under DEST: key images, report.md, report.sr.dcm,
-report.fhir.json, the review pointer, and report.json last; error records; run summaries."""
+report.fhir.json, the review pointer, and report.json last, then remove the key images a
+rewritten report no longer references; error records; run summaries."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import jsonschema
 import pydicom
 
-from tasks.errors import RadflowError, ReportError
+from tasks.errors import RadflowError, ReportError, StorageError
 from tasks.fhir import build_fhir, fhir_json
 from tasks.markdown import image_name, render_markdown
 from tasks.schema import ErrorRecord, Report, ReviewEntry, RunSummary
@@ -25,6 +26,7 @@ __all__ = [
     "SCHEMA_ID",
     "error_key",
     "publish_report",
+    "remove_stale_images",
     "render_markdown",
     "render_review_table",
     "report_key",
@@ -155,6 +157,17 @@ def write_report(
     )
 
 
+def remove_stale_images(store: Store, report: Report) -> list[str]:
+    """Delete the key images under the study's ``images/`` that ``report`` (just written) does
+    not list in its outputs: what an earlier report of the study showed. Returns their keys."""
+    uid = report.study_instance_uid
+    keep = {report_key(uid, name) for name in report.outputs}
+    stale = [k for k in store.list_keys(report_key(uid, "images/")) if k not in keep]
+    for key in stale:
+        store.delete(key)
+    return stale
+
+
 def publish_report(
     source: Store,
     dest: Store,
@@ -163,12 +176,15 @@ def publish_report(
     evidence: Sequence[tuple[str, str]],
 ) -> list[ErrorRecord]:
     """Read the SR evidence (the key images' headers, given as (key, uri) in ``source``) and
-    write the study's report files. The CPU-heavy end of a study (the SR alone is ~25 ms), so
-    a run may do it in its process pool: everything here pickles. An unreadable evidence
-    header costs the SR and FHIR files, not the report; it is returned as an error record."""
+    write the study's report files, then remove the stale key images of an earlier report.
+    The CPU-heavy end of a study (the SR alone is ~25 ms), so a run may do it in its process
+    pool: everything here pickles. An unreadable evidence header costs the SR and FHIR files,
+    not the report; stale images that cannot be deleted leave the report in place. Both are
+    returned as error records."""
     errors = []
     try:
-        datasets = read_evidence(source, evidence)
+        # the SR and FHIR take the patient from the first: one that names the patient
+        datasets = sorted(read_evidence(source, evidence), key=lambda ds: not ds.PatientID)
     except RadflowError as exc:
         datasets = []
         record = ErrorRecord(
@@ -181,6 +197,24 @@ def publish_report(
         write_error(dest, record)
         errors.append(record)
     write_report(dest, report, pngs, datasets)
+    try:
+        stale = remove_stale_images(dest, report)
+    except StorageError as exc:
+        folder = report_key(report.study_instance_uid, "images/")
+        record = ErrorRecord(
+            source=f"{dest.uri.rstrip('/')}/{folder}",
+            reason=f"stale key images of an earlier report not removed: {exc}",
+            kind=exc.kind,
+            stage="report",
+            study_instance_uid=report.study_instance_uid,
+        )
+        write_error(dest, record)
+        errors.append(record)
+    else:
+        if stale:
+            logger.info(
+                "study %s: removed %d stale key images", report.study_instance_uid, len(stale)
+            )
     return errors
 
 

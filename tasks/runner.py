@@ -169,7 +169,7 @@ def plan_shards(studies: Sequence[Study], size: int) -> list[list[str]]:
     if size < 1:
         raise ValueError(f"shard size must be >= 1, got {size}")
     return [
-        sorted(inst.ref.key for study in studies[i : i + size] for inst in study.instances)
+        sorted(ref.key for study in studies[i : i + size] for ref in study.objects)
         for i in range(0, len(studies), size)
     ]
 

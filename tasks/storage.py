@@ -49,6 +49,14 @@ class Store(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys under the folder ``prefix`` (relative to the store root), sorted."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; one that is already gone is not an error."""
+        ...
+
 
 class LocalStore:
     """A folder; listing is recursive and ignores hidden files and folders."""
@@ -105,6 +113,14 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = prefix.rstrip("/") + "/"
+        path = self._path(folder)
+        return sorted(folder + ref.key for ref in LocalStore(path).list()) if path.is_dir() else []
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
 
 def read_json(store: Store, key: str) -> dict | None:

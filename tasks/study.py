@@ -181,7 +181,7 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
             )
             for inst, img in prepared
         ],
-        sources=[i.ref.uri for i in study.instances if i.ref.uri not in failed],
+        sources=[ref.uri for ref in study.objects if ref.uri not in failed],
         context=context,
         inputs_fingerprint=study.fingerprint,
         prompt_version=prompt.version,
