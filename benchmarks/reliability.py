@@ -34,6 +34,12 @@ POINTS = {
         "tests/test_reliability.py::"
         "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs"
     ],
+    "identity: one patient per study, one place per instance, stale images": [
+        "tests/test_identity.py::"
+        "test_identity_conflicts_are_error_records_and_no_request_mixes_patients",
+        "tests/test_identity.py::"
+        "test_a_rewritten_report_removes_the_key_images_it_no_longer_references",
+    ],
 }
 ROOT = Path(__file__).resolve().parents[1]
 

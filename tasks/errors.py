@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "CorruptDicom",
     "DatasetError",
+    "DuplicateInstance",
     "EvaluationRegression",
     "IdentityConflict",
     "LabelError",
@@ -87,6 +88,11 @@ class CorruptDicom(RadflowError):
 class UnsupportedImage(RadflowError):
     default = "the DICOM object holds no image radflow can render"
     hint = "only image objects (CT, MR, CR, DX, US, ...) with pixel data are screened"
+
+
+class DuplicateInstance(RadflowError):
+    default = "the instance is read from another copy"
+    hint = "the source holds copies of one instance; remove the extra copies"
 
 
 class IdentityConflict(RadflowError):

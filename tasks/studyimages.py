@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tasks.config import PreprocessConfig
-from tasks.errors import RadflowError
+from tasks.errors import DuplicateInstance, RadflowError
 from tasks.keyimages import KeyRule, parse_rule, pick
 from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
@@ -127,9 +127,9 @@ def prepare_study(
             continue
         kept = inst.copies[used_copy].ref.uri
         for extra in inst.copies[used_copy + 1 :]:
-            reason = (
-                f"duplicate instance: SOPInstanceUID {inst.sop_instance_uid} "
-                f'is already read from "{kept}"'
+            exc = DuplicateInstance(
+                f'"{extra.ref.uri}": duplicate instance: SOPInstanceUID '
+                f'{inst.sop_instance_uid} is already read from "{kept}"'
             )
-            record(extra, reason, "DuplicateInstance")
+            record(extra, str(exc), exc.kind)
     return images, errors
