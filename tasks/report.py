@@ -165,6 +165,8 @@ def remove_stale_images(store: Store, report: Report) -> list[str]:
     stale = [k for k in store.list_keys(report_key(uid, "images/")) if k not in keep]
     for key in stale:
         store.delete(key)
+    if stale:
+        logger.info("study %s: removed %d stale key images", uid, len(stale))
     return stale
 
 
@@ -182,39 +184,31 @@ def publish_report(
     not the report; stale images that cannot be deleted leave the report in place. Both are
     returned as error records."""
     errors = []
+
+    def record(source_uri: str, reason: str, exc: RadflowError) -> None:
+        errors.append(
+            ErrorRecord(
+                source=source_uri,
+                reason=f"{reason}: {exc}",
+                kind=exc.kind,
+                stage="report",
+                study_instance_uid=report.study_instance_uid,
+            )
+        )
+        write_error(dest, errors[-1])
+
     try:
         # the SR and FHIR take the patient from the first: one that names the patient
         datasets = sorted(read_evidence(source, evidence), key=lambda ds: not ds.PatientID)
     except RadflowError as exc:
         datasets = []
-        record = ErrorRecord(
-            source=evidence[0][1],
-            reason=f"no SR/FHIR report: {exc}",
-            kind=exc.kind,
-            stage="report",
-            study_instance_uid=report.study_instance_uid,
-        )
-        write_error(dest, record)
-        errors.append(record)
+        record(evidence[0][1], "no SR/FHIR report", exc)
     write_report(dest, report, pngs, datasets)
     try:
-        stale = remove_stale_images(dest, report)
+        remove_stale_images(dest, report)
     except StorageError as exc:
         folder = report_key(report.study_instance_uid, "images/")
-        record = ErrorRecord(
-            source=f"{dest.uri.rstrip('/')}/{folder}",
-            reason=f"stale key images of an earlier report not removed: {exc}",
-            kind=exc.kind,
-            stage="report",
-            study_instance_uid=report.study_instance_uid,
-        )
-        write_error(dest, record)
-        errors.append(record)
-    else:
-        if stale:
-            logger.info(
-                "study %s: removed %d stale key images", report.study_instance_uid, len(stale)
-            )
+        record(f"{dest.uri.rstrip('/')}/{folder}", "stale key images not removed", exc)
     return errors
 
 
