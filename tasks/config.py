@@ -126,8 +126,12 @@ class ModelConfig(_Endpoint):
 class PreprocessConfig(_Strict):
     max_edge: int = Field(1024, ge=0, le=8192, description="long edge in px; 0 = no resize")
     window: WindowName = Field(WindowName.AUTO, description="grey-level window")
-    burned_in: Literal["refuse", "allow"] = Field(
-        "refuse", description="BurnedInAnnotation=YES: refuse (error record) or allow"
+    burned_in: Literal["refuse", "refuse_unknown", "allow"] = Field(
+        "refuse",
+        description="BurnedInAnnotation policy (see tasks.preprocess.burned_in_flag): refuse = "
+        "an error record when it says YES; refuse_unknown = also when it is missing or neither "
+        "YES nor NO; allow = send the pixels anyway. The report's images[].burned_in records "
+        "yes | no | unknown",
     )
     max_images_per_study: int = Field(
         4, ge=1, le=32, description="key images sent per study (one per series, middle slice)"

@@ -18,7 +18,7 @@ import tasks
 from tasks.cache import ReadingCache
 from tasks.config import Settings
 from tasks.consensus import build_consensus
-from tasks.context import clinical_context
+from tasks.context import deidentify, vocabularies
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
 from tasks.errors import StudiesFailed
@@ -63,7 +63,9 @@ class Screening:
     @classmethod
     async def start(cls, source: Store, dest: Store, settings: Settings) -> Screening:
         """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
-        weights (read once: a reliability.json may be on S3), the window."""
+        weights (read once: a reliability.json may be on S3), the window; and the context
+        vocabularies (loaded here, off the event loop)."""
+        await asyncio.to_thread(vocabularies)
         return cls(
             source=source,
             dest=dest,
@@ -153,9 +155,15 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     if not prepared:
         logger.warning("study %s: no instance could be rendered, no report", uid)
         return StudyOutcome(uid, None, errors)
-    context = clinical_context(i.header for i in study.instances)
+    context = deidentify(i.header for i in study.instances)
+    if unknown := {f: n["unknown"] for f, n in context.dropped.items() if n["unknown"]}:
+        logger.warning(
+            "study %s: context values outside the vocabulary not sent: %s",
+            uid,
+            ", ".join(f"{f} {n}" for f, n in unknown.items()),
+        )
     sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
-    readings = await panel.read(sized, context, prompt)
+    readings = await panel.read(sized, context.values, prompt)
     weights, weights_source = run.weights
     consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     impression = None
@@ -178,11 +186,13 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
                 window=img.window,
                 frame=img.frame,
                 modality=inst.modality or None,
+                burned_in=img.burned_in,
             )
             for inst, img in prepared
         ],
         sources=[i.ref.uri for i in study.instances if i.ref.uri not in failed],
-        context=context,
+        context=context.values,
+        context_dropped=context.dropped,
         inputs_fingerprint=study.fingerprint,
         prompt_version=prompt.version,
         cost_usd=round(
