@@ -21,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "PreprocessConfig",
     "Price",
+    "PrivacyConfig",
     "Provider",
     "ReviewConfig",
     "RunnerConfig",
@@ -144,6 +145,16 @@ class PreprocessConfig(_Strict):
         pattern=r"^(middle|spaced:[1-9][0-9]?|montage:[1-8]x[1-8])$",
         description="key images of a multi-frame object or series: middle | spaced:N | "
         "montage:RxC (R×C evenly spaced frames in one grid image)",
+    )
+
+
+class PrivacyConfig(_Strict):
+    """How radflow's logs, Prefect artifacts, run names and tags name studies and sources."""
+
+    log_uids: Literal["hash", "plain"] = Field(
+        "hash",
+        description="hash = a keyed pseudonym (HMAC-SHA256 with a secret kept in DEST) instead "
+        "of the StudyInstanceUID and the SOURCE path; plain = as they are",
     )
 
 
@@ -282,6 +293,9 @@ class Settings(_Strict):
     )
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="process pool and shards for large runs"
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="pseudonyms in logs, artifacts and run names"
     )
 
     @model_validator(mode="after")

@@ -211,6 +211,11 @@ class Report(BaseModel):
         "unknown (outside the field's vocabulary) and over_cap (past the per-field cap); "
         "never the values",
     )
+    log_id: str | None = Field(
+        None,
+        description="how the logs, Prefect artifacts and run names of the run that wrote this "
+        "report name the study: a keyed pseudonym (privacy.log_uids: hash) or the UID (plain)",
+    )
     inputs_fingerprint: str = Field(description="hash of the input objects; reruns skip on match")
     prompt_version: str
     cost_usd: float = 0.0

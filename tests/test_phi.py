@@ -179,6 +179,9 @@ def test_free_text_in_coded_fields_never_reaches_a_request_and_is_counted(
     }
     assert "context values outside the vocabulary not sent: body_part 2, view 1" in caplog.text
     assert [i.burned_in for i in report.images] == ["unknown"]  # no flag: sent, and flagged
+    # the log lines name the study by its pseudonym (privacy.log_uids: hash, the default)
+    assert report.log_id and len(report.log_id) == 16 and report.log_id in caplog.text
+    assert uid not in caplog.text
     print(
         f"\nRELIABILITY context vocabulary: {len(PLANTED)} instances with 3 planted short "
         f"free-text values and 7 valid body parts → {len(sent)} requests, 0 planted strings; "
