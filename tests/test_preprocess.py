@@ -196,6 +196,7 @@ def test_burned_in_policy(tmp_path, value, flag):
             assert "MAYBE" not in reason  # the header value is never quoted
         else:
             assert prepare(str(path), config).burned_in == flag
+    print(f"\nRELIABILITY burned-in: {value!r} → {flag}, refused under {sorted(refused[flag])}")
 
 
 def test_no_pixel_data_is_unsupported(tmp_path):
