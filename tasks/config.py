@@ -314,19 +314,22 @@ class Settings(_Strict):
         return self
 
 
-_QUOTED_INPUT = re.compile(r"'(?!<[a-z ]+>')[^']{3,}'")  # an alias, anchor or tag: file text
+_QUOTED = re.compile(r"'[^']*'")
+_TOKEN_NAME = re.compile(r"'(<[a-z ]+>|[^']{0,2})'")  # '<scalar>', a character: not file text
 _CLOUD_CREDENTIAL = re.compile(r"(AWS|AZURE)_\w+|GOOGLE_APPLICATION_CREDENTIALS|GOOGLE_OAUTH_\w+")
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
     """(where, what) of a YAML error without the file's text: PyYAML's own message quotes
-    the offending line, and ``--config`` may name any file (a credentials file, say)."""
+    the offending line, and ``--config`` may name any file (a credentials file, say); quoted
+    aliases, anchors and tags are elided, token names and single characters kept."""
     if isinstance(exc, yaml.reader.ReaderError):
         return f" at character {exc.position + 1}", exc.reason
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
-    return where, _QUOTED_INPUT.sub("'…'", "; ".join(p for p in parts if p)) or type(exc).__name__
+    problem = "; ".join(p for p in parts if p) or type(exc).__name__
+    return where, _QUOTED.sub(lambda m: m[0] if _TOKEN_NAME.fullmatch(m[0]) else "'…'", problem)
 
 
 @cache  # once per process: the CLI and then the flow load the same config

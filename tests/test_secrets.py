@@ -104,25 +104,37 @@ AWS_CREDENTIALS = (
 
 
 @pytest.mark.parametrize(
-    ("text", "where"),
+    ("text", "expected"),
     [
-        (AWS_CREDENTIALS, "line 2, column 1"),  # ~/.aws/credentials passed as --config
-        ("language: en\nmodels: *sk-live-0a1b2c3d4e5f6a7b8c9d\n", "line 2, column 9"),
-        ("OPENAI_API_KEY: sk-live-0a1b2c3d4e5f6a7b8c9d\n\tlanguage: en\n", "line 2, column 1"),
-        ("token: !sk-live-0a1b2c3d4e5f6a7b8c9d x\n", "line 1, column 8"),
+        (  # ~/.aws/credentials passed as --config
+            AWS_CREDENTIALS,
+            "line 2, column 1: expected '<document start>', but found '<scalar>'",
+        ),
+        (
+            "language: en\nmodels: *sk-live-0a1b2c3d4e5f6a7b8c9d\n",
+            "line 2, column 9: found undefined alias '…'",
+        ),
+        (
+            "OPENAI_API_KEY: sk-live-0a1b2c3d4e5f6a7b8c9d\n\tlanguage: en\n",
+            "line 2, column 1: while scanning for the next token; found character '\\t' that",
+        ),
+        (
+            "token: !sk-live-0a1b2c3d4e5f6a7b8c9d x\n",
+            "line 1, column 8: could not determine a constructor for the tag '…'",
+        ),
     ],
     ids=["aws-credentials", "alias", "tab", "tag"],
 )
-def test_yaml_error_names_line_and_column_never_the_content(tmp_path, text, where):
+def test_yaml_error_names_line_and_column_never_the_content(tmp_path, text, expected):
     path = tmp_path / "credentials"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     message = str(info.value)
-    assert f'config "{path}" is not valid YAML at {where}' in message, message
+    assert f'config "{path}" is not valid YAML at {expected}' in message, message
     for secret in ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI", "sk-live-0a1b2c3d", "aws_access"):
         assert secret not in message, message
-    print(f"\nRELIABILITY parse errors: {message.split(' is not valid YAML ')[1]}")
+    print(f"\nRELIABILITY parse errors: {info.value.args[0].split(' is not valid YAML ')[1]}")
 
 
 def test_a_config_that_is_not_text_is_one_clear_error(tmp_path):
