@@ -44,6 +44,17 @@ POINTS = {
         "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs",
         "tests/test_privacy.py::test_a_log_id_maps_back_only_with_the_key",
     ],
+    "secrets in every outbound call, parse errors, api_key_env": [
+        "tests/test_secrets.py::"
+        "test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every_call_fails",
+        "tests/test_secrets.py::test_redactor_replaces_known_secrets_and_token_shaped_strings",
+        "tests/test_secrets.py::"
+        "test_a_secret_never_reaches_a_log_line_even_through_a_third_party_logger",
+        "tests/test_secrets.py::test_yaml_error_names_line_and_column_never_the_content",
+        "tests/test_secrets.py::test_annotation_errors_do_not_echo_a_secret_file_line",
+        "tests/test_secrets.py::"
+        "test_api_key_env_that_is_not_key_like_warns_naming_model_and_variable",
+    ],
 }
 ROOT = Path(__file__).resolve().parents[1]
 

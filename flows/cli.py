@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tasks.config import PreprocessConfig, Provider, WindowName
 from tasks.errors import ConfigError, RadflowError
+from tasks.redact import redact
 
 app = typer.Typer(
     help="Screen DICOM studies with a panel of vision LLMs, orchestrated by Prefect.",
@@ -22,7 +23,7 @@ err = Console(stderr=True)
 
 
 def _fail(exc: Exception, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {redact(str(exc))}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
