@@ -134,7 +134,7 @@ def write_report(
     if evidence:
         outputs += _write_sr_and_fhir(store, report, evidence)
     else:
-        logger.warning("study %s: no evidence headers, no SR or FHIR report", uid)
+        logger.warning("study %s: no evidence headers, no SR or FHIR report", report.log_id)
     report.outputs = ["report.md", *outputs]
     store.write_bytes(
         report_key(uid, "report.md"),
@@ -166,7 +166,7 @@ def remove_stale_images(store: Store, report: Report) -> list[str]:
     for key in stale:
         store.delete(key)
     if stale:
-        logger.info("study %s: removed %d stale key images", uid, len(stale))
+        logger.info("study %s: removed %d stale key images", report.log_id, len(stale))
     return stale
 
 
