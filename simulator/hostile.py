@@ -17,9 +17,10 @@ from pydicom.uid import RLELossless, generate_uid
 
 from simulator.samples import synthetic_ct
 
-__all__ = ["HUGE", "Expected", "build_hostile_folder", "huge_claim"]
+__all__ = ["DEEP", "HUGE", "Expected", "build_hostile_folder", "deep_nesting", "huge_claim"]
 
 HUGE = {"Rows": 65535, "Columns": 65535, "NumberOfFrames": 1000}  # ≈ 8.6 TB at 16 bits
+DEEP = 1000  # nested sequences: pydicom gives up (RecursionError) after about 200
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,33 @@ def huge_claim(
     return out
 
 
+def _nested_sequences(tag: int, depth: int) -> bytes:
+    """``depth`` sequences nested in one another (explicit VR little endian, PS3.5 7.5), each
+    of undefined length with one item of undefined length: 36 bytes a level."""
+    sq = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    sq_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return (sq + item) * depth + (item_end + sq_end) * depth
+
+
+def deep_nesting(
+    src: Path, dest: Path, seed: int, *, after_pixels: bool, depth: int = DEEP
+) -> Path:
+    """A copy of ``src`` (its own study) with ``depth`` nested sequences: in the header, as a
+    Content Sequence just before the pixel data (the header read fails), or after the pixel
+    data as a Digital Signatures Sequence (a header read stopping before the pixels succeeds,
+    the full read fails). Undefined lengths make pydicom parse the nesting as it reads."""
+    _variant(src, dest, seed)
+    data = dest.read_bytes()
+    if after_pixels:
+        dest.write_bytes(data + _nested_sequences(0xFFFAFFFA, depth))
+    else:
+        at = _pixel_offset(dest) - 12  # the PixelData element's tag (OW: 12-byte header)
+        dest.write_bytes(data[:at] + _nested_sequences(0x0040A730, depth) + data[at:])
+    return dest
+
+
 def build_hostile_folder(dest: str | Path, *, good: int = 3) -> dict[str, Expected]:
     """Fill ``dest`` with ``good`` good studies (odd file names) and the hostile files;
     returns {relative path: Expected}."""
@@ -163,6 +191,14 @@ def build_hostile_folder(dest: str | Path, *, good: int = 3) -> dict[str, Expect
             raise FileNotFoundError(f'"{name}" is missing from pydicom\'s test files')
         shutil.copyfile(path, bad / name)
         made[f"hostile/{name}"] = Expected("UnsupportedImage", f"non-image object ({what})")
+    deep_nesting(base, bad / "deep-nesting.dcm", 609, after_pixels=False)
+    made["hostile/deep-nesting.dcm"] = Expected(
+        "CorruptDicom", f"{DEEP} nested sequences in the header (RecursionError in pydicom)"
+    )
+    deep_nesting(base, bad / "deep-nesting-after-pixels.dcm", 610, after_pixels=True)
+    made["hostile/deep-nesting-after-pixels.dcm"] = Expected(
+        "CorruptDicom", f"{DEEP} nested sequences after the pixel data (the full read fails)"
+    )
     shutil.copyfile(base, bad / "duplicate of a good one.dcm")
     made["hostile/duplicate of a good one.dcm"] = Expected(
         "DuplicateInstance", "the same instance as a good file, copied"

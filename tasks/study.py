@@ -21,7 +21,7 @@ from tasks.consensus import build_consensus
 from tasks.context import clinical_context
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
-from tasks.errors import StudiesFailed
+from tasks.errors import StudiesFailed, is_transient, retry_if_transient
 from tasks.reliability import model_weights
 from tasks.report import publish_report, write_error
 from tasks.runner import off_loop
@@ -91,6 +91,7 @@ class Batch:
     task_run_name="studies-{batch.label}",
     retries=2,
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_if_transient,  # only when a study failed in a transient way
     timeout_seconds=1800,
     cache_policy=NO_CACHE,
     # no tags: a tagged task run asks the API for tag concurrency slots as it starts
@@ -101,8 +102,9 @@ async def screen_studies(
     """Screen the studies of ``batch`` not done yet, each as soon as ``run.window`` has room,
     calling ``finished`` with each outcome as it comes. One task run per batch rather than
     per study: each task run costs the event loop and the Prefect API 10-40 ms (DESIGN.md).
-    A study that raises fails the task run once the others have finished; Prefect's retries
-    then screen the ones left."""
+    A study that raises fails the task run once the others have finished; when one of them
+    failed in a transient way (``is_transient``), Prefect's retries then screen the ones left;
+    otherwise they end as error records at once (the same input would fail again)."""
     todo = [s for s in batch.studies if s.study_instance_uid not in batch.done]
 
     async def one(study: Study) -> None:
@@ -113,13 +115,15 @@ async def screen_studies(
         finished(outcome)
 
     results = await asyncio.gather(*(one(s) for s in todo), return_exceptions=True)
+    raised = [r for r in results if isinstance(r, BaseException)]
     for study, result in zip(todo, results, strict=True):
         if isinstance(result, BaseException):
             batch.failed[study.study_instance_uid] = f"{type(result).__name__}: {result}"
     if batch.failed:
         raise StudiesFailed(
             f"{len(batch.failed)} of {len(todo)} studies failed: "
-            + "; ".join(f"{uid}: {reason}" for uid, reason in batch.failed.items())
+            + "; ".join(f"{uid}: {reason}" for uid, reason in batch.failed.items()),
+            transient=any(is_transient(r) for r in raised),
         )
     return len(todo)
 
