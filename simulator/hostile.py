@@ -101,30 +101,44 @@ def huge_claim(
     return out
 
 
-def _nested_sequences(tag: int, depth: int) -> bytes:
-    """``depth`` sequences nested in one another (explicit VR little endian, PS3.5 7.5), each
-    of undefined length with one item of undefined length: 36 bytes a level."""
-    sq = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF)
-    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
-    item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
-    sq_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
-    return (sq + item) * depth + (item_end + sq_end) * depth
+def _nested_sequences(tag: int, depth: int, *, defined: bool) -> bytes:
+    """``depth`` sequences nested in one another, one item each (explicit VR little endian,
+    PS3.5 7.5): of undefined length (pydicom parses them as it reads the file) or of
+    defined length (pydicom parses them when the value is first used)."""
+    if not defined:
+        sq = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF)
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        ends = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        return (sq + item) * depth + ends * depth
+    inner = b""
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+        inner = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, len(item)) + item
+    return inner
 
 
 def deep_nesting(
-    src: Path, dest: Path, seed: int, *, after_pixels: bool, depth: int = DEEP
+    src: Path,
+    dest: Path,
+    seed: int,
+    *,
+    after_pixels: bool = False,
+    defined: bool = False,
+    depth: int = DEEP,
 ) -> Path:
-    """A copy of ``src`` (its own study) with ``depth`` nested sequences: in the header, as a
-    Content Sequence just before the pixel data (the header read fails), or after the pixel
-    data as a Digital Signatures Sequence (a header read stopping before the pixels succeeds,
-    the full read fails). Undefined lengths make pydicom parse the nesting as it reads."""
+    """A copy of ``src`` (its own study) with ``depth`` nested sequences: in the header just
+    before the pixel data (a Content Sequence; with ``defined`` lengths an Other Patient IDs
+    Sequence, which an SR copies from its source), or after the pixel data as a Digital
+    Signatures Sequence (a header read stopping before the pixels succeeds, the full read
+    fails)."""
     _variant(src, dest, seed)
     data = dest.read_bytes()
     if after_pixels:
-        dest.write_bytes(data + _nested_sequences(0xFFFAFFFA, depth))
+        dest.write_bytes(data + _nested_sequences(0xFFFAFFFA, depth, defined=defined))
     else:
         at = _pixel_offset(dest) - 12  # the PixelData element's tag (OW: 12-byte header)
-        dest.write_bytes(data[:at] + _nested_sequences(0x0040A730, depth) + data[at:])
+        tag = 0x00101002 if defined else 0x0040A730
+        dest.write_bytes(data[:at] + _nested_sequences(tag, depth, defined=defined) + data[at:])
     return dest
 
 
@@ -191,14 +205,15 @@ def build_hostile_folder(dest: str | Path, *, good: int = 3) -> dict[str, Expect
             raise FileNotFoundError(f'"{name}" is missing from pydicom\'s test files')
         shutil.copyfile(path, bad / name)
         made[f"hostile/{name}"] = Expected("UnsupportedImage", f"non-image object ({what})")
-    deep_nesting(base, bad / "deep-nesting.dcm", 609, after_pixels=False)
-    made["hostile/deep-nesting.dcm"] = Expected(
-        "CorruptDicom", f"{DEEP} nested sequences in the header (RecursionError in pydicom)"
-    )
-    deep_nesting(base, bad / "deep-nesting-after-pixels.dcm", 610, after_pixels=True)
-    made["hostile/deep-nesting-after-pixels.dcm"] = Expected(
-        "CorruptDicom", f"{DEEP} nested sequences after the pixel data (the full read fails)"
-    )
+    for name, seed, options, where in (
+        ("deep-nesting", 609, {}, "in the header"),
+        ("deep-nesting-after-pixels", 610, {"after_pixels": True}, "after the pixel data"),
+        ("deep-nesting-defined-length", 611, {"defined": True}, "of defined length"),
+    ):
+        deep_nesting(base, bad / f"{name}.dcm", seed, **options)
+        made[f"hostile/{name}.dcm"] = Expected(
+            "CorruptDicom", f"{DEEP} nested sequences {where} (RecursionError in pydicom)"
+        )
     shutil.copyfile(base, bad / "duplicate of a good one.dcm")
     made["hostile/duplicate of a good one.dcm"] = Expected(
         "DuplicateInstance", "the same instance as a good file, copied"

@@ -26,6 +26,7 @@ from tasks.storage import ObjectRef, Store
 __all__ = [
     "Instance",
     "Inventory",
+    "MAX_NESTING",
     "Study",
     "discover_studies",
     "group_instances",
@@ -40,6 +41,10 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # Header elements the pipeline needs; everything else (names, IDs, dates) is never kept.
 _CONTEXT_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientSex", "PatientAge")
+# Sequences nested deeper than this are refused at discovery: real objects nest a few levels
+# (an SR content tree a dozen or two), and code that walks a header recursively (pydicom's
+# own reader, deepcopy in highdicom) hits Python's recursion limit at about 200.
+MAX_NESTING = 64
 _IMAGE_TAGS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
 _READ = (
     "SOPClassUID",
@@ -120,6 +125,22 @@ def _frame_bytes(tags: dict[str, str]) -> int:
     return rows * cols * samples * -(-bits // 8)
 
 
+def _convert_all(ds: pydicom.Dataset, source: str, depth: int = 0) -> None:
+    """Convert every value of the header. pydicom converts a value, and parses a sequence of
+    defined length, when it is first used: done here (≈ 7 µs an element), a hostile value
+    fails inside the parser's boundary rather than later in whatever code reads it (such as
+    the SR's copy of the patient module), and nesting is refused past ``MAX_NESTING``."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            if depth == MAX_NESTING:
+                raise CorruptDicom(
+                    f'"{source}" has an unreadable header: nesting too deep (more than '
+                    f"{MAX_NESTING} levels of nested sequences)"
+                )
+            for item in elem.value:
+                _convert_all(item, source, depth + 1)
+
+
 def read_header(store: Store, ref: ObjectRef) -> Instance:
     """Parse the header of one object (no pixel data) into an :class:`Instance`. Anything
     the parser raises for the object (struct.error, RecursionError from nesting too deep,
@@ -130,8 +151,7 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
         with store.open_header(ref.key) as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             at_end = ref.size > 0 and fh.tell() >= ref.size
-        # pydicom converts a value when it is first read: read every value used here, so a
-        # hostile value, like a hostile structure, fails inside this boundary
+        _convert_all(ds, ref.uri)
         tags = {k: str(ds.get(k, "") or "") for k in _READ}
         uid = ds.get("SOPClassUID")
         sop_class = str(getattr(uid, "name", tags["SOPClassUID"] or "unknown"))

@@ -180,8 +180,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _depth(exc: BaseException) -> int:
-    """Nested sequences pydicom had entered where ``exc`` was raised (one ``read_sequence``
-    frame per level)."""
+    """Levels of nested sequences pydicom was reading where ``exc`` was raised (its
+    ``read_sequence`` runs once per level)."""
     depth, tb = 0, exc.__traceback__
     while tb is not None:
         depth += tb.tb_frame.f_code.co_name == "read_sequence"

@@ -120,35 +120,36 @@ def test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried(
     prefect_harness, simulator, tmp_path
 ):
     """Sequences nested 1000 deep make pydicom raise RecursionError: in the header (discovery
-    fails), or after the pixel data (only the full read fails). Each is one error record
-    saying so, the good studies are reported, and no task run is tried twice."""
+    failed the run), after the pixel data (only the full read fails: the batch was retried
+    for ~35 s), or of defined length in the patient module (parsed lazily: the SR's copy of
+    it failed the study after its model calls, retried likewise). Each is now one error
+    record saying so, the good studies are reported, and no task run is tried twice."""
     source, dest = tmp_path / "in", tmp_path / "out"
     good = [synthetic_ct(source / f"good/{i}.dcm", lesion=i == 0, seed=70 + i, size=128)
             for i in range(2)]  # fmt: skip
-    hostile = {
-        "deep-nesting.dcm": deep_nesting(
-            good[0], source / "deep-nesting.dcm", 71, after_pixels=False
-        ),
-        "deep-nesting-after-pixels.dcm": deep_nesting(
-            good[0], source / "deep-nesting-after-pixels.dcm", 72, after_pixels=True
-        ),
-    }
+    stages = {}
+    for name, seed, options, stage in (
+        ("deep-nesting.dcm", 71, {}, "discover"),
+        ("deep-nesting-after-pixels.dcm", 72, {"after_pixels": True}, "preprocess"),
+        ("deep-nesting-defined-length.dcm", 73, {"defined": True}, "discover"),
+    ):
+        deep_nesting(good[0], source / name, seed, **options)
+        stages[name] = stage
     started = time.monotonic()
     run = _screen_cli(source, dest, sim_config(simulator, tmp_path), prefect_harness)
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(read_reports(dest)) == len(good)
     errors = _errors(dest)
-    assert sorted(Path(e["source"]).name for e in errors) == sorted(hostile)  # one each
+    assert sorted(Path(e["source"]).name for e in errors) == sorted(stages)  # one each
     for record in errors:
         assert record["kind"] == "CorruptDicom", record
         assert "nesting too deep (more than " in record["reason"], record
         assert Path(record["source"]).name in record["reason"]
-    stages = {Path(e["source"]).name: e["stage"] for e in errors}
-    assert stages == {"deep-nesting.dcm": "discover", "deep-nesting-after-pixels.dcm": "preprocess"}
+    assert {Path(e["source"]).name: e["stage"] for e in errors} == stages
     (summary_path,) = dest.glob("runs/*.json")
     summary = json.loads(summary_path.read_text())
-    assert (summary["studies"], summary["reported"], summary["errors"]) == (3, 2, 2)
+    assert (summary["studies"], summary["reported"], summary["errors"]) == (3, 2, 3)
     # one attempt per task run: a bad object is never retried as if it were transient
     task_runs = _task_runs(summary["run_id"])
     attempts = {r.name: r.run_count for r in task_runs}
@@ -156,13 +157,15 @@ def test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried(
     assert all(r.state.is_completed() for r in task_runs), attempts
     assert set(attempts.values()) == {1}, attempts
     assert "Traceback" not in run.stdout + run.stderr
-    reason = next(e["reason"] for e in errors if e["stage"] == "discover")
+    reasons = sorted(
+        {e["reason"].split("nesting too deep ")[1].split(")")[0] + ")" for e in errors}
+    )
     print(
-        f"\nRELIABILITY parser failures: {DEEP} nested sequences in the header and after the "
-        f"pixel data → 2 CorruptDicom records ({reason.split(': ', 1)[1].split(' (hint')[0]}), "
-        f"{summary['reported']}/2 good studies reported, run summary written, exit "
-        f"{run.returncode}; {len(task_runs)} task runs, attempts {sorted(attempts.values())}, "
-        f"run {elapsed:.1f} s"
+        f"\nRELIABILITY parser failures: {DEEP} nested sequences in the header, after the "
+        f"pixel data and of defined length → {len(errors)} CorruptDicom records "
+        f"(nesting too deep {', '.join(reasons)}), {summary['reported']}/2 good studies "
+        f"reported, run summary written, exit {run.returncode}; {len(task_runs)} task runs, "
+        f"attempts {sorted(attempts.values())}, run {elapsed:.1f} s"
     )
 
 
