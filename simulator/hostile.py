@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
@@ -17,7 +18,15 @@ from pydicom.uid import RLELossless, generate_uid
 
 from simulator.samples import synthetic_ct
 
-__all__ = ["DEEP", "HUGE", "Expected", "build_hostile_folder", "deep_nesting", "huge_claim"]
+__all__ = [
+    "DEEP",
+    "HUGE",
+    "Expected",
+    "build_hostile_folder",
+    "deep_nesting",
+    "huge_claim",
+    "large_rle",
+]
 
 HUGE = {"Rows": 65535, "Columns": 65535, "NumberOfFrames": 1000}  # ≈ 8.6 TB at 16 bits
 DEEP = 1000  # nested sequences: pydicom gives up (RecursionError) after about 200
@@ -139,6 +148,30 @@ def deep_nesting(
         at = _pixel_offset(dest) - 12  # the PixelData element's tag (OW: 12-byte header)
         tag = 0x00101002 if defined else 0x0040A730
         dest.write_bytes(data[:at] + _nested_sequences(tag, depth, defined=defined) + data[at:])
+    return dest
+
+
+def large_rle(dest: Path, seed: int, *, rows: int = 8192, columns: int = 16384) -> Path:
+    """A CT of one 16-bit frame of ``rows`` × ``columns`` (by default 256 MiB decoded, the
+    largest frame radflow accepts) in about 4 MiB of RLE (PS3.5 G): every run is 128 equal
+    bytes, a pattern of grey bands and squares. ``columns`` must be a multiple of 128."""
+    synthetic_ct(dest, lesion=True, seed=seed, size=64)
+    ds = pydicom.dcmread(dest)
+    band = np.arange(rows)[:, None] // 64 + np.arange(columns // 128)[None, :]
+    runs = (1064 + (band % 7) * 60).astype(">u2")  # one stored value per run of 128 pixels
+    segments = []
+    for plane in (runs >> 8, runs & 0xFF):  # most significant byte first (G.2)
+        coded = np.empty((*plane.shape, 2), np.uint8)
+        coded[..., 0] = 0x81  # -127: the next byte, 128 times
+        coded[..., 1] = plane
+        segments.append(coded.tobytes())
+    header = np.zeros(16, "<u4")
+    header[:3] = 2, 64, 64 + len(segments[0])
+    ds.Rows, ds.Columns = rows, columns
+    ds.PixelData = encapsulate([header.tobytes() + b"".join(segments)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(dest, enforce_file_format=True)
     return dest
 
 

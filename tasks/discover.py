@@ -68,6 +68,7 @@ class Instance:
     frames: int
     header: dict[str, str]  # the raw _CONTEXT_TAGS values; de-identified by tasks.context
     frame_bytes: int = 0  # decoded bytes of one frame, as the header claims (decode budget)
+    transfer_syntax: str = ""  # (0002,0010), "" when the file has none
 
 
 @dataclass
@@ -156,6 +157,7 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
         uid = ds.get("SOPClassUID")
         sop_class = str(getattr(uid, "name", tags["SOPClassUID"] or "unknown"))
         elements, image = len(ds), "Rows" in ds and "Columns" in ds
+        syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     except RadflowError:
         raise  # the store's own (StorageError, ObjectMissing)
     except InvalidDicomError as exc:
@@ -183,7 +185,16 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
     frames = max(1, _int(tags["NumberOfFrames"], 1) or 1)
     header = {k: tags[k] for k in _CONTEXT_TAGS}
     return Instance(
-        ref, study, series, sop, header["Modality"], number, frames, header, _frame_bytes(tags)
+        ref,
+        study,
+        series,
+        sop,
+        header["Modality"],
+        number,
+        frames,
+        header,
+        _frame_bytes(tags),
+        syntax,
     )
 
 

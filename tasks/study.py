@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 import tasks
+from tasks.budget import DecodeBudget, decode_budget, decode_claim
 from tasks.cache import ReadingCache
 from tasks.config import Settings
 from tasks.consensus import build_consensus
@@ -59,11 +60,13 @@ class Screening:
     prompt: Prompt
     weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
+    decoding: DecodeBudget  # decoding memory of this process (settings.runner.decode_memory_mib)
 
     @classmethod
     async def start(cls, source: Store, dest: Store, settings: Settings) -> Screening:
         """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
-        weights (read once: a reliability.json may be on S3), the window."""
+        weights (read once: a reliability.json may be on S3), the window, the decoding
+        budget."""
         return cls(
             source=source,
             dest=dest,
@@ -72,6 +75,7 @@ class Screening:
             prompt=load_prompt(settings.language),
             weights=await asyncio.to_thread(model_weights, settings),
             window=asyncio.Semaphore(settings.max_studies_in_flight),
+            decoding=decode_budget(settings.runner),
         )
 
 
@@ -148,9 +152,11 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     logger = _logger()
     uid = study.study_instance_uid
     cpu = partial(off_loop, settings.runner, settings.storage)  # threads or the process pool
-    prepared, errors = await cpu(
-        prepare_study, [source], study, settings.preprocess, panel.providers
-    )
+    # decoding waits for its claim on the process's budget, in threads and pool alike
+    async with run.decoding.hold(decode_claim(study, settings.preprocess)):
+        prepared, errors = await cpu(
+            prepare_study, [source], study, settings.preprocess, panel.providers
+        )
     for record in errors:
         write_error(dest, record)
     failed = {e.source for e in errors}
