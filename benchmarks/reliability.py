@@ -34,6 +34,14 @@ POINTS = {
         "tests/test_reliability.py::"
         "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs"
     ],
+    "parser failures: one object, one record, no retries": [
+        "tests/test_reliability.py::"
+        "test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried"
+    ],
+    "decoding memory budget": [
+        "tests/test_budget.py::"
+        "test_decoding_memory_stays_within_the_budget_in_threads_and_in_the_pool"
+    ],
 }
 ROOT = Path(__file__).resolve().parents[1]
 

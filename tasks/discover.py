@@ -43,7 +43,8 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTEXT_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientSex", "PatientAge")
 # Sequences nested deeper than this are refused at discovery: real objects nest a few levels
 # (an SR content tree a dozen or two), and code that walks a header recursively (pydicom's
-# own reader, deepcopy in highdicom) hits Python's recursion limit at about 200.
+# own reader, the SR's deep copy of the patient module) hits Python's recursion limit at
+# about 200 levels.
 MAX_NESTING = 64
 _IMAGE_TAGS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
 _READ = (
@@ -130,7 +131,7 @@ def _convert_all(ds: pydicom.Dataset, source: str, depth: int = 0) -> None:
     """Convert every value of the header. pydicom converts a value, and parses a sequence of
     defined length, when it is first used: done here (≈ 7 µs an element), a hostile value
     fails inside the parser's boundary rather than later in whatever code reads it (such as
-    the SR's copy of the patient module), and nesting is refused past ``MAX_NESTING``."""
+    the SR's deep copy of the patient module), and nesting is refused past ``MAX_NESTING``."""
     for elem in ds:
         if elem.VR == "SQ":
             if depth == MAX_NESTING:

@@ -258,8 +258,9 @@ def test_decoding_memory_stays_within_the_budget_in_threads_and_in_the_pool(
     if mode == "thread":
         assert peaks["no budget"][key] > overhead + budget, peaks  # the budget is what bounds it
         without = f" vs {peaks['no budget'][key]:.0f} MiB without,"
+    where = "threads" if mode == "thread" else "process pool"
     print(
-        f"\nRELIABILITY decode budget ({'threads' if mode == 'thread' else 'process pool'}): {n} studies decoding to 256 MiB each "
+        f"\nRELIABILITY decode budget ({where}): {n} studies decoding to 256 MiB each "
         f"(4 MiB RLE files) → peak RSS {within:.0f} MiB with a {budget} MiB budget{without} "
         f"{overhead:.0f} MiB for the same run over 128² images (bound: {overhead + budget:.0f} MiB)"
     )
