@@ -8,6 +8,7 @@ import struct
 
 import pydicom
 import pytest
+from prefect.states import Failed
 
 from simulator.hostile import DEEP, deep_nesting
 from simulator.samples import synthetic_ct
@@ -20,6 +21,7 @@ from tasks.errors import (
     WorkerCrashed,
     is_transient,
     parser_error,
+    retry_if_transient,
 )
 
 
@@ -95,3 +97,5 @@ def test_only_transient_failures_are_worth_a_retry():
     assert not is_transient(StorageError()) and not is_transient(ObjectMissing())
     assert not is_transient(CorruptDicom()) and not is_transient(RecursionError())
     assert not is_transient(StudiesFailed()) and is_transient(StudiesFailed(transient=True))
+    failed = Failed(data=StudiesFailed("1 of 2 studies failed", transient=False))
+    assert not retry_if_transient(None, None, failed)  # the screen-studies retry condition
