@@ -132,7 +132,7 @@ def write_report(
     if evidence:
         outputs += _write_sr_and_fhir(store, report, evidence)
     else:
-        logger.warning("study %s: no evidence headers, no SR or FHIR report", uid)
+        logger.warning("study %s: no evidence headers, no SR or FHIR report", report.log_id)
     report.outputs = ["report.md", *outputs]
     store.write_bytes(
         report_key(uid, "report.md"),

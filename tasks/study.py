@@ -19,10 +19,11 @@ from tasks.budget import DecodeBudget, decode_budget, decode_claim
 from tasks.cache import ReadingCache
 from tasks.config import Settings
 from tasks.consensus import build_consensus
-from tasks.context import clinical_context
+from tasks.context import deidentify, vocabularies
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
 from tasks.errors import StudiesFailed, is_transient, retry_if_transient
+from tasks.privacy import LogNames, log_names
 from tasks.reliability import model_weights
 from tasks.report import publish_report, write_error
 from tasks.runner import off_loop
@@ -47,6 +48,7 @@ class StudyOutcome:
     study_instance_uid: str
     report: Report | None
     errors: list[ErrorRecord] = field(default_factory=list)
+    log_id: str = ""  # how logs and artifacts name the study (tasks.privacy)
 
 
 @dataclass(frozen=True)
@@ -60,13 +62,20 @@ class Screening:
     prompt: Prompt
     weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
+    names: LogNames  # how logs and artifacts name studies (settings.privacy)
     decoding: DecodeBudget  # decoding memory of this process (settings.runner.decode_memory_mib)
 
     @classmethod
-    async def start(cls, source: Store, dest: Store, settings: Settings) -> Screening:
+    async def start(
+        cls, source: Store, dest: Store, settings: Settings, names: LogNames | None = None
+    ) -> Screening:
         """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
-        weights (read once: a reliability.json may be on S3), the window, the decoding
-        budget."""
+        weights (read once: a reliability.json may be on S3), the window, the log names
+        (DEST's pseudonym key, unless given), the context vocabularies (loaded here, off
+        the event loop) and the decoding budget."""
+        if names is None:
+            names = await asyncio.to_thread(log_names, dest, settings.privacy)
+        await asyncio.to_thread(vocabularies)
         return cls(
             source=source,
             dest=dest,
@@ -75,6 +84,7 @@ class Screening:
             prompt=load_prompt(settings.language),
             weights=await asyncio.to_thread(model_weights, settings),
             window=asyncio.Semaphore(settings.max_studies_in_flight),
+            names=names,
             decoding=decode_budget(settings.runner),
         )
 
@@ -126,7 +136,7 @@ async def screen_studies(
     if batch.failed:
         raise StudiesFailed(
             f"{len(batch.failed)} of {len(todo)} studies failed: "
-            + "; ".join(f"{uid}: {reason}" for uid, reason in batch.failed.items()),
+            + "; ".join(f"{run.names.study(uid)}: {why}" for uid, why in batch.failed.items()),
             transient=any(is_transient(r) for r in raised),
         )
     return len(todo)
@@ -151,6 +161,7 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     )
     logger = _logger()
     uid = study.study_instance_uid
+    log_id = run.names.study(uid)
     cpu = partial(off_loop, settings.runner, settings.storage)  # threads or the process pool
     # decoding waits for its claim on the process's budget, in threads and pool alike
     async with run.decoding.hold(decode_claim(study, settings.preprocess)):
@@ -161,11 +172,17 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
         write_error(dest, record)
     failed = {e.source for e in errors}
     if not prepared:
-        logger.warning("study %s: no instance could be rendered, no report", uid)
-        return StudyOutcome(uid, None, errors)
-    context = clinical_context(i.header for i in study.instances)
+        logger.warning("study %s: no instance could be rendered, no report", log_id)
+        return StudyOutcome(uid, None, errors, log_id)
+    context = deidentify(i.header for i in study.instances)
+    if unknown := {f: n["unknown"] for f, n in context.dropped.items() if n["unknown"]}:
+        logger.warning(
+            "study %s: context values outside the vocabulary not sent: %s",
+            log_id,
+            ", ".join(f"{f} {n}" for f, n in unknown.items()),
+        )
     sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
-    readings = await panel.read(sized, context, prompt)
+    readings = await panel.read(sized, context.values, prompt)
     weights, weights_source = run.weights
     consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     impression = None
@@ -188,11 +205,14 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
                 window=img.window,
                 frame=img.frame,
                 modality=inst.modality or None,
+                burned_in=img.burned_in,
             )
             for inst, img in prepared
         ],
         sources=[i.ref.uri for i in study.instances if i.ref.uri not in failed],
-        context=context,
+        context=context.values,
+        context_dropped=context.dropped,
+        log_id=log_id,
         inputs_fingerprint=study.fingerprint,
         prompt_version=prompt.version,
         cost_usd=round(
@@ -229,10 +249,10 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     errors += await cpu(publish_report, [source, dest], report, pngs, evidence)
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",
-        uid,
+        log_id,
         {True: "abnormal", False: "normal", None: "no reading"}[consensus.abnormal],
         consensus.urgency.value if consensus.urgency else "-",
         consensus.agreement,
         ", needs review" if consensus.needs_review else "",
     )
-    return StudyOutcome(uid, report, errors)
+    return StudyOutcome(uid, report, errors, log_id)
