@@ -55,6 +55,14 @@ POINTS = {
         "tests/test_secrets.py::"
         "test_api_key_env_that_is_not_key_like_warns_naming_model_and_variable",
     ],
+    "parser failures: one object, one record, no retries": [
+        "tests/test_reliability.py::"
+        "test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried"
+    ],
+    "decoding memory budget": [
+        "tests/test_budget.py::"
+        "test_decoding_memory_stays_within_the_budget_in_threads_and_in_the_pool"
+    ],
     "identity: one patient per study, one place per instance, stale images": [
         "tests/test_identity.py::"
         "test_identity_conflicts_are_error_records_and_no_request_mixes_patients",

@@ -17,8 +17,8 @@ from prefect.utilities.annotations import quote
 from flows.shards import run_shards
 from tasks.config import load_settings
 from tasks.consensus import KAPPA_MODULE, panel_kappa
-from tasks.discover import Inventory, Study, discover_studies, retry_unless_permanent
-from tasks.errors import ConfigError
+from tasks.discover import Inventory, Study, discover_studies
+from tasks.errors import ConfigError, retry_if_transient
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
 from tasks.privacy import log_names, store_scheme
@@ -46,7 +46,7 @@ discover = task(
     name="discover-studies",
     retries=2,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_unless_permanent,
+    retry_condition_fn=retry_if_transient,  # a bad object is an error record, never a retry
     cache_policy=NO_CACHE,
 )(discover_studies)
 

@@ -267,6 +267,14 @@ class RunnerConfig(_Strict):
     workers: int | None = Field(
         None, ge=1, le=256, description="process-pool size (None = one per CPU)"
     )
+    decode_memory_mib: int | None = Field(
+        None,
+        ge=64,
+        le=1_048_576,
+        description="memory for decoding key images, across every study in flight, in MiB: "
+        "a study waits until what its headers claim fits; null = a quarter of the machine's "
+        "(or container's) memory, at most 8192",
+    )
     studies_per_task: int = Field(
         25,
         ge=1,

@@ -18,7 +18,14 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tasks.config import PreprocessConfig, Provider, WindowName
-from tasks.errors import CorruptDicom, NotDicom, PhiRisk, RadflowError, UnsupportedImage
+from tasks.errors import (
+    CorruptDicom,
+    NotDicom,
+    PhiRisk,
+    RadflowError,
+    UnsupportedImage,
+    parser_error,
+)
 from tasks.greylevels import (
     COLOUR,
     MONO,
@@ -54,8 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# What pydicom and its decoders raise on inconsistent headers or undecodable pixel data.
-_DECODE_ERRORS = (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError)
+# What pydicom raises when it converts an inconsistent header value.
 _HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
@@ -143,15 +149,16 @@ def check_claims(ds: pydicom.Dataset) -> None:
 
 
 def _decode(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
+    """One frame (or all, ``index`` None) decoded; anything the decoder raises is this
+    object's CorruptDicom."""
     try:
         return pixel_array(ds, index=index)
-    except _DECODE_ERRORS as exc:
+    except RadflowError:
+        raise
+    except Exception as exc:  # the decoder's, for this object's bytes: a record, not a retry
         tsuid = ds.file_meta.get("TransferSyntaxUID", "unknown") if ds.file_meta else "unknown"
         name = getattr(tsuid, "name", tsuid)
-        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise CorruptDicom(
-            f'pixel data (transfer syntax "{name}") cannot be decoded: {reason}'
-        ) from exc
+        raise parser_error(exc, f'pixel data (transfer syntax "{name}") cannot be decoded') from exc
 
 
 def render_frames(
@@ -238,9 +245,11 @@ def load(source: str | BinaryIO) -> pydicom.Dataset:
                 ds = pydicom.dcmread(source, force=True)
             if "PixelData" not in ds or "Rows" not in ds:
                 raise NotDicom("no DICOM Part 10 header, and no image in it") from None
-        _infer_transfer_syntax(ds)
-    except (pydicom.errors.InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS) as exc:
-        raise CorruptDicom(f"cannot be read: {exc}") from exc
+    except RadflowError:
+        raise
+    except Exception as exc:  # the parser's, for this object's bytes (nesting too deep, ...)
+        raise parser_error(exc, "cannot be read") from exc
+    _infer_transfer_syntax(ds)
     return ds
 
 

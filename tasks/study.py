@@ -15,13 +15,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 import tasks
+from tasks.budget import DecodeBudget, decode_budget, decode_claim
 from tasks.cache import ReadingCache
 from tasks.config import Settings
 from tasks.consensus import build_consensus
 from tasks.context import deidentify, vocabularies
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
-from tasks.errors import StudiesFailed
+from tasks.errors import StudiesFailed, is_transient, retry_if_transient
 from tasks.privacy import LogNames, log_names
 from tasks.reliability import model_weights
 from tasks.report import publish_report, write_error
@@ -62,6 +63,7 @@ class Screening:
     weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
     names: LogNames  # how logs and artifacts name studies (settings.privacy)
+    decoding: DecodeBudget  # decoding memory of this process (settings.runner.decode_memory_mib)
 
     @classmethod
     async def start(
@@ -69,8 +71,8 @@ class Screening:
     ) -> Screening:
         """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
         weights (read once: a reliability.json may be on S3), the window, the log names
-        (DEST's pseudonym key, unless given) and the context vocabularies (loaded here, off
-        the event loop)."""
+        (DEST's pseudonym key, unless given), the context vocabularies (loaded here, off
+        the event loop) and the decoding budget."""
         if names is None:
             names = await asyncio.to_thread(log_names, dest, settings.privacy)
         await asyncio.to_thread(vocabularies)
@@ -83,6 +85,7 @@ class Screening:
             weights=await asyncio.to_thread(model_weights, settings),
             window=asyncio.Semaphore(settings.max_studies_in_flight),
             names=names,
+            decoding=decode_budget(settings.runner),
         )
 
 
@@ -102,6 +105,7 @@ class Batch:
     task_run_name="studies-{batch.label}",
     retries=2,
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_if_transient,  # only when a study failed in a transient way
     timeout_seconds=1800,
     cache_policy=NO_CACHE,
     # no tags: a tagged task run asks the API for tag concurrency slots as it starts
@@ -112,8 +116,9 @@ async def screen_studies(
     """Screen the studies of ``batch`` not done yet, each as soon as ``run.window`` has room,
     calling ``finished`` with each outcome as it comes. One task run per batch rather than
     per study: each task run costs the event loop and the Prefect API 10-40 ms (DESIGN.md).
-    A study that raises fails the task run once the others have finished; Prefect's retries
-    then screen the ones left."""
+    A study that raises fails the task run once the others have finished; when one of them
+    failed in a transient way (``is_transient``), Prefect's retries then screen the ones left;
+    otherwise they end as error records at once (the same input would fail again)."""
     todo = [s for s in batch.studies if s.study_instance_uid not in batch.done]
 
     async def one(study: Study) -> None:
@@ -124,13 +129,15 @@ async def screen_studies(
         finished(outcome)
 
     results = await asyncio.gather(*(one(s) for s in todo), return_exceptions=True)
+    raised = [r for r in results if isinstance(r, BaseException)]
     for study, result in zip(todo, results, strict=True):
         if isinstance(result, BaseException):
             batch.failed[study.study_instance_uid] = f"{type(result).__name__}: {result}"
     if batch.failed:
         raise StudiesFailed(
             f"{len(batch.failed)} of {len(todo)} studies failed: "
-            + "; ".join(f"{run.names.study(uid)}: {why}" for uid, why in batch.failed.items())
+            + "; ".join(f"{run.names.study(uid)}: {why}" for uid, why in batch.failed.items()),
+            transient=any(is_transient(r) for r in raised),
         )
     return len(todo)
 
@@ -156,9 +163,11 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     uid = study.study_instance_uid
     log_id = run.names.study(uid)
     cpu = partial(off_loop, settings.runner, settings.storage)  # threads or the process pool
-    prepared, errors = await cpu(
-        prepare_study, [source], study, settings.preprocess, panel.providers
-    )
+    # decoding waits for its claim on the process's budget, in threads and pool alike
+    async with run.decoding.hold(decode_claim(study, settings.preprocess)):
+        prepared, errors = await cpu(
+            prepare_study, [source], study, settings.preprocess, panel.providers
+        )
     for record in errors:
         write_error(dest, record)
     failed = {e.source for e in errors}

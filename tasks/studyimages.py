@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tasks.config import PreprocessConfig
-from tasks.errors import DuplicateInstance, RadflowError
+from tasks.errors import DuplicateInstance, RadflowError, StorageError
 from tasks.keyimages import KeyRule, parse_rule, pick
 from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
@@ -53,7 +53,8 @@ def prepare_study(
     next copy is tried (its record says which copy was read instead); an instance none of
     whose copies renders is replaced by its nearest unused neighbour. Every copy not read
     and not failed gets a ``DuplicateInstance`` record naming the copy that was read (the
-    first, for an instance that was not rendered)."""
+    first, for an instance that was not rendered). A StorageError is raised (it is the
+    store's, not the instance's)."""
     rule = parse_rule(config.key_images)
     single = config.model_copy(update={"key_images": "middle"})
     images: list[tuple[Instance, PreparedImage]] = []
@@ -82,6 +83,8 @@ def prepare_study(
                 try:
                     with store.open_read(copy.ref.key) as fh:
                         result = fn(fh, copy)
+                except StorageError:
+                    raise  # the store's (down, denied): not this copy's, and maybe transient
                 except RadflowError as exc:
                     failures.append((copy, exc))
                     continue

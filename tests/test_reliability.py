@@ -21,7 +21,7 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
-from simulator.hostile import build_hostile_folder
+from simulator.hostile import DEEP, build_hostile_folder, deep_nesting
 from simulator.process import running_simulator
 from simulator.samples import build_sample_folder, synthetic_ct
 from tasks.privacy import LogNames, find_studies, load_key
@@ -92,6 +92,82 @@ def test_hostile_inputs_each_get_one_error_record_and_good_studies_are_reported(
         f"\nRELIABILITY hostile inputs: {len(bad)} hostile + {len(good)} good files "
         f"→ {len(errors)} error records ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}"
         f"), {len(reports)} good studies reported, exit {run.returncode}, 0 crashes"
+    )
+
+
+def _task_runs(flow_run_id: str) -> list:
+    """The task runs of a flow run on the harness's API, once each has a final state (the
+    server records task-run states from events, a moment after they happen)."""
+    import asyncio
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list:
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=flow_runs)
+
+    deadline = time.monotonic() + 30
+    while True:
+        runs = asyncio.run(read())
+        final = runs and all(r.state is not None and r.state.is_final() for r in runs)
+        if final or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried(
+    prefect_harness, simulator, tmp_path
+):
+    """Sequences nested 1000 deep make pydicom raise RecursionError: in the header (discovery
+    failed the run), after the pixel data (only the full read fails: the batch was retried
+    for ~35 s), or of defined length in the patient module (parsed lazily: the SR's copy of
+    it failed the study after its model calls, retried likewise). Each is now one error
+    record saying so, the good studies are reported, and no task run is tried twice."""
+    source, dest = tmp_path / "in", tmp_path / "out"
+    good = [synthetic_ct(source / f"good/{i}.dcm", lesion=i == 0, seed=70 + i, size=128)
+            for i in range(2)]  # fmt: skip
+    stages = {}
+    for name, seed, options, stage in (
+        ("deep-nesting.dcm", 71, {}, "discover"),
+        ("deep-nesting-after-pixels.dcm", 72, {"after_pixels": True}, "preprocess"),
+        ("deep-nesting-defined-length.dcm", 73, {"defined": True}, "discover"),
+    ):
+        deep_nesting(good[0], source / name, seed, **options)
+        stages[name] = stage
+    started = time.monotonic()
+    run = _screen_cli(source, dest, sim_config(simulator, tmp_path), prefect_harness)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(read_reports(dest)) == len(good)
+    errors = _errors(dest)
+    assert sorted(Path(e["source"]).name for e in errors) == sorted(stages)  # one each
+    for record in errors:
+        assert record["kind"] == "CorruptDicom", record
+        assert "nesting too deep (more than " in record["reason"], record
+        assert Path(record["source"]).name in record["reason"]
+    assert {Path(e["source"]).name: e["stage"] for e in errors} == stages
+    (summary_path,) = dest.glob("runs/*.json")
+    summary = json.loads(summary_path.read_text())
+    assert (summary["studies"], summary["reported"], summary["errors"]) == (3, 2, 3)
+    # one attempt per task run: a bad object is never retried as if it were transient
+    task_runs = _task_runs(summary["run_id"])
+    attempts = {r.name: r.run_count for r in task_runs}
+    assert sorted(n.split("-")[0] for n in attempts) == ["discover", "studies"], attempts
+    assert all(r.state.is_completed() for r in task_runs), attempts
+    assert set(attempts.values()) == {1}, attempts
+    assert "Traceback" not in run.stdout + run.stderr
+    reasons = sorted(
+        {e["reason"].split("nesting too deep ")[1].split(")")[0] + ")" for e in errors}
+    )
+    print(
+        f"\nRELIABILITY parser failures: {DEEP} nested sequences in the header, after the "
+        f"pixel data and of defined length → {len(errors)} CorruptDicom records "
+        f"(nesting too deep {', '.join(reasons)}), {summary['reported']}/2 good studies "
+        f"reported, run summary written, exit {run.returncode}; {len(task_runs)} task runs, "
+        f"attempts {sorted(attempts.values())}, run {elapsed:.1f} s"
     )
 
 
