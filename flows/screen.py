@@ -22,7 +22,7 @@ from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
 from tasks.report import (
-    report_key,
+    reported,
     review_entry,
     write_error,
     write_errors,
@@ -30,7 +30,7 @@ from tasks.report import (
 )
 from tasks.runner import resolve_runner, warm
 from tasks.schema import ErrorRecord, RunSummary
-from tasks.storage import Store, open_store, read_json
+from tasks.storage import Store, open_store
 from tasks.study import Batch, Screening, StudyOutcome, screen_studies
 
 __all__ = ["progress_hook", "screen"]
@@ -51,8 +51,7 @@ discover = task(
 
 
 def _already_reported(dest: Store, study: Study) -> bool:
-    previous = read_json(dest, report_key(study.study_instance_uid))
-    return bool(previous) and previous.get("inputs_fingerprint") == study.fingerprint
+    return reported(dest, study.study_instance_uid, study.fingerprint) is not None
 
 
 def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
@@ -165,7 +164,10 @@ async def screen(
         if len(pending) > 1:
             loads.append(asyncio.to_thread(import_module, KAPPA_MODULE))
         warming = asyncio.ensure_future(asyncio.gather(*loads))
-        run = await Screening.start(src, dest, settings)
+        # claims name the run; with --force, a report another run writes from now on is done
+        run = await Screening.start(
+            src, dest, settings, summary.run_id, since=started if force else None
+        )
         outcomes: asyncio.Queue[StudyOutcome | None] = asyncio.Queue()
         screening = asyncio.ensure_future(_screen_batches(pending, run, outcomes.put_nowait))
         screening.add_done_callback(lambda _: outcomes.put_nowait(None))  # the end
@@ -191,11 +193,12 @@ async def screen(
     key = write_run_summary(dest, summary)
     await monitor.finish(summary, rows, key)
     logger.info(
-        "reported %d of %d studies (%d skipped, %d degraded, %d for review, %d errors), "
-        "%d model calls, $%.4f; summary at %s",
+        "reported %d of %d studies (%d skipped, %d claimed by other runs, %d degraded, "
+        "%d for review, %d errors), %d model calls, $%.4f; summary at %s",
         summary.reported,
         summary.studies,
         summary.skipped,
+        summary.claimed_elsewhere,
         summary.degraded,
         summary.needs_review,
         summary.errors,
@@ -243,6 +246,7 @@ async def _screen_batches(
 
 def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.errors += len(outcome.errors)
+    summary.claimed_elsewhere += outcome.elsewhere is not None
     report = outcome.report
     if report is None:
         return

@@ -19,6 +19,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "StudiesFailed",
+    "SymlinkEscape",
     "UnsupportedImage",
     "WorkerCrashed",
 ]
@@ -113,6 +114,16 @@ class StorageUnavailable(StorageError):
 
     default = "storage is unavailable"
     hint = "the store kept failing after retries; run again later (finished studies are skipped)"
+
+
+class SymlinkEscape(StorageError):
+    """A key of a local folder reached through a symlink that leads out of the folder."""
+
+    default = "a symlink leads out of the folder"
+    hint = (
+        "replace the symlink with the file or folder itself, or point SOURCE/DEST at the "
+        "folder it leads to"
+    )
 
 
 class ObjectMissing(RadflowError):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 
 from prefect import get_run_logger, task
@@ -16,6 +18,7 @@ from prefect.exceptions import MissingContextError
 
 import tasks
 from tasks.cache import ReadingCache
+from tasks.claims import Claim, Lease, kept, take
 from tasks.config import Settings
 from tasks.consensus import build_consensus
 from tasks.context import clinical_context
@@ -23,7 +26,7 @@ from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
 from tasks.errors import StudiesFailed
 from tasks.reliability import model_weights
-from tasks.report import publish_report, write_error
+from tasks.report import publish_report, reported, write_error
 from tasks.runner import off_loop
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
 from tasks.storage import Store
@@ -34,6 +37,7 @@ __all__ = [
     "Batch",
     "Screening",
     "StudyOutcome",
+    "read_study",
     "screen_studies",
     "screen_study",
 ]
@@ -46,6 +50,7 @@ class StudyOutcome:
     study_instance_uid: str
     report: Report | None
     errors: list[ErrorRecord] = field(default_factory=list)
+    elsewhere: str | None = None  # why another run has the study: not read here
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,18 @@ class Screening:
     prompt: Prompt
     weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
+    run_id: str  # names the run in its claims and reports
+    since: datetime | None  # with --force: only reports from then on count as done
 
     @classmethod
-    async def start(cls, source: Store, dest: Store, settings: Settings) -> Screening:
+    async def start(
+        cls,
+        source: Store,
+        dest: Store,
+        settings: Settings,
+        run_id: str | None = None,
+        since: datetime | None = None,
+    ) -> Screening:
         """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
         weights (read once: a reliability.json may be on S3), the window."""
         return cls(
@@ -72,6 +86,8 @@ class Screening:
             prompt=load_prompt(settings.language),
             weights=await asyncio.to_thread(model_weights, settings),
             window=asyncio.Semaphore(settings.max_studies_in_flight),
+            run_id=run_id or f"local-{uuid.uuid4().hex[:12]}",
+            since=since,
         )
 
 
@@ -133,7 +149,27 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 async def screen_study(study: Study, run: Screening) -> StudyOutcome:
-    """Preprocess, read with every model, combine, and write the study's report."""
+    """Claim the study in DEST, then read it (:func:`read_study`) unless another run has
+    reported it meanwhile; a study that another live run holds is left to it."""
+    uid = study.study_instance_uid
+    claim = await asyncio.to_thread(
+        take, run.dest, uid, run.run_id, run.settings.claim_lease_seconds
+    )
+    if isinstance(claim, Lease):
+        _logger().info("study %s: %s; left to it", uid, claim.describe())
+        return StudyOutcome(uid, None, elsewhere=claim.describe())
+    async with kept(claim):
+        done = await asyncio.to_thread(reported, run.dest, uid, study.fingerprint, run.since)
+        if done is not None:
+            why = f"reported meanwhile by run {done.get('run_id') or '?'}"
+            _logger().info("study %s: %s", uid, why)
+            return StudyOutcome(uid, None, elsewhere=why)
+        return await read_study(study, run, claim)
+
+
+async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome:
+    """Preprocess, read with every model, combine, and write the study's report, if
+    ``claim`` is still held when it is written."""
     source, dest, settings, panel, prompt = (
         run.source,
         run.dest,
@@ -190,6 +226,7 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
         ),
         simulated=any(r.simulated for r in readings),
         radflow_version=tasks.__version__,
+        run_id=run.run_id,
         impression=impression,
         provenance=Provenance(
             radflow_version=tasks.__version__,
@@ -216,6 +253,9 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     )
     evidence = [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
     pngs = {img.sha256: img.png for _, img in prepared}
+    if not await asyncio.to_thread(claim.held):
+        logger.warning("study %s: lost its claim while read (%s), no report", uid, claim.lost)
+        return StudyOutcome(uid, None, errors, elsewhere=claim.lost)
     errors += await cpu(publish_report, [source, dest], report, pngs, evidence)
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",
