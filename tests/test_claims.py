@@ -234,12 +234,12 @@ def test_two_runs_at_once_read_each_study_once(prefect_harness, tmp_path, kind, 
             assert run.wait(timeout=600) == 0, (tmp_path / f"run{i}.log").read_text()[-3000:]
         calls = sim_calls(sim) - before
     files = _files(dest)
-    by_run = _runs_per_study(files)
     summaries = _summaries(files)
     assert len(summaries) == 2 and not [k for k in files if k.startswith("errors/")]
     assert calls == N * 2  # each study read once, by one model each
-    assert len(by_run) == N  # every study reported …
-    assert sum(s["reported"] for s in summaries) == N  # … once
+    assert sum(s["reported"] for s in summaries) == N  # every study reported once …
+    by_run = _runs_per_study(files)  # … its four files by one run
+    assert len(by_run) == N
     for s in summaries:
         assert s["reported"] + s["skipped"] + s.get("claimed_elsewhere", 0) == N, s
         assert s["errors"] == 0
@@ -281,11 +281,11 @@ def test_claims_of_a_crashed_run_are_taken_over_and_a_live_runs_are_left(
     assert first.returncode == 0, first.stderr[-3000:]
     files = _files(dest)
     (summary,) = _summaries(files)
-    reported = _runs_per_study(files)
-    assert sorted(reported) == sorted(set(uids) - {uids[2]})  # the stale two taken over
     assert summary["reported"] == N - 1 and summary.get("claimed_elsewhere") == 1
     assert summary["errors"] == 0 and not [k for k in files if k.startswith("errors/")]
     assert sim_calls(simulator) - before == 2 * (N - 1)
+    reported = _runs_per_study(files)
+    assert sorted(reported) == sorted(set(uids) - {uids[2]})  # the stale two taken over
     assert [k for k in files if k.startswith("claims/")] == [f"claims/{uids[2]}.json"]
     assert files[f"claims/{uids[2]}.json"] == live  # the live run's claim untouched
     expires = json.loads(live)["expires_at"][:19]
