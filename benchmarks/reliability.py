@@ -34,6 +34,16 @@ POINTS = {
         "tests/test_reliability.py::"
         "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs"
     ],
+    "PHI guard: context vocabulary, burned-in flag": [
+        "tests/test_phi.py::test_free_text_in_coded_fields_never_reaches_a_request_and_is_counted",
+        "tests/test_context.py::test_at_most_max_values_terms_per_field_reach_the_prompt",
+        "tests/test_preprocess.py::test_burned_in_policy",
+    ],
+    "identifiers in logs, artifacts, run names (log ids)": [
+        "tests/test_reliability.py::"
+        "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs",
+        "tests/test_privacy.py::test_a_log_id_maps_back_only_with_the_key",
+    ],
 }
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
-    tests = [t for ts in POINTS.values() for t in ts]
+    tests = list(dict.fromkeys(t for ts in POINTS.values() for t in ts))  # a test may prove two
     start = time.perf_counter()
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rA", *tests],

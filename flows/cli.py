@@ -64,6 +64,35 @@ def screen(
 
 
 @app.command()
+def lookup(
+    dest: Annotated[
+        str, typer.Argument(help="the DEST of the runs: s3://bucket/prefix or a folder")
+    ],
+    log_ids: Annotated[list[str], typer.Argument(help="log ids from logs or Prefect artifacts")],
+    config: Annotated[Path | None, typer.Option(help="config YAML (for S3 settings)")] = None,
+) -> None:
+    """Which reported studies under DEST the log ids name (privacy.log_uids: hash)."""
+    from tasks.config import load_settings
+    from tasks.monitor import report_location
+    from tasks.privacy import LogNames, find_studies, load_key
+    from tasks.storage import open_store
+
+    try:
+        storage = load_settings(config).storage
+        names = LogNames(load_key(open_store(dest, storage), create=False))
+        found = find_studies(open_store(f"{dest.rstrip('/')}/studies", storage), names, log_ids)
+    except RadflowError as exc:
+        raise _fail(exc) from None
+    missing = 0
+    for log_id in log_ids:
+        uid = found.get(log_id.strip().lower())
+        missing += uid is None
+        print(f"{log_id}  {uid or '-'}  {report_location(dest, uid) if uid else 'not found'}")
+    if missing:
+        raise typer.Exit(1)
+
+
+@app.command()
 def preprocess(
     inputs: Annotated[list[Path], typer.Argument(help="DICOM files")],
     out: Annotated[Path, typer.Option("--out", help="folder for the PNGs")],

@@ -21,6 +21,7 @@ from tasks.discover import Inventory, Study, discover_studies, retry_unless_perm
 from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
+from tasks.privacy import log_names, store_scheme
 from tasks.report import (
     reported,
     review_entry,
@@ -68,9 +69,10 @@ def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
 
 
 def _first_run_name() -> str:
-    """Until discovery counts the studies (then ``screen-<date>-<n>-studies``)."""
-    source = flow_run.parameters.get("source") or "config-source"
-    return f"screen-{datetime.now(UTC):%Y-%m-%d}-{source}"
+    """``screen-<date>-<store scheme>`` until discovery counts the studies (then
+    ``screen-<date>-<n>-studies``): never the SOURCE path, which may name a patient."""
+    scheme = store_scheme(flow_run.parameters.get("source"))
+    return f"screen-{datetime.now(UTC):%Y-%m-%d}-{scheme}"
 
 
 def _fail_unreported(dest: Store, study: Study, reason: str) -> int:
@@ -107,13 +109,15 @@ async def screen(
             "no SOURCE or DEST: pass them, or set `source` and `output` in the config"
         )
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
+    names = await asyncio.to_thread(log_names, dest, settings.privacy)
     if keys is not None:
         src = SelectedObjects(src, keys)
     inventory: Inventory = await asyncio.to_thread(discover, src, settings.storage.max_concurrency)
     await asyncio.to_thread(write_errors, dest, inventory.errors, settings.storage.max_concurrency)
     if isinstance(src, SelectedObjects) and src.missing:
+        listed = f": {src.missing}" if names.plain else " (names not logged)"
         logger.warning(
-            "%d named objects are not under %s: %s", len(src.missing), source, src.missing
+            "%d named objects are not under %s%s", len(src.missing), names.source(source), listed
         )
     studies = inventory.studies[:limit] if limit else inventory.studies
     pending = [s for s in studies if force or not _already_reported(dest, s)]
@@ -132,8 +136,8 @@ async def screen(
     hook = progress_hook.get()
     if hook:
         hook(0, len(pending), None)
-    monitor = RunMonitor(flow_run.get_id())
-    labels = run_tags(source, [m.name for m in settings.models])
+    monitor = RunMonitor(flow_run.get_id(), names)
+    labels = run_tags(names.source(source), [m.name for m in settings.models])
     await monitor.label(run_name(started, len(studies)), labels)
     await monitor.start(len(pending))
     warming: asyncio.Future | None = None
@@ -166,7 +170,7 @@ async def screen(
         warming = asyncio.ensure_future(asyncio.gather(*loads))
         # claims name the run; with --force, a report another run writes from now on is done
         run = await Screening.start(
-            src, dest, settings, summary.run_id, since=started if force else None
+            src, dest, settings, names, summary.run_id, since=started if force else None
         )
         outcomes: asyncio.Queue[StudyOutcome | None] = asyncio.Queue()
         screening = asyncio.ensure_future(_screen_batches(pending, run, outcomes.put_nowait))
@@ -178,7 +182,7 @@ async def screen(
                 _add(summary, outcome)
                 if outcome.report is not None:
                     votes.append([r.abnormal if r.ok else None for r in outcome.report.readings])
-                    rows.append(result_row(outcome.report, out))
+                    rows.append(result_row(outcome.report, out, names))
                 await monitor.advance(done, len(pending))
                 if hook:
                     hook(done, len(pending), outcome)
@@ -239,7 +243,7 @@ async def _screen_batches(
                 reason = batch.failed.get(uid) or state.message or "unknown error"
                 records = _failed_study_errors(study, reason)
                 await asyncio.to_thread(write_errors, run.dest, records)
-                finished(StudyOutcome(uid, None, records))
+                finished(StudyOutcome(uid, None, records, run.names.study(uid)))
 
     await asyncio.gather(*(one(b) for b in batches))
 

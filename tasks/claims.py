@@ -81,11 +81,12 @@ class Lease(BaseModel):
         return now >= self.expires_at or (self.host == _HOST and not _running(self.pid))
 
 
-def _parse(data: bytes, key: str) -> Lease | None:
+def _parse(data: bytes, name: str) -> Lease | None:
     try:
         return Lease.model_validate_json(data)
     except ValidationError as exc:
-        logger.warning("claim %s is unreadable, taking it over: %s", key, exc.errors()[0]["msg"])
+        reason = exc.errors()[0]["msg"]
+        logger.warning("the claim of study %s is unreadable, taking it over: %s", name, reason)
         return None
 
 
@@ -95,6 +96,7 @@ class Claim:
 
     store: Store
     key: str
+    name: str  # how logs name the study (tasks.privacy)
     lease: Lease
     version: str
     seconds: float
@@ -114,12 +116,12 @@ class Claim:
             current = self.store.read_versioned(self.key)
             if current is None and lease is None:
                 return True  # gone: our delete, answered late
-            other = _parse(current[0], self.key) if current else None
+            other = _parse(current[0], self.name) if current else None
             if other is None or other.token != self.lease.token:
                 self.lost = other.describe() if other else "deleted or overwritten"
                 return False
             self.lease, self.version = other, current[1]  # ours, at a version we did not see
-        raise StorageUnavailable(f'claim "{self.key}" kept changing under its holder')
+        raise StorageUnavailable(f"the claim of study {self.name} kept changing under its holder")
 
     def renew(self) -> bool:
         """Extend the lease by ``seconds`` from now; False when another run took it over."""
@@ -139,7 +141,9 @@ class Claim:
         """Delete the claim if it is still ours (once the study is reported, or failed)."""
         with self._lock:
             if self.lost is None and not self._swap(None):
-                logger.warning("claim %s was %s before its release", self.key, self.lost)
+                logger.warning(
+                    "study %s: its claim was %s before its release", self.name, self.lost
+                )
 
 
 def _delta(seconds: float) -> timedelta:
@@ -150,9 +154,10 @@ def _dump(lease: Lease) -> bytes:
     return lease.model_dump_json().encode()
 
 
-def take(store: Store, uid: str, run_id: str, seconds: float) -> Claim | Lease:
+def take(store: Store, uid: str, run_id: str, seconds: float, name: str = "") -> Claim | Lease:
     """Claim study ``uid`` for ``run_id`` for ``seconds``: our :class:`Claim`, or the
-    :class:`Lease` of the live run that holds it."""
+    :class:`Lease` of the live run that holds it. ``name``: the study's log id."""
+    name = name or uid
     key = claim_key(uid)
     now = datetime.now(UTC)
     mine = Lease(
@@ -167,20 +172,20 @@ def take(store: Store, uid: str, run_id: str, seconds: float) -> Claim | Lease:
     for _ in range(_ROUNDS):
         won = store.put_if(key, _dump(mine), version, "application/json")
         if won:
-            return Claim(store, key, mine, won, seconds)
+            return Claim(store, key, name, mine, won, seconds)
         current = store.read_versioned(key)
         if current is None:
             version = None  # released meanwhile: create it
             continue
         data, version = current
-        other = _parse(data, key)
+        other = _parse(data, name)
         if other is not None and other.token == mine.token:  # our write, answered late
-            return Claim(store, key, other, version, seconds)
+            return Claim(store, key, name, other, version, seconds)
         if other is not None and not other.stale(datetime.now(UTC)):
             return other
         if other is not None:
-            logger.info("study %s: taking over the stale claim of run %s", uid, other.run_id)
-    raise StorageUnavailable(f'claim "{key}" kept changing: {_ROUNDS} attempts lost a race')
+            logger.info("study %s: taking over the stale claim of run %s", name, other.run_id)
+    raise StorageUnavailable(f"the claim of study {name} kept changing: {_ROUNDS} races lost")
 
 
 @contextlib.asynccontextmanager
@@ -193,9 +198,9 @@ async def kept(claim: Claim) -> AsyncIterator[Claim]:
             await asyncio.sleep(claim.seconds / 3)
             try:
                 if not await asyncio.to_thread(claim.renew):
-                    logger.warning("claim %s lost: %s", claim.key, claim.lost)
+                    logger.warning("study %s: claim lost, %s", claim.name, claim.lost)
             except StorageError as exc:  # the lease still runs; the next round tries again
-                logger.warning("claim %s not renewed: %s", claim.key, exc)
+                logger.warning("study %s: claim not renewed: %s", claim.name, exc)
 
     keeper = asyncio.ensure_future(renew())
     try:

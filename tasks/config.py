@@ -21,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "PreprocessConfig",
     "Price",
+    "PrivacyConfig",
     "Provider",
     "ReviewConfig",
     "RunnerConfig",
@@ -126,8 +127,12 @@ class ModelConfig(_Endpoint):
 class PreprocessConfig(_Strict):
     max_edge: int = Field(1024, ge=0, le=8192, description="long edge in px; 0 = no resize")
     window: WindowName = Field(WindowName.AUTO, description="grey-level window")
-    burned_in: Literal["refuse", "allow"] = Field(
-        "refuse", description="BurnedInAnnotation=YES: refuse (error record) or allow"
+    burned_in: Literal["refuse", "refuse_unknown", "allow"] = Field(
+        "refuse",
+        description="BurnedInAnnotation policy (see tasks.preprocess.burned_in_flag): refuse = "
+        "an error record when it says YES; refuse_unknown = also when it is missing or neither "
+        "YES nor NO; allow = send the pixels anyway. The report's images[].burned_in records "
+        "yes | no | unknown",
     )
     max_images_per_study: int = Field(
         4, ge=1, le=32, description="key images sent per study (one per series, middle slice)"
@@ -140,6 +145,16 @@ class PreprocessConfig(_Strict):
         pattern=r"^(middle|spaced:[1-9][0-9]?|montage:[1-8]x[1-8])$",
         description="key images of a multi-frame object or series: middle | spaced:N | "
         "montage:RxC (R×C evenly spaced frames in one grid image)",
+    )
+
+
+class PrivacyConfig(_Strict):
+    """How radflow's logs, Prefect artifacts, run names and tags name studies and sources."""
+
+    log_uids: Literal["hash", "plain"] = Field(
+        "hash",
+        description="hash = a keyed pseudonym (HMAC-SHA256 with a secret kept in DEST) instead "
+        "of the StudyInstanceUID and the SOURCE path; plain = as they are",
     )
 
 
@@ -278,6 +293,9 @@ class Settings(_Strict):
     )
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="process pool and shards for large runs"
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="pseudonyms in logs, artifacts and run names"
     )
     claim_lease_seconds: float = Field(
         300,

@@ -63,7 +63,7 @@ def reported(
         if since is not None and datetime.fromisoformat(previous["created_at"]) < since:
             return None
     except (ValueError, TypeError, KeyError) as exc:  # JSON, a date or a field that is off
-        logger.warning("%s is unreadable, reading the study again: %s", report_key(uid), exc)
+        logger.warning("a report.json is unreadable, its study is read again: %s", exc)
         return None
     return previous
 
@@ -152,7 +152,7 @@ def write_report(
     if evidence:
         outputs += _write_sr_and_fhir(store, report, evidence)
     else:
-        logger.warning("study %s: no evidence headers, no SR or FHIR report", uid)
+        logger.warning("study %s: no evidence headers, no SR or FHIR report", report.log_id)
     report.outputs = ["report.md", *outputs]
     store.write_bytes(
         report_key(uid, "report.md"),

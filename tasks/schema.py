@@ -142,6 +142,11 @@ class ImageInfo(BaseModel):
     window: str
     frame: int | None = None
     modality: str | None = None
+    burned_in: Literal["yes", "no", "unknown"] | None = Field(
+        None,
+        description="what the source's BurnedInAnnotation says (any YES → yes, all NO → no, "
+        "else unknown); pixel text without the flag is not detected",
+    )
 
 
 class Impression(BaseModel):
@@ -199,6 +204,17 @@ class Report(BaseModel):
     sources: list[str] = Field(default_factory=list, description="input objects of the study")
     context: dict[str, str] = Field(
         default_factory=dict, description="de-identified clinical context sent to the models"
+    )
+    context_dropped: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="per context field, how many distinct header values were not sent: "
+        "unknown (outside the field's vocabulary) and over_cap (past the per-field cap); "
+        "never the values",
+    )
+    log_id: str | None = Field(
+        None,
+        description="how the logs, Prefect artifacts and run names of the run that wrote this "
+        "report name the study: a keyed pseudonym (privacy.log_uids: hash) or the UID (plain)",
     )
     inputs_fingerprint: str = Field(description="hash of the input objects; reruns skip on match")
     prompt_version: str

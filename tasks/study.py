@@ -21,10 +21,11 @@ from tasks.cache import ReadingCache
 from tasks.claims import Claim, Lease, kept, take
 from tasks.config import Settings
 from tasks.consensus import build_consensus
-from tasks.context import clinical_context
+from tasks.context import deidentify, vocabularies
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
 from tasks.errors import StudiesFailed
+from tasks.privacy import LogNames, log_names
 from tasks.reliability import model_weights
 from tasks.report import publish_report, reported, write_error
 from tasks.runner import off_loop
@@ -50,6 +51,7 @@ class StudyOutcome:
     study_instance_uid: str
     report: Report | None
     errors: list[ErrorRecord] = field(default_factory=list)
+    log_id: str = ""  # how logs and artifacts name the study (tasks.privacy)
     elsewhere: str | None = None  # why another run has the study: not read here
 
 
@@ -64,6 +66,7 @@ class Screening:
     prompt: Prompt
     weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
+    names: LogNames  # how logs and artifacts name studies (settings.privacy)
     run_id: str  # names the run in its claims and reports
     since: datetime | None  # with --force: only reports from then on count as done
 
@@ -73,11 +76,17 @@ class Screening:
         source: Store,
         dest: Store,
         settings: Settings,
+        names: LogNames | None = None,
         run_id: str | None = None,
         since: datetime | None = None,
     ) -> Screening:
         """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
-        weights (read once: a reliability.json may be on S3), the window."""
+        weights (read once: a reliability.json may be on S3), the window, the log names
+        (DEST's pseudonym key, unless given) and the context vocabularies (loaded here, off
+        the event loop)."""
+        if names is None:
+            names = await asyncio.to_thread(log_names, dest, settings.privacy)
+        await asyncio.to_thread(vocabularies)
         return cls(
             source=source,
             dest=dest,
@@ -86,6 +95,7 @@ class Screening:
             prompt=load_prompt(settings.language),
             weights=await asyncio.to_thread(model_weights, settings),
             window=asyncio.Semaphore(settings.max_studies_in_flight),
+            names=names,
             run_id=run_id or f"local-{uuid.uuid4().hex[:12]}",
             since=since,
         )
@@ -135,7 +145,7 @@ async def screen_studies(
     if batch.failed:
         raise StudiesFailed(
             f"{len(batch.failed)} of {len(todo)} studies failed: "
-            + "; ".join(f"{uid}: {reason}" for uid, reason in batch.failed.items())
+            + "; ".join(f"{run.names.study(uid)}: {why}" for uid, why in batch.failed.items())
         )
     return len(todo)
 
@@ -152,18 +162,18 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     """Claim the study in DEST, then read it (:func:`read_study`) unless another run has
     reported it meanwhile; a study that another live run holds is left to it."""
     uid = study.study_instance_uid
-    claim = await asyncio.to_thread(
-        take, run.dest, uid, run.run_id, run.settings.claim_lease_seconds
-    )
+    log_id = run.names.study(uid)
+    lease = run.settings.claim_lease_seconds
+    claim = await asyncio.to_thread(take, run.dest, uid, run.run_id, lease, log_id)
     if isinstance(claim, Lease):
-        _logger().info("study %s: %s; left to it", uid, claim.describe())
-        return StudyOutcome(uid, None, elsewhere=claim.describe())
+        _logger().info("study %s: %s; left to it", log_id, claim.describe())
+        return StudyOutcome(uid, None, log_id=log_id, elsewhere=claim.describe())
     async with kept(claim):
         done = await asyncio.to_thread(reported, run.dest, uid, study.fingerprint, run.since)
         if done is not None:
             why = f"reported meanwhile by run {done.get('run_id') or '?'}"
-            _logger().info("study %s: %s", uid, why)
-            return StudyOutcome(uid, None, elsewhere=why)
+            _logger().info("study %s: %s", log_id, why)
+            return StudyOutcome(uid, None, log_id=log_id, elsewhere=why)
         return await read_study(study, run, claim)
 
 
@@ -179,6 +189,7 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
     )
     logger = _logger()
     uid = study.study_instance_uid
+    log_id = run.names.study(uid)
     cpu = partial(off_loop, settings.runner, settings.storage)  # threads or the process pool
     prepared, errors = await cpu(
         prepare_study, [source], study, settings.preprocess, panel.providers
@@ -187,11 +198,17 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
         write_error(dest, record)
     failed = {e.source for e in errors}
     if not prepared:
-        logger.warning("study %s: no instance could be rendered, no report", uid)
-        return StudyOutcome(uid, None, errors)
-    context = clinical_context(i.header for i in study.instances)
+        logger.warning("study %s: no instance could be rendered, no report", log_id)
+        return StudyOutcome(uid, None, errors, log_id)
+    context = deidentify(i.header for i in study.instances)
+    if unknown := {f: n["unknown"] for f, n in context.dropped.items() if n["unknown"]}:
+        logger.warning(
+            "study %s: context values outside the vocabulary not sent: %s",
+            log_id,
+            ", ".join(f"{f} {n}" for f, n in unknown.items()),
+        )
     sized = {p: [img.for_provider(p) for _, img in prepared] for p in panel.providers}
-    readings = await panel.read(sized, context, prompt)
+    readings = await panel.read(sized, context.values, prompt)
     weights, weights_source = run.weights
     consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     impression = None
@@ -214,11 +231,14 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
                 window=img.window,
                 frame=img.frame,
                 modality=inst.modality or None,
+                burned_in=img.burned_in,
             )
             for inst, img in prepared
         ],
         sources=[i.ref.uri for i in study.instances if i.ref.uri not in failed],
-        context=context,
+        context=context.values,
+        context_dropped=context.dropped,
+        log_id=log_id,
         inputs_fingerprint=study.fingerprint,
         prompt_version=prompt.version,
         cost_usd=round(
@@ -254,15 +274,15 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
     evidence = [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
     pngs = {img.sha256: img.png for _, img in prepared}
     if not await asyncio.to_thread(claim.held):
-        logger.warning("study %s: lost its claim while read (%s), no report", uid, claim.lost)
-        return StudyOutcome(uid, None, errors, elsewhere=claim.lost)
+        logger.warning("study %s: lost its claim while read (%s), no report", log_id, claim.lost)
+        return StudyOutcome(uid, None, errors, log_id, elsewhere=claim.lost)
     errors += await cpu(publish_report, [source, dest], report, pngs, evidence)
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",
-        uid,
+        log_id,
         {True: "abnormal", False: "normal", None: "no reading"}[consensus.abnormal],
         consensus.urgency.value if consensus.urgency else "-",
         consensus.agreement,
         ", needs review" if consensus.needs_review else "",
     )
-    return StudyOutcome(uid, report, errors)
+    return StudyOutcome(uid, report, errors, log_id)

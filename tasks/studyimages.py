@@ -87,10 +87,12 @@ def prepare_study(
             ]
             if tiles:
                 key = tiles[len(tiles) // 2][0]
-                pixels = montage_of([p for _, (p, _) in tiles], rule.rows, rule.cols)
+                pixels = montage_of([p for _, (p, _, _) in tiles], rule.rows, rule.cols)
                 members = study.series[key.series_instance_uid]
                 index = [members.index(inst) for inst, _ in tiles]  # slice positions
-                image = finish(pixels, tiles[0][1][1], index, config, providers)
+                flags = {flag for _, (_, _, flag) in tiles}
+                worst = next(f for f in ("yes", "unknown", "no") if f in flags)
+                image = finish(pixels, tiles[0][1][1], index, config, providers, burned_in=worst)
                 images.append((key, image))
             continue
         per_slot = single if len(slots) > 1 else config
