@@ -18,19 +18,20 @@ from flows.shards import run_shards
 from tasks.config import load_settings
 from tasks.consensus import KAPPA_MODULE, panel_kappa
 from tasks.discover import Inventory, Study, discover_studies, retry_unless_permanent
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, SymlinkEscape
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
 from tasks.privacy import log_names, store_scheme
 from tasks.report import (
     reported,
     review_entry,
+    study_errors,
     write_error,
     write_errors,
     write_run_summary,
 )
 from tasks.runner import resolve_runner, warm
-from tasks.schema import ErrorRecord, RunSummary
+from tasks.schema import RunSummary
 from tasks.storage import Store, open_store
 from tasks.study import Batch, Screening, StudyOutcome, screen_studies
 
@@ -52,20 +53,10 @@ discover = task(
 
 
 def _already_reported(dest: Store, study: Study) -> bool:
-    return reported(dest, study.study_instance_uid, study.fingerprint) is not None
-
-
-def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
-    return [
-        ErrorRecord(
-            source=i.ref.uri,
-            reason=f"study {study.study_instance_uid} failed: {reason}",
-            kind="StudyFailed",
-            stage="screen",
-            study_instance_uid=study.study_instance_uid,
-        )
-        for i in study.instances
-    ]
+    try:
+        return reported(dest, study.study_instance_uid, study.fingerprint) is not None
+    except SymlinkEscape:  # the study's folder leads out of DEST: screen_study records it
+        return False
 
 
 def _first_run_name() -> str:
@@ -79,7 +70,7 @@ def _fail_unreported(dest: Store, study: Study, reason: str) -> int:
     """Error records for a study of a failed shard unless it was reported; how many."""
     if _already_reported(dest, study):
         return 0
-    records = _failed_study_errors(study, reason)
+    records = study_errors(study, reason)
     for record in records:
         write_error(dest, record)
     return len(records)
@@ -241,7 +232,7 @@ async def _screen_batches(
             uid = study.study_instance_uid
             if uid not in batch.done:
                 reason = batch.failed.get(uid) or state.message or "unknown error"
-                records = _failed_study_errors(study, reason)
+                records = study_errors(study, reason)
                 await asyncio.to_thread(write_errors, run.dest, records)
                 finished(StudyOutcome(uid, None, records, run.names.study(uid)))
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jsonschema
 import pydicom
@@ -27,6 +28,7 @@ __all__ = [
     "error_key",
     "publish_report",
     "reported",
+    "study_errors",
     "render_markdown",
     "render_review_table",
     "report_key",
@@ -40,6 +42,9 @@ __all__ = [
     "write_run_summary",
     "write_schema_file",
 ]
+
+if TYPE_CHECKING:
+    from tasks.discover import Study
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +207,22 @@ def publish_report(
         errors.append(record)
     write_report(dest, report, pngs, datasets)
     return errors
+
+
+def study_errors(
+    study: Study, reason: str, kind: str = "StudyFailed", stage: str = "screen"
+) -> list[ErrorRecord]:
+    """One error record per input object of a study that failed as a whole."""
+    return [
+        ErrorRecord(
+            source=i.ref.uri,
+            reason=f"study {study.study_instance_uid} failed: {reason}",
+            kind=kind,
+            stage=stage,
+            study_instance_uid=study.study_instance_uid,
+        )
+        for i in study.instances
+    ]
 
 
 def write_error(store: Store, record: ErrorRecord) -> None:

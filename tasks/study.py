@@ -24,10 +24,10 @@ from tasks.consensus import build_consensus
 from tasks.context import deidentify, vocabularies
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
-from tasks.errors import StudiesFailed
+from tasks.errors import StudiesFailed, SymlinkEscape
 from tasks.privacy import LogNames, log_names
 from tasks.reliability import model_weights
-from tasks.report import publish_report, reported, write_error
+from tasks.report import publish_report, reported, study_errors, write_error, write_errors
 from tasks.runner import off_loop
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
 from tasks.storage import Store
@@ -169,7 +169,13 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
         _logger().info("study %s: %s; left to it", log_id, claim.describe())
         return StudyOutcome(uid, None, log_id=log_id, elsewhere=claim.describe())
     async with kept(claim):
-        done = await asyncio.to_thread(reported, run.dest, uid, study.fingerprint, run.since)
+        try:
+            done = await asyncio.to_thread(reported, run.dest, uid, study.fingerprint, run.since)
+        except SymlinkEscape as exc:  # its folder leads out of DEST: refused before any call
+            _logger().warning("study %s: its DEST folder is a symlink out of DEST", log_id)
+            records = study_errors(study, str(exc), exc.kind, "report")
+            await asyncio.to_thread(write_errors, run.dest, records)
+            return StudyOutcome(uid, None, records, log_id)
         if done is not None:
             why = f"reported meanwhile by run {done.get('run_id') or '?'}"
             _logger().info("study %s: %s", log_id, why)

@@ -133,7 +133,6 @@ def test_racing_threads_get_one_claim(store, stale):
     one held by a crashed run (conditional takeover of the expired lease): one winner each."""
     from tasks.claims import Claim, claim_key, take
 
-    winners = []
     for round_ in range(20):
         uid = f"7.{round_}"
         if stale:
@@ -154,8 +153,8 @@ def test_racing_threads_get_one_claim(store, stale):
         assert len(got) == 8 and len(won) == 1, (round_, got)
         held = json.loads(store.read_bytes(claim_key(uid)))
         assert held["token"] == won[0].lease.token  # the winner's lease is the one stored
-        winners.append(won[0].lease.run_id)
-    print(f"\nRELIABILITY claim races ({store.uri.split(':')[0]}, {'expired' if stale else 'free'}"
+    kind = "s3" if store.uri.startswith("s3://") else "local"
+    print(f"\nRELIABILITY claim races ({kind}, {'expired' if stale else 'free'}"
           f"): 20 rounds × 8 threads → 20 winners, 1 per round")  # fmt: skip
 
 

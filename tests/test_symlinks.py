@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from simulator.samples import synthetic_ct
-from tests.conftest import child_env, read_reports, sim_config
+from tests.conftest import child_env, read_reports, sim_calls, sim_config
 
 RADFLOW = [sys.executable, "-m", "flows.cli"]
 UID = "1.2.826.0.1.3680043.8.498.1"
@@ -109,24 +109,31 @@ def test_source_symlinks_leading_out_become_error_records(tmp_path):
 def test_screen_refuses_symlinks_out_of_source_and_dest(prefect_harness, simulator, tmp_path):
     source, outside = tmp_path / "in", tmp_path / "outside"
     synthetic_ct(source / "good.dcm", lesion=True, seed=5, size=64)
+    synthetic_ct(source / "linked out.dcm", lesion=False, seed=7, size=64, study_uid=UID)
     synthetic_ct(outside / "other" / "x.dcm", lesion=False, seed=6, size=64)
     (source / "x.dcm").symlink_to(outside / "other" / "x.dcm")
     (source / "more").symlink_to(outside / "other", target_is_directory=True)
+    dest = tmp_path / "out"
+    (dest / "studies").mkdir(parents=True)  # one study's DEST folder leads out of DEST
+    (dest / "studies" / UID).symlink_to(outside / "other", target_is_directory=True)
     config = sim_config(simulator, tmp_path)
     env = child_env(prefect_harness)
+    before = sim_calls(simulator)
 
     def screen(dest: Path) -> subprocess.CompletedProcess:
         cmd = [*RADFLOW, "screen", str(source), "--out", str(dest), "--config", str(config)]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
-    dest = tmp_path / "out"
     run = screen(dest)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(read_reports(dest)) == 1  # the good study; the one outside SOURCE is not read
+    assert sim_calls(simulator) - before == 2  # … nor the one that could not be written
+    assert _tree(outside / "other") == ["x.dcm"]  # nothing written outside DEST
     records = [json.loads(p.read_text()) for p in (dest / "errors").glob("*.json")]
-    assert sorted((Path(r["source"]).name, r["kind"]) for r in records) == [
-        ("more", "SymlinkEscape"),
-        ("x.dcm", "SymlinkEscape"),
+    assert sorted((Path(r["source"]).name, r["kind"], r["stage"]) for r in records) == [
+        ("linked out.dcm", "SymlinkEscape", "report"),
+        ("more", "SymlinkEscape", "discover"),
+        ("x.dcm", "SymlinkEscape", "discover"),
     ]
 
     # DEST/errors leads out of DEST: the run stops with one line naming the key, writes nothing
@@ -140,7 +147,8 @@ def test_screen_refuses_symlinks_out_of_source_and_dest(prefect_harness, simulat
     assert len(lines) == 1 and 'key "errors/' in lines[0] and "is a symlink to" in lines[0]
     assert os.listdir(elsewhere) == []
     print(
-        f"\nRELIABILITY symlinks: SOURCE with a file and a folder symlink leading out → "
-        f"{len(records)} SymlinkEscape error records, 1 good study reported; DEST/errors "
-        f"leading out → exit {stopped.returncode}, one line naming the key, 0 files outside"
+        f"\nRELIABILITY symlinks: SOURCE with a file and a folder symlink leading out, and "
+        f"DEST/studies/<uid> leading out → {len(records)} SymlinkEscape error records, 1 good "
+        f"study reported, 2 model calls, exit 0; DEST/errors leading out → exit "
+        f"{stopped.returncode}, one line naming the key, 0 files outside"
     )
