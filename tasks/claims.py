@@ -128,7 +128,7 @@ class Claim:
         with self._lock:
             if self.lost is not None:
                 return False
-            expires = datetime.now(UTC) + _delta(self.seconds)
+            expires = datetime.now(UTC) + timedelta(seconds=self.seconds)
             return self._swap(self.lease.model_copy(update={"expires_at": expires}))
 
     def held(self) -> bool:
@@ -144,10 +144,6 @@ class Claim:
                 logger.warning(
                     "study %s: its claim was %s before its release", self.name, self.lost
                 )
-
-
-def _delta(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
 
 
 def _dump(lease: Lease) -> bytes:
@@ -166,7 +162,7 @@ def take(store: Store, uid: str, run_id: str, seconds: float, name: str = "") ->
         host=_HOST,
         pid=os.getpid(),
         acquired_at=now,
-        expires_at=now + _delta(seconds),
+        expires_at=now + timedelta(seconds=seconds),
     )
     version: str | None = None  # None: create; else take over the object at this version
     for _ in range(_ROUNDS):
