@@ -131,8 +131,11 @@ class LocalStore:
             with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
                 os.mkdir(path)
             mode = os.lstat(path).st_mode
-        if stat.S_ISLNK(mode) and (real := self._outside(path)):
-            raise self._escape(key, path, real)
+        if stat.S_ISLNK(mode):
+            if real := self._outside(path):
+                raise self._escape(key, path, real)
+        elif not stat.S_ISDIR(mode):
+            return  # a file in the way: the access fails on it (checked again next time)
         self._safe.add(path)
 
     def _open(self, key: str) -> BinaryIO:
@@ -188,7 +191,12 @@ class LocalStore:
     def _temp(self, path: Path, key: str, data: bytes) -> str:
         """``data`` in a new hidden file beside ``path`` (its folder checked, or made)."""
         self._folder(str(path.parent), key, create=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except FileNotFoundError:  # a folder checked before was removed since: again
+            self._safe -= {str(p) for p in path.parents}
+            self._folder(str(path.parent), key, create=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

@@ -152,3 +152,22 @@ def test_screen_refuses_symlinks_out_of_source_and_dest(prefect_harness, simulat
         f"study reported, 2 model calls, exit 0; DEST/errors leading out → exit "
         f"{stopped.returncode}, one line naming the key, 0 files outside"
     )
+
+
+def test_a_folder_removed_or_unblocked_after_its_check_is_made_again(tmp_path):
+    """The once-per-folder check caches folders only: a file in a folder's place fails that
+    write and is looked at again; a checked folder removed later is made again."""
+    import shutil
+
+    from tasks.storage import LocalStore
+
+    store = LocalStore(tmp_path / "dest")
+    (tmp_path / "dest" / "studies").mkdir(parents=True)
+    (tmp_path / "dest" / "studies" / UID).write_text("in the way")
+    with pytest.raises(NotADirectoryError):
+        store.write_bytes(f"studies/{UID}/images/a.png", b"1")
+    (tmp_path / "dest" / "studies" / UID).unlink()
+    store.write_bytes(f"studies/{UID}/images/a.png", b"2")
+    shutil.rmtree(tmp_path / "dest" / "studies")
+    store.write_bytes(f"studies/{UID}/images/a.png", b"3")
+    assert (tmp_path / "dest" / "studies" / UID / "images" / "a.png").read_bytes() == b"3"
