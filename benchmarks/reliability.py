@@ -63,6 +63,14 @@ POINTS = {
         "tests/test_budget.py::"
         "test_decoding_memory_stays_within_the_budget_in_threads_and_in_the_pool"
     ],
+    "runs sharing a DEST (claims), symlinks out of SOURCE/DEST": [
+        "tests/test_claims.py::test_two_runs_at_once_read_each_study_once",
+        "tests/test_claims.py::"
+        "test_claims_of_a_crashed_run_are_taken_over_and_a_live_runs_are_left",
+        "tests/test_claims.py::test_racing_threads_get_one_claim",
+        "tests/test_privacy.py::test_runs_that_start_at_once_on_a_new_dest_share_one_key",
+        "tests/test_symlinks.py::test_screen_refuses_symlinks_out_of_source_and_dest",
+    ],
     "identity: one patient per study, one place per instance, stale images": [
         "tests/test_identity.py::"
         "test_identity_conflicts_are_error_records_and_no_request_mixes_patients",

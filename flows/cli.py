@@ -52,9 +52,11 @@ def screen(
         )
     except RadflowError as exc:
         raise _fail(exc) from None
+    elsewhere = summary.claimed_elsewhere
     Console().print(
-        f"reported {summary.reported}/{summary.studies} studies "
-        f"({summary.skipped} skipped, {summary.degraded} degraded, "
+        f"reported {summary.reported}/{summary.studies} studies ({summary.skipped} skipped, "
+        + (f"{elsewhere} claimed by other runs, " if elsewhere else "")
+        + f"{summary.degraded} degraded, "
         f"{summary.needs_review} for review, {summary.errors} error records), "
         f"{summary.model_calls} model calls, ${summary.cost_usd:.4f} → {out}"
         + ("  [SIMULATED readings]" if summary.simulated else ""),

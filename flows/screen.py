@@ -18,20 +18,21 @@ from flows.shards import run_shards
 from tasks.config import load_settings
 from tasks.consensus import KAPPA_MODULE, panel_kappa
 from tasks.discover import Inventory, Study, discover_studies
-from tasks.errors import ConfigError, retry_if_transient
+from tasks.errors import ConfigError, SymlinkEscape, retry_if_transient
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
 from tasks.privacy import log_names, store_scheme
 from tasks.report import (
-    report_key,
+    reported,
     review_entry,
+    study_errors,
     write_error,
     write_errors,
     write_run_summary,
 )
 from tasks.runner import resolve_runner, warm
-from tasks.schema import ErrorRecord, RunSummary
-from tasks.storage import Store, open_store, read_json
+from tasks.schema import RunSummary
+from tasks.storage import Store, open_store
 from tasks.study import Batch, Screening, StudyOutcome, screen_studies
 
 __all__ = ["progress_hook", "screen"]
@@ -52,21 +53,10 @@ discover = task(
 
 
 def _already_reported(dest: Store, study: Study) -> bool:
-    previous = read_json(dest, report_key(study.study_instance_uid))
-    return bool(previous) and previous.get("inputs_fingerprint") == study.fingerprint
-
-
-def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
-    return [
-        ErrorRecord(
-            source=ref.uri,
-            reason=f"study {study.study_instance_uid} failed: {reason}",
-            kind="StudyFailed",
-            stage="screen",
-            study_instance_uid=study.study_instance_uid,
-        )
-        for ref in study.objects
-    ]
+    try:
+        return reported(dest, study.study_instance_uid, study.fingerprint) is not None
+    except SymlinkEscape:  # the study's folder leads out of DEST: screen_study records it
+        return False
 
 
 def _first_run_name() -> str:
@@ -80,7 +70,7 @@ def _fail_unreported(dest: Store, study: Study, reason: str) -> int:
     """Error records for a study of a failed shard unless it was reported; how many."""
     if _already_reported(dest, study):
         return 0
-    records = _failed_study_errors(study, reason)
+    records = study_errors(study, reason)
     for record in records:
         write_error(dest, record)
     return len(records)
@@ -169,7 +159,10 @@ async def screen(
         if len(pending) > 1:
             loads.append(asyncio.to_thread(import_module, KAPPA_MODULE))
         warming = asyncio.ensure_future(asyncio.gather(*loads))
-        run = await Screening.start(src, dest, settings, names)
+        # claims name the run; with --force, a report another run writes from now on is done
+        run = await Screening.start(
+            src, dest, settings, names, summary.run_id, since=started if force else None
+        )
         outcomes: asyncio.Queue[StudyOutcome | None] = asyncio.Queue()
         screening = asyncio.ensure_future(_screen_batches(pending, run, outcomes.put_nowait))
         screening.add_done_callback(lambda _: outcomes.put_nowait(None))  # the end
@@ -195,11 +188,12 @@ async def screen(
     key = write_run_summary(dest, summary)
     await monitor.finish(summary, rows, key)
     logger.info(
-        "reported %d of %d studies (%d skipped, %d degraded, %d for review, %d errors), "
-        "%d model calls, $%.4f; summary at %s",
+        "reported %d of %d studies (%d skipped, %d claimed by other runs, %d degraded, "
+        "%d for review, %d errors), %d model calls, $%.4f; summary at %s",
         summary.reported,
         summary.studies,
         summary.skipped,
+        summary.claimed_elsewhere,
         summary.degraded,
         summary.needs_review,
         summary.errors,
@@ -238,7 +232,7 @@ async def _screen_batches(
             uid = study.study_instance_uid
             if uid not in batch.done:
                 reason = batch.failed.get(uid) or state.message or "unknown error"
-                records = _failed_study_errors(study, reason)
+                records = study_errors(study, reason)
                 await asyncio.to_thread(write_errors, run.dest, records)
                 finished(StudyOutcome(uid, None, records, run.names.study(uid)))
 
@@ -247,6 +241,7 @@ async def _screen_batches(
 
 def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.errors += len(outcome.errors)
+    summary.claimed_elsewhere += outcome.elsewhere is not None
     report = outcome.report
     if report is None:
         return

@@ -325,6 +325,13 @@ class Settings(_Strict):
     privacy: PrivacyConfig = Field(
         default_factory=PrivacyConfig, description="pseudonyms in logs, artifacts and run names"
     )
+    claim_lease_seconds: float = Field(
+        300,
+        ge=10,
+        le=86_400,
+        description="lease of a run's claim on a study it reads (DEST/claims/), renewed every "
+        "third of it: how long a crashed run on another host holds its studies",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

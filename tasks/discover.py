@@ -22,6 +22,7 @@ from tasks.errors import (
     NotDicom,
     RadflowError,
     StorageError,
+    SymlinkEscape,
     UnsupportedImage,
     parser_error,
 )
@@ -360,9 +361,12 @@ def error_record(ref: ObjectRef, exc: RadflowError, stage: str) -> ErrorRecord:
 
 def _header_or_error(store: Store, ref: ObjectRef) -> Instance | ErrorRecord:
     """The object's header, or its error record; a StorageError (access denied, missing
-    bucket, storage down after retries) is not about this object and stops the run."""
+    bucket, storage down after retries) is not about this object and stops the run, except
+    a symlink leading out of the source folder, which is."""
     try:
         return read_header(store, ref)
+    except SymlinkEscape as exc:
+        return error_record(ref, exc, "discover")
     except StorageError:
         raise
     except RadflowError as exc:

@@ -24,6 +24,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "StudiesFailed",
+    "SymlinkEscape",
     "UnsupportedImage",
     "WorkerCrashed",
     "is_transient",
@@ -134,6 +135,16 @@ class StorageUnavailable(StorageError):
 
     default = "storage is unavailable"
     hint = "the store kept failing after retries; run again later (finished studies are skipped)"
+
+
+class SymlinkEscape(StorageError):
+    """A key of a local folder reached through a symlink that leads out of the folder."""
+
+    default = "a symlink leads out of the folder"
+    hint = (
+        "replace the symlink with the file or folder itself, or point SOURCE/DEST at the "
+        "folder it leads to"
+    )
 
 
 class ObjectMissing(RadflowError):

@@ -63,8 +63,8 @@ def _mac(key: bytes, kind: str, value: str) -> str:
 
 def load_key(dest: Store, *, create: bool = True) -> bytes:
     """DEST's pseudonym key from ``DEST/privacy/log-key.json``, made (32 random bytes) when
-    there is none and ``create``. Two runs that start at once on a new DEST may each write
-    one; the later write stays, and each run's reports hold the log ids it used."""
+    there is none and ``create``; of runs that start at once on a new DEST, the first to
+    write it wins (a conditional create) and all use that one."""
     if not dest.exists(KEY_NAME):
         if not create:
             raise ConfigError(
@@ -76,7 +76,7 @@ def load_key(dest: Store, *, create: bool = True) -> bytes:
             "whoever holds this key can map log ids back to studies",
             "key": secrets.token_hex(_KEY_BYTES),
         }
-        dest.write_bytes(KEY_NAME, json.dumps(body, indent=2).encode(), "application/json")
+        dest.put_if(KEY_NAME, json.dumps(body, indent=2).encode(), None, "application/json")
     try:
         key = bytes.fromhex(json.loads(dest.read_bytes(KEY_NAME))["key"])
     except (ValueError, KeyError, TypeError) as exc:

@@ -224,6 +224,9 @@ class Report(BaseModel):
     impression: Impression | None = Field(None, description="model-written narrative, optional")
     provenance: Provenance | None = None
     outputs: list[str] = Field(default_factory=list, description="files written beside report.json")
+    run_id: str | None = Field(
+        None, description="the run that wrote report.json, .md, .sr.dcm and .fhir.json"
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -254,6 +257,11 @@ class RunSummary(BaseModel):
     studies: int = 0
     reported: int = 0
     skipped: int = 0
+    claimed_elsewhere: int = Field(
+        0,
+        description="studies left to another run: it held their claim, or had reported them "
+        "by the time this run came to them (not read here, not errors)",
+    )
     degraded: int = 0
     needs_review: int = 0
     errors: int = 0

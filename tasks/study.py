@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 
 from prefect import get_run_logger, task
@@ -17,15 +19,16 @@ from prefect.exceptions import MissingContextError
 import tasks
 from tasks.budget import DecodeBudget, decode_budget, decode_claim
 from tasks.cache import ReadingCache
+from tasks.claims import Claim, Lease, kept, take
 from tasks.config import Settings
 from tasks.consensus import build_consensus
 from tasks.context import deidentify, vocabularies
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
-from tasks.errors import StudiesFailed, is_transient, retry_if_transient
+from tasks.errors import StudiesFailed, SymlinkEscape, is_transient, retry_if_transient
 from tasks.privacy import LogNames, log_names
 from tasks.reliability import model_weights
-from tasks.report import publish_report, write_error
+from tasks.report import publish_report, reported, study_errors, write_error, write_errors
 from tasks.runner import off_loop
 from tasks.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
 from tasks.storage import Store
@@ -36,6 +39,7 @@ __all__ = [
     "Batch",
     "Screening",
     "StudyOutcome",
+    "read_study",
     "screen_studies",
     "screen_study",
 ]
@@ -49,6 +53,7 @@ class StudyOutcome:
     report: Report | None
     errors: list[ErrorRecord] = field(default_factory=list)
     log_id: str = ""  # how logs and artifacts name the study (tasks.privacy)
+    elsewhere: str | None = None  # why another run has the study: not read here
 
 
 @dataclass(frozen=True)
@@ -64,10 +69,18 @@ class Screening:
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
     names: LogNames  # how logs and artifacts name studies (settings.privacy)
     decoding: DecodeBudget  # decoding memory of this process (settings.runner.decode_memory_mib)
+    run_id: str  # names the run in its claims and reports
+    since: datetime | None  # with --force: only reports from then on count as done
 
     @classmethod
     async def start(
-        cls, source: Store, dest: Store, settings: Settings, names: LogNames | None = None
+        cls,
+        source: Store,
+        dest: Store,
+        settings: Settings,
+        names: LogNames | None = None,
+        run_id: str | None = None,
+        since: datetime | None = None,
     ) -> Screening:
         """The run-wide parts: the panel (its reading cache in DEST), the prompt, the vote
         weights (read once: a reliability.json may be on S3), the window, the log names
@@ -86,6 +99,8 @@ class Screening:
             window=asyncio.Semaphore(settings.max_studies_in_flight),
             names=names,
             decoding=decode_budget(settings.runner),
+            run_id=run_id or f"local-{uuid.uuid4().hex[:12]}",
+            since=since,
         )
 
 
@@ -151,7 +166,33 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 async def screen_study(study: Study, run: Screening) -> StudyOutcome:
-    """Preprocess, read with every model, combine, and write the study's report."""
+    """Claim the study in DEST, then read it (:func:`read_study`) unless another run has
+    reported it meanwhile; a study that another live run holds is left to it."""
+    uid = study.study_instance_uid
+    log_id = run.names.study(uid)
+    lease = run.settings.claim_lease_seconds
+    claim = await asyncio.to_thread(take, run.dest, uid, run.run_id, lease, log_id)
+    if isinstance(claim, Lease):
+        _logger().info("study %s: %s; left to it", log_id, claim.describe())
+        return StudyOutcome(uid, None, log_id=log_id, elsewhere=claim.describe())
+    async with kept(claim):
+        try:
+            done = await asyncio.to_thread(reported, run.dest, uid, study.fingerprint, run.since)
+        except SymlinkEscape as exc:  # its folder leads out of DEST: refused before any call
+            _logger().warning("study %s: its DEST folder is a symlink out of DEST", log_id)
+            records = study_errors(study, str(exc), exc.kind, "report")
+            await asyncio.to_thread(write_errors, run.dest, records)
+            return StudyOutcome(uid, None, records, log_id)
+        if done is not None:
+            why = f"reported meanwhile by run {done.get('run_id') or '?'}"
+            _logger().info("study %s: %s", log_id, why)
+            return StudyOutcome(uid, None, log_id=log_id, elsewhere=why)
+        return await read_study(study, run, claim)
+
+
+async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome:
+    """Preprocess, read with every model, combine, and write the study's report, if
+    ``claim`` is still held when it is written."""
     source, dest, settings, panel, prompt = (
         run.source,
         run.dest,
@@ -220,6 +261,7 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
         ),
         simulated=any(r.simulated for r in readings),
         radflow_version=tasks.__version__,
+        run_id=run.run_id,
         impression=impression,
         provenance=Provenance(
             radflow_version=tasks.__version__,
@@ -246,6 +288,9 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     )
     evidence = [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
     pngs = {img.sha256: img.png for _, img in prepared}
+    if not await asyncio.to_thread(claim.held):
+        logger.warning("study %s: lost its claim while read (%s), no report", log_id, claim.lost)
+        return StudyOutcome(uid, None, errors, log_id, elsewhere=claim.lost)
     errors += await cpu(publish_report, [source, dest], report, pngs, evidence)
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",

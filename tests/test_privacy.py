@@ -63,3 +63,25 @@ def test_a_missing_or_damaged_key_is_one_clear_error(tmp_path):
     dest.write_bytes(KEY_NAME, b'{"key": "abcd"}')
     with pytest.raises(ConfigError, match="shorter than 16 bytes"):
         load_key(dest)
+
+
+def test_runs_that_start_at_once_on_a_new_dest_share_one_key(tmp_path):
+    """8 threads at a barrier, each with its own store of one new DEST (as 8 runs would),
+    10 times: the first key written wins (a conditional create) and every one reads it."""
+    import threading
+
+    for round_ in range(10):
+        barrier = threading.Barrier(8)
+        keys: list[bytes] = []
+
+        def run(folder=tmp_path / f"fresh-{round_}", barrier=barrier, keys=keys) -> None:
+            store = LocalStore(folder)
+            barrier.wait()
+            keys.append(load_key(store))
+
+        threads = [threading.Thread(target=run) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(keys) == 8 and len(set(keys)) == 1, (round_, len(set(keys)))

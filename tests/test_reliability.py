@@ -307,6 +307,8 @@ def test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_tw
         reported_before = set(read_reports(dest))
         answered_before = sum(_settled(sim)["answered"].values())
         assert len(reported_before) < n  # the kill really was mid-run
+        held = list((dest / "claims").glob("*.json"))  # the killed run's claims remain …
+        assert held and all(json.loads(p.read_text())["pid"] == first.pid for p in held)
 
         second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert second.returncode == 0, second.stderr[-3000:]
@@ -314,6 +316,10 @@ def test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_tw
 
     reports = read_reports(dest)
     assert len(reports) == n and not _errors(dest)
+    # … taken over at once (its PID is gone); left only where it had written the report (the
+    # kill fell between report.json and the release): stale, and the study is done
+    left = {p.stem for p in (dest / "claims").glob("*.json")}
+    assert left <= reported_before, (left, reported_before)
     (summary_path,) = dest.glob("runs/*.json")  # the killed run never wrote a summary
     summary = json.loads(summary_path.read_text())
     assert summary["skipped"] == len(reported_before)
@@ -330,7 +336,8 @@ def test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_tw
         f"\nRELIABILITY crash and resume: SIGKILL mid-run of {n} studies, with {len(cached)} readings cached, "
         f"{len(reported_before)}/{n} reported; resume: {summary['reported']} reported, "
         f"{summary['skipped']} skipped, {summary['cache_hits']} cache hits, "
-        f"{summary['model_calls']} new calls, {lost} answers lost in flight; "
+        f"{summary['model_calls']} new calls, {lost} answers lost in flight, "
+        f"{len(held) - len(left)} claims of the killed run taken over at once; "
         f"{len(reports)}/{n} reported once, 0 cached calls repeated"
     )
 
