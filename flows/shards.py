@@ -76,7 +76,7 @@ async def run_shards(
         await _check_deployment(runner.shard_deployment)
     hook = progress.get()
     shards = plan_shards(pending, runner.shard_size)
-    by_key = {inst.ref.key: study for study in pending for inst in study.instances}
+    by_key = {ref.key: study for study in pending for ref in study.objects}
     gate = asyncio.Semaphore(runner.shards_in_flight)
     done = 0
     total = len(pending)

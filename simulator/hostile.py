@@ -23,6 +23,7 @@ __all__ = [
     "HUGE",
     "Expected",
     "build_hostile_folder",
+    "build_identity_folder",
     "deep_nesting",
     "huge_claim",
     "large_rle",
@@ -35,10 +36,11 @@ DEEP = 1000  # nested sequences: pydicom gives up (RecursionError) after about 2
 @dataclass(frozen=True)
 class Expected:
     """What a screening run must make of one file: a report ("report") or an error record
-    of ``kind``; ``why`` is what the file is."""
+    of ``kind``; ``why`` is what the file is; ``patient``, when set, whose images it holds."""
 
     kind: str
     why: str
+    patient: str = ""
 
 
 def _png_bytes() -> bytes:
@@ -251,4 +253,101 @@ def build_hostile_folder(dest: str | Path, *, good: int = 3) -> dict[str, Expect
     made["hostile/duplicate of a good one.dcm"] = Expected(
         "DuplicateInstance", "the same instance as a good file, copied"
     )
+    return made
+
+
+# Patients of the identity folder: (PatientID, PatientName, PatientBirthDate).
+PATIENTS = {
+    "A": ("PID-ALPHA-1", "ALPHA^ANNA", "19610203"),
+    "B": ("PID-BRAVO-2", "BRAVO^BORIS", "19720304"),
+    "C": ("PID-CHARLIE-3", "CHARLIE^CHLOE", "19830405"),
+}
+
+
+def _uid(*parts: object) -> str:
+    return generate_uid(entropy_srcs=["identity", *map(str, parts)])
+
+
+def _ct(dest: Path, rel: str, seed: int, study: str, series: str, **tags: str) -> str:
+    synthetic_ct(dest / rel, lesion=seed % 2 == 0, seed=seed, size=128, study_uid=study,
+                 series_uid=series, phi=tags)  # fmt: skip
+    return rel
+
+
+def _who(patient: str, name: str | None = None, birth: str | None = None) -> dict[str, str]:
+    pid, pname, pbirth = PATIENTS[patient]
+    return {"PatientID": pid, "PatientName": name or pname, "PatientBirthDate": birth or pbirth}
+
+
+def _same_sop(path: Path, sop: str) -> None:
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.save_as(path, enforce_file_format=True)
+
+
+def build_identity_folder(dest: str | Path) -> dict[str, Expected]:
+    """Studies whose instances disagree on whose images they are or which instance they are,
+    next to one good study; returns {relative path: Expected}. ``PATIENTS`` names the
+    patients. One StudyInstanceUID with three patients and no majority; a study whose
+    majority patient keeps it (one instance with no identifiers at all, one whose name is
+    written differently); one SOPInstanceUID in two studies, another in two series of one
+    study; a copy of an instance whose pixel data is cut, listed before its good copy and
+    a byte-identical third copy."""
+    dest = Path(dest)
+    made: dict[str, Expected] = {}
+
+    def add(rel: str, kind: str, why: str, patient: str = "") -> None:
+        made[rel] = Expected(kind, why, patient)
+
+    study = _uid("good")
+    add(_ct(dest, "good/one.dcm", 701, study, _uid("good", 1), **_who("C")), "report",
+        "a plain one-instance study", "C")  # fmt: skip
+
+    study = _uid("mixed")
+    for n, patient in enumerate("ABC"):
+        rel = _ct(dest, f"mixed/patient {patient}.dcm", 710 + n, study, _uid("mixed", n),
+                  **_who(patient))  # fmt: skip
+        add(rel, "IdentityConflict", "one StudyInstanceUID, three patients, no majority", patient)
+
+    study = _uid("majority")
+    rel = _ct(dest, "majority/a-1.dcm", 720, study, _uid("majority", 1), **_who("A"))
+    add(rel, "report", "patient A", "A")
+    rel = _ct(dest, "majority/a-2 name spelled differently.dcm", 721, study,
+              _uid("majority", 2), **_who("A", name="alpha^anna^^"))  # fmt: skip
+    add(rel, "report", "patient A, PatientName in lower case with empty components", "A")
+    rel = _ct(dest, "majority/a-3 no identifiers.dcm", 722, study, _uid("majority", 3),
+              PatientID="", PatientName="", PatientBirthDate="")  # fmt: skip
+    add(rel, "report", "no PatientID, name or birth date: agrees with any patient", "A")
+    rel = _ct(dest, "majority/a-4 other birth date.dcm", 723, study, _uid("majority", 4),
+              **_who("A", birth="19990909"))  # fmt: skip
+    add(
+        rel, "IdentityConflict", "patient A's ID and name, another PatientBirthDate", "A or another"
+    )
+    rel = _ct(dest, "majority/b.dcm", 724, study, _uid("majority", 5), **_who("B"))
+    add(rel, "IdentityConflict", "patient B in patient A's study", "B")
+
+    sop = _uid("sop-studies")
+    for n in range(2):
+        rel = _ct(dest, f"sop in two studies/{n}.dcm", 730 + n, _uid("sop-studies", n),
+                  _uid("sop-studies-series", n), **_who("A"))  # fmt: skip
+        _same_sop(dest / rel, sop)
+        add(rel, "IdentityConflict", "one SOPInstanceUID in two studies", "A")
+    sop, study = _uid("sop-series"), _uid("sop-series-study")
+    for n in range(2):
+        rel = _ct(dest, f"sop in two series/{n}.dcm", 740 + n, study, _uid("sop-series", n),
+                  **_who("B"))  # fmt: skip
+        _same_sop(dest / rel, sop)
+        add(rel, "IdentityConflict", "one SOPInstanceUID in two series of one study", "B")
+    rel = _ct(dest, "sop in two series/other.dcm", 742, study, _uid("sop-series", 9), **_who("B"))
+    add(rel, "report", "the study's instance that is not in conflict", "B")
+
+    study, series = _uid("copies"), _uid("copies", 1)
+    good = dest / _ct(dest, "copies/b good copy.dcm", 750, study, series, **_who("C"))
+    cut = good.read_bytes()
+    start = _pixel_offset(good)
+    (dest / "copies/a cut copy.dcm").write_bytes(cut[: start + (len(cut) - start) // 2])
+    add("copies/a cut copy.dcm", "CorruptDicom", "listed first, pixel data cut in half", "C")
+    add("copies/b good copy.dcm", "report", "the good copy of the same instance", "C")
+    shutil.copyfile(good, dest / "copies/c same bytes.dcm")
+    add("copies/c same bytes.dcm", "DuplicateInstance", "a byte-identical third copy", "C")
     return made

@@ -3,6 +3,7 @@ bright lesion, plus real files from the ``pydicom-data`` package (no network nee
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def synthetic_ct(
     phi: dict[str, str] | None = None,
 ) -> Path:
     """Write a CT slice: a soft-tissue body with two lungs and, if ``lesion``, a bright
-    (≈ 300 HU) round lesion. Identifying tags are filled with synthetic values."""
+    (≈ 300 HU) round lesion. Identifying tags are filled with synthetic values: one patient
+    per study (slices given the same ``study_uid`` are one patient's), else per ``seed``."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     hu = np.full((size, size), -1000.0)
@@ -61,8 +63,9 @@ def synthetic_ct(
     ds.Modality = "CT"
     ds.BodyPartExamined = "CHEST"
     ds.InstanceNumber = instance
-    ds.PatientName = f"SYNTHETIC^PATIENT^{seed}"
-    ds.PatientID = f"SYN-{seed:06d}"
+    patient = int(hashlib.sha256(study_uid.encode()).hexdigest(), 16) % 10**4 if study_uid else seed
+    ds.PatientName = f"SYNTHETIC^PATIENT^{patient}"
+    ds.PatientID = f"SYN-{patient:06d}"
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "F" if seed % 2 else "M"
     ds.PatientAge = f"{40 + seed % 40:03d}Y"

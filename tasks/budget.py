@@ -77,10 +77,11 @@ def decode_claim(study: Study, config: PreprocessConfig) -> int:
     joined. A frame above ``MAX_FRAME_BYTES`` is refused before decoding and costs nothing."""
     rule = parse_rule(config.key_images)
     shown = rule.count  # frames of one object: 1, N, or R×C
-    frame = [i.frame_bytes if i.frame_bytes <= MAX_FRAME_BYTES else 0 for i in study.instances]
+    copies = [c for i in study.instances for c in i.copies]  # any copy may be the one read
+    frame = [c.frame_bytes if c.frame_bytes <= MAX_FRAME_BYTES else 0 for c in copies]
     claim = max(
         inst.ref.size + decode_factor(inst.transfer_syntax) * f * min(inst.frames, shown)
-        for inst, f in zip(study.instances, frame, strict=True)
+        for inst, f in zip(copies, frame, strict=True)
     )
     if rule.kind == "montage" and len(study.instances) > 1:
         claim += shown * max(frame)

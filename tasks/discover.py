@@ -1,19 +1,24 @@
-"""Find studies: read DICOM headers only, group instances by StudyInstanceUID and series."""
+"""Find studies: read DICOM headers only, group instances by StudyInstanceUID and series, and
+check that each study holds one patient and each SOPInstanceUID one instance."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
+import secrets
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from tasks.errors import (
     CorruptDicom,
+    IdentityConflict,
     NotDicom,
     RadflowError,
     StorageError,
@@ -47,6 +52,12 @@ _CONTEXT_TAGS = ("Modality", "BodyPartExamined", "ViewPosition", "PatientSex", "
 # own reader, the SR's deep copy of the patient module) hits Python's recursion limit at
 # about 200 levels.
 MAX_NESTING = 64
+
+# Who the images are of, compared between the instances of a study: kept only as keyed hashes
+# under a random key of this process (never written out), so no identifier is held in clear.
+_IDENTITY_TAGS = ("PatientID", "PatientName", "PatientBirthDate")
+_IDENTITY_KEY = secrets.token_bytes(32)
+
 _IMAGE_TAGS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "NumberOfFrames")
 _READ = (
     "SOPClassUID",
@@ -56,11 +67,29 @@ _READ = (
     "InstanceNumber",
     *_IMAGE_TAGS,
     *_CONTEXT_TAGS,
+    *_IDENTITY_TAGS,
 )
+
+
+def _identity_digest(keyword: str, value: object) -> str:
+    """A keyed hash of one identity attribute, "" when it is empty. PatientName is compared
+    case-insensitively, without padding or empty trailing components (PS3.5 6.2: "DOE^JANE"
+    and "doe^jane^^" are one name)."""
+    text = " ".join(str(value or "").replace("\0", " ").split())
+    if keyword == "PatientName":
+        groups = ("^".join(c.strip() for c in g.split("^")).rstrip("^") for g in text.split("="))
+        text = "=".join(groups).rstrip("=").upper()
+    if not text:
+        return ""
+    digest = hmac.new(_IDENTITY_KEY, f"{keyword}\0{text}".encode("utf-8", "replace"), "sha256")
+    return digest.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
 class Instance:
+    """One readable DICOM image object (its header, never its pixels) and, when the source
+    holds copies of it (same SOPInstanceUID, study and series), those copies in key order."""
+
     ref: ObjectRef
     study_instance_uid: str
     series_instance_uid: str
@@ -71,6 +100,13 @@ class Instance:
     header: dict[str, str]  # the raw _CONTEXT_TAGS values; de-identified by tasks.context
     frame_bytes: int = 0  # decoded bytes of one frame, as the header claims (decode budget)
     transfer_syntax: str = ""  # (0002,0010), "" when the file has none
+    patient: tuple[str, ...] = ("", "", "")  # _identity_digest of each of _IDENTITY_TAGS
+    alternates: tuple[Instance, ...] = ()  # other copies, tried when this one does not render
+
+    @property
+    def copies(self) -> tuple[Instance, ...]:
+        """This copy first, then the alternates."""
+        return (self, *self.alternates)
 
 
 @dataclass
@@ -90,11 +126,16 @@ class Study:
         return sorted({i.modality for i in self.instances if i.modality})
 
     @property
+    def objects(self) -> list[ObjectRef]:
+        """Every input object of the study: each instance's copies included."""
+        return [copy.ref for inst in self.instances for copy in inst.copies]
+
+    @property
     def fingerprint(self) -> str:
         """Hash of the input objects (key, size, version): a rerun skips the study on a match."""
         h = hashlib.sha256()
-        for inst in sorted(self.instances, key=lambda i: i.ref.key):
-            h.update(f"{inst.ref.key}\0{inst.ref.size}\0{inst.ref.version}\n".encode())
+        for ref in sorted(self.objects, key=lambda r: r.key):
+            h.update(f"{ref.key}\0{ref.size}\0{ref.version}\n".encode())
         return h.hexdigest()
 
 
@@ -197,35 +238,121 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
         header,
         _frame_bytes(tags),
         syntax,
+        patient=tuple(_identity_digest(k, tags[k]) for k in _IDENTITY_TAGS),
     )
 
 
-def group_instances(instances: Iterable[Instance]) -> tuple[list[Study], list[ErrorRecord]]:
-    """Group by StudyInstanceUID; a repeated SOPInstanceUID becomes an error record."""
-    studies: dict[str, Study] = {}
-    seen: dict[str, str] = {}
-    errors: list[ErrorRecord] = []
-    for inst in sorted(instances, key=lambda i: i.ref.key):
-        if inst.sop_instance_uid in seen:
-            errors.append(
-                ErrorRecord(
-                    source=inst.ref.uri,
-                    reason=f"duplicate instance: SOPInstanceUID {inst.sop_instance_uid} "
-                    f'is already read from "{seen[inst.sop_instance_uid]}"',
-                    kind="DuplicateInstance",
-                    stage="discover",
-                    study_instance_uid=inst.study_instance_uid,
-                )
-            )
-            continue
-        seen[inst.sop_instance_uid] = inst.ref.uri
-        studies.setdefault(inst.study_instance_uid, Study(inst.study_instance_uid))
-        studies[inst.study_instance_uid].instances.append(inst)
-    for study in studies.values():
-        study.instances.sort(
-            key=lambda i: (i.series_instance_uid, i.instance_number or 0, i.ref.key)
+def _by(instances: Iterable[Instance], key: Any) -> dict[str, list[Instance]]:
+    out: dict[str, list[Instance]] = {}
+    for inst in instances:
+        out.setdefault(key(inst), []).append(inst)
+    return out
+
+
+def _conflict(inst: Instance, reason: str) -> ErrorRecord:
+    exc = IdentityConflict(f'"{inst.ref.uri}": {reason}')
+    return ErrorRecord(
+        source=inst.ref.uri,
+        reason=str(exc),
+        kind=exc.kind,
+        stage="discover",
+        study_instance_uid=inst.study_instance_uid,
+    )
+
+
+def _one_place(copies: list[Instance]) -> list[ErrorRecord]:
+    """Error records for every copy of an SOPInstanceUID found in two studies or series (they
+    cannot all be right); none when all copies are in one series."""
+
+    def place(i: Instance) -> tuple[str, str]:
+        return i.study_instance_uid, i.series_instance_uid
+
+    if len({place(i) for i in copies}) == 1:
+        return []
+    records = []
+    for inst in copies:
+        other = next(o for o in copies if place(o) != place(inst))
+        where = (
+            f"study {other.study_instance_uid}"
+            if other.study_instance_uid != inst.study_instance_uid
+            else f"series {other.series_instance_uid} of the same study"
         )
-    return sorted(studies.values(), key=lambda s: s.study_instance_uid), errors
+        records.append(
+            _conflict(
+                inst,
+                f"SOPInstanceUID {inst.sop_instance_uid} is also in {where} "
+                f'("{other.ref.uri}"): not read, the copies contradict each other',
+            )
+        )
+    return records
+
+
+def _one_patient(uid: str, members: list[Instance]) -> tuple[list[Instance], list[ErrorRecord]]:
+    """The instances of study ``uid`` that agree on the patient, and error records for the
+    others. PatientID, then PatientName, then PatientBirthDate: among the instances that
+    agree so far, the value held by a strict majority of those that carry one (counted by
+    SOPInstanceUID: copies count once) is the study's, and an instance with another value is
+    an error record; an empty value agrees with any. When values differ and none holds a
+    strict majority, every instance of the study is an error record. Messages name the
+    attributes, never their values."""
+    kept, rejected = members, []
+    study_values: list[str] = []  # per attribute, the study's value ("" when none)
+    for f, tag in enumerate(_IDENTITY_TAGS):
+        holders: dict[str, set[str]] = {}  # value → the SOPInstanceUIDs holding it
+        for inst in kept:
+            if inst.patient[f]:
+                holders.setdefault(inst.patient[f], set()).add(inst.sop_instance_uid)
+        value = max(holders, key=lambda v: len(holders[v]), default="")
+        if len(holders) > 1 and 2 * len(holders[value]) <= len(set().union(*holders.values())):
+            reason = (
+                f"StudyInstanceUID {uid} holds instances of {len(holders)} different patients "
+                f"({tag} differs): not read"
+            )
+            return [], [_conflict(inst, reason) for inst in members]
+        study_values.append(value)
+        rejected += [i for i in kept if i.patient[f] not in ("", value)]
+        kept = [i for i in kept if i.patient[f] in ("", value)]
+    others = len({i.sop_instance_uid for i in kept})
+    records = []
+    for inst in rejected:
+        tags = [t for t, v, own in zip(_IDENTITY_TAGS, study_values, inst.patient, strict=True)
+                if own and v and own != v]  # fmt: skip
+        records.append(
+            _conflict(
+                inst,
+                f"{', '.join(tags)} {'differs' if len(tags) == 1 else 'differ'} from the "
+                f"{others} other instance{'s' if others != 1 else ''} of StudyInstanceUID {uid}: "
+                "not read (the study is read without it)",
+            )
+        )
+    return kept, records
+
+
+def group_instances(instances: Iterable[Instance]) -> tuple[list[Study], list[ErrorRecord]]:
+    """Group by StudyInstanceUID, then check identity (each rule's records name the conflict):
+    an SOPInstanceUID in two studies or series fails every copy; the instances of a study
+    must agree on the patient (see :func:`_one_patient`); copies of one instance in one series
+    become one :class:`Instance`, the first by key with the others as ``alternates``."""
+    ordered = sorted(instances, key=lambda i: i.ref.key)
+    errors: list[ErrorRecord] = []
+    placed: list[Instance] = []
+    for copies in _by(ordered, lambda i: i.sop_instance_uid).values():
+        records = _one_place(copies)
+        errors += records
+        placed += [] if records else copies
+    studies = []
+    for uid, members in _by(placed, lambda i: i.study_instance_uid).items():
+        kept, records = _one_patient(uid, sorted(members, key=lambda i: i.ref.key))
+        errors += records
+        if not kept:
+            continue
+        instances = [
+            replace(first, alternates=tuple(rest))
+            for first, *rest in _by(kept, lambda i: i.sop_instance_uid).values()
+        ]
+        instances.sort(key=lambda i: (i.series_instance_uid, i.instance_number or 0, i.ref.key))
+        studies.append(Study(uid, instances))
+    return sorted(studies, key=lambda s: s.study_instance_uid), errors
 
 
 def error_record(ref: ObjectRef, exc: RadflowError, stage: str) -> ErrorRecord:
@@ -259,11 +386,11 @@ def discover_studies(store: Store, workers: int = 16) -> Inventory:
                 instances.append(item)
             else:
                 errors.append(item)
-    studies, dupes = group_instances(instances)
+    studies, conflicts = group_instances(instances)
     logger.info(
         "found %d studies in %d instances, %d errors",
         len(studies),
         len(instances),
-        len(errors) + len(dupes),
+        len(errors) + len(conflicts),
     )
-    return Inventory(studies, errors + dupes)
+    return Inventory(studies, errors + conflicts)

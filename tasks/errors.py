@@ -10,7 +10,9 @@ __all__ = [
     "ConfigError",
     "CorruptDicom",
     "DatasetError",
+    "DuplicateInstance",
     "EvaluationRegression",
+    "IdentityConflict",
     "LabelError",
     "NotDicom",
     "NotificationError",
@@ -93,6 +95,19 @@ class CorruptDicom(RadflowError):
 class UnsupportedImage(RadflowError):
     default = "the DICOM object holds no image radflow can render"
     hint = "only image objects (CT, MR, CR, DX, US, ...) with pixel data are screened"
+
+
+class DuplicateInstance(RadflowError):
+    default = "the instance is read from another copy"
+    hint = "the source holds copies of one instance; remove the extra copies"
+
+
+class IdentityConflict(RadflowError):
+    default = "instances disagree on whose images they are or which instance they are"
+    hint = (
+        "one study holds one patient's images and one SOPInstanceUID names one instance: "
+        "re-export the study from the PACS, or correct the UIDs or patient attributes"
+    )
 
 
 class PhiRisk(RadflowError):

@@ -1,5 +1,6 @@
 """Write what a study's reading produced under DEST: key images, report.md, report.sr.dcm,
-report.fhir.json, the review pointer, and report.json last; error records; run summaries."""
+report.fhir.json, the review pointer, and report.json last, then remove the key images a
+rewritten report no longer references; error records; run summaries."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import jsonschema
 import pydicom
 
-from tasks.errors import RadflowError, ReportError
+from tasks.errors import RadflowError, ReportError, StorageError
 from tasks.fhir import build_fhir, fhir_json
 from tasks.markdown import image_name, render_markdown
 from tasks.schema import ErrorRecord, Report, ReviewEntry, RunSummary
@@ -27,6 +28,7 @@ __all__ = [
     "SCHEMA_ID",
     "error_key",
     "publish_report",
+    "remove_stale_images",
     "reported",
     "study_errors",
     "render_markdown",
@@ -180,6 +182,19 @@ def write_report(
     )
 
 
+def remove_stale_images(store: Store, report: Report) -> list[str]:
+    """Delete the key images under the study's ``images/`` that ``report`` (just written) does
+    not list in its outputs: what an earlier report of the study showed. Returns their keys."""
+    uid = report.study_instance_uid
+    keep = {report_key(uid, name) for name in report.outputs}
+    stale = [k for k in store.list_keys(report_key(uid, "images/")) if k not in keep]
+    for key in stale:
+        store.delete(key)
+    if stale:
+        logger.info("study %s: removed %d stale key images", report.log_id, len(stale))
+    return stale
+
+
 def publish_report(
     source: Store,
     dest: Store,
@@ -188,24 +203,37 @@ def publish_report(
     evidence: Sequence[tuple[str, str]],
 ) -> list[ErrorRecord]:
     """Read the SR evidence (the key images' headers, given as (key, uri) in ``source``) and
-    write the study's report files. The CPU-heavy end of a study (the SR alone is ~25 ms), so
-    a run may do it in its process pool: everything here pickles. An unreadable evidence
-    header costs the SR and FHIR files, not the report; it is returned as an error record."""
+    write the study's report files, then remove the stale key images of an earlier report.
+    The CPU-heavy end of a study (the SR alone is ~25 ms), so a run may do it in its process
+    pool: everything here pickles. An unreadable evidence header costs the SR and FHIR files,
+    not the report; stale images that cannot be deleted leave the report in place. Both are
+    returned as error records."""
     errors = []
+
+    def record(source_uri: str, reason: str, exc: RadflowError) -> None:
+        errors.append(
+            ErrorRecord(
+                source=source_uri,
+                reason=f"{reason}: {exc}",
+                kind=exc.kind,
+                stage="report",
+                study_instance_uid=report.study_instance_uid,
+            )
+        )
+        write_error(dest, errors[-1])
+
     try:
-        datasets = read_evidence(source, evidence)
+        # the SR and FHIR take the patient from the first: one that names the patient
+        datasets = sorted(read_evidence(source, evidence), key=lambda ds: not ds.PatientID)
     except RadflowError as exc:
         datasets = []
-        record = ErrorRecord(
-            source=evidence[0][1],
-            reason=f"no SR/FHIR report: {exc}",
-            kind=exc.kind,
-            stage="report",
-            study_instance_uid=report.study_instance_uid,
-        )
-        write_error(dest, record)
-        errors.append(record)
+        record(evidence[0][1], "no SR/FHIR report", exc)
     write_report(dest, report, pngs, datasets)
+    try:
+        remove_stale_images(dest, report)
+    except StorageError as exc:
+        folder = report_key(report.study_instance_uid, "images/")
+        record(f"{dest.uri.rstrip('/')}/{folder}", "stale key images not removed", exc)
     return errors
 
 
@@ -215,13 +243,13 @@ def study_errors(
     """One error record per input object of a study that failed as a whole."""
     return [
         ErrorRecord(
-            source=i.ref.uri,
+            source=ref.uri,
             reason=f"study {study.study_instance_uid} failed: {reason}",
             kind=kind,
             stage=stage,
             study_instance_uid=study.study_instance_uid,
         )
-        for i in study.instances
+        for ref in study.objects
     ]
 
 

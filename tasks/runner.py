@@ -165,11 +165,12 @@ async def off_loop(
 
 def plan_shards(studies: Sequence[Study], size: int) -> list[list[str]]:
     """Split studies into shards of at most ``size`` studies; each shard is the sorted object
-    keys of its studies' instances (what a child run is given, so its parameters stay small)."""
+    keys of its studies (copies of an instance included: what a child run is given, so its
+    parameters stay small)."""
     if size < 1:
         raise ValueError(f"shard size must be >= 1, got {size}")
     return [
-        sorted(inst.ref.key for study in studies[i : i + size] for inst in study.instances)
+        sorted(ref.key for study in studies[i : i + size] for ref in study.objects)
         for i in range(0, len(studies), size)
     ]
 

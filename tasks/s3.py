@@ -345,6 +345,15 @@ class S3Store:
             return False
         return True
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys under the folder ``prefix``, by a paginated listing of that folder."""
+        folder = prefix.rstrip("/") + "/"
+        return [folder + ref.key for ref in S3Store(self.uri_of(folder), self.config).list()]
+
+    def delete(self, key: str) -> None:
+        """DeleteObject (S3 answers a missing key with success too)."""
+        self._call("delete", key, self.client.delete_object, Key=self.prefix + key)
+
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         def get(**kwargs: Any) -> tuple[bytes, str]:
             resp = self.client.get_object(**kwargs)

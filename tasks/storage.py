@@ -55,6 +55,14 @@ class Store(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys under the folder ``prefix`` (relative to the store root), sorted."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; one that is already gone is not an error."""
+        ...
+
     # conditional writes, for claims (tasks/claims.py): a version is an opaque token of one
     # state of an object (its ETag on S3, a digest of its bytes in a folder)
 
@@ -275,6 +283,18 @@ class LocalStore:
                 return False
             path.unlink()
             return True
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = prefix.rstrip("/") + "/"
+        path = self._path(folder)
+        self._folder(str(path), folder)
+        return sorted(folder + ref.key for ref in LocalStore(path).list()) if path.is_dir() else []
+
+    def delete(self, key: str) -> None:
+        """Unlink ``key`` (a symlink itself, never what it points to)."""
+        path = self._path(key)
+        self._folder(str(path.parent), key)
+        path.unlink(missing_ok=True)
 
 
 def read_json(store: Store, key: str) -> dict | None:

@@ -250,7 +250,7 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
             )
             for inst, img in prepared
         ],
-        sources=[i.ref.uri for i in study.instances if i.ref.uri not in failed],
+        sources=[ref.uri for ref in study.objects if ref.uri not in failed],
         context=context.values,
         context_dropped=context.dropped,
         log_id=log_id,

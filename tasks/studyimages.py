@@ -1,13 +1,14 @@
-"""A study's key images: which instances of each series are rendered (the key-image rule,
-a failed instance replaced by its nearest neighbour), rendered and sized for the providers.
-Light on imports (no Prefect, no model SDKs): process-pool workers run it."""
+"""A study's key images: which instances of each series are rendered (the key-image rule; a
+copy that fails gives way to the next copy of the instance, a failed instance to its nearest
+neighbour), rendered and sized for the providers. Light on imports (no Prefect, no model
+SDKs): process-pool workers run it."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from tasks.config import PreprocessConfig
-from tasks.errors import RadflowError, StorageError
+from tasks.errors import DuplicateInstance, RadflowError, StorageError
 from tasks.keyimages import KeyRule, parse_rule, pick
 from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
@@ -48,33 +49,52 @@ def prepare_study(
     """Render the key images of each series by ``config.key_images`` (middle slice, N evenly
     spaced slices, or one montage of R×C slices; a multi-frame object follows the same rule
     over its frames), up to ``config.max_images_per_study``, each also sized for every
-    provider in ``providers``. An instance that fails becomes an error record and its
-    nearest unused neighbour is tried instead; a StorageError is raised (it is the store's)."""
+    provider in ``providers``. A copy that fails becomes an error record and the instance's
+    next copy is tried (its record says which copy was read instead); an instance none of
+    whose copies renders is replaced by its nearest unused neighbour. Every copy not read
+    and not failed gets a ``DuplicateInstance`` record naming the copy that was read (the
+    first, for an instance that was not rendered). A StorageError is raised (it is the
+    store's, not the instance's)."""
     rule = parse_rule(config.key_images)
     single = config.model_copy(update={"key_images": "middle"})
     images: list[tuple[Instance, PreparedImage]] = []
     errors: list[ErrorRecord] = []
+    read: dict[str, int] = {}  # SOPInstanceUID → index of the copy that rendered, -1: none
+
+    def record(inst: Instance, reason: str, kind: str) -> None:
+        errors.append(
+            ErrorRecord(
+                source=inst.ref.uri,
+                reason=reason,
+                kind=kind,
+                stage="preprocess",
+                study_instance_uid=study.study_instance_uid,
+            )
+        )
 
     def attempt(candidates: list[Instance], used: set[str], fn):
         for inst in candidates:
             if inst.sop_instance_uid in used:
                 continue
             used.add(inst.sop_instance_uid)
-            try:
-                with store.open_read(inst.ref.key) as fh:
-                    return inst, fn(fh, inst)
-            except StorageError:
-                raise  # the store's (down, denied): not this instance's, and maybe transient
-            except RadflowError as exc:
-                errors.append(
-                    ErrorRecord(
-                        source=inst.ref.uri,
-                        reason=str(exc),
-                        kind=exc.kind,
-                        stage="preprocess",
-                        study_instance_uid=study.study_instance_uid,
-                    )
-                )
+            failures: list[tuple[Instance, RadflowError]] = []
+            read[inst.sop_instance_uid] = -1
+            for n, copy in enumerate(inst.copies):
+                try:
+                    with store.open_read(copy.ref.key) as fh:
+                        result = fn(fh, copy)
+                except StorageError:
+                    raise  # the store's (down, denied): not this copy's, and maybe transient
+                except RadflowError as exc:
+                    failures.append((copy, exc))
+                    continue
+                read[inst.sop_instance_uid] = n
+                for failed, exc in failures:
+                    instead = f'{exc.args[0]}; its copy "{copy.ref.uri}" was read instead'
+                    record(failed, str(type(exc)(instead, hint=exc.hint)), exc.kind)
+                return copy, result
+            for failed, exc in failures:
+                record(failed, str(exc), exc.kind)
         return None
 
     for slots, as_montage in _series_slots(study, rule):
@@ -90,8 +110,8 @@ def prepare_study(
             if tiles:
                 key = tiles[len(tiles) // 2][0]
                 pixels = montage_of([p for _, (p, _, _) in tiles], rule.rows, rule.cols)
-                members = study.series[key.series_instance_uid]
-                index = [members.index(inst) for inst, _ in tiles]  # slice positions
+                members = [i.sop_instance_uid for i in study.series[key.series_instance_uid]]
+                index = [members.index(i.sop_instance_uid) for i, _ in tiles]  # slice positions
                 flags = {flag for _, (_, _, flag) in tiles}
                 worst = next(f for f in ("yes", "unknown", "no") if f in flags)
                 image = finish(pixels, tiles[0][1][1], index, config, providers, burned_in=worst)
@@ -106,4 +126,15 @@ def prepare_study(
                 inst, prepared = got
                 room = config.max_images_per_study - len(images)
                 images += [(inst, img) for img in prepared[:room]]
+    for inst in study.instances:
+        used_copy = read.get(inst.sop_instance_uid, 0)
+        if used_copy < 0 or not inst.alternates:
+            continue
+        kept = inst.copies[used_copy].ref.uri
+        for extra in inst.copies[used_copy + 1 :]:
+            exc = DuplicateInstance(
+                f'"{extra.ref.uri}": duplicate instance: SOPInstanceUID '
+                f'{inst.sop_instance_uid} is already read from "{kept}"'
+            )
+            record(extra, str(exc), exc.kind)
     return images, errors

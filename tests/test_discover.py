@@ -33,7 +33,7 @@ def test_groups_by_study_and_series_with_odd_names(tmp_path):
     assert [i.instance_number for i in big.instances] == [1, 2, 3]
 
 
-def test_non_dicom_empty_and_duplicates_become_error_records(tmp_path):
+def test_non_dicom_and_empty_become_error_records_and_a_copy_an_alternate(tmp_path):
     synthetic_ct(tmp_path / "one.dcm", lesion=False, seed=1)
     shutil.copyfile(tmp_path / "one.dcm", tmp_path / "one copy.dcm")
     (tmp_path / "empty.dcm").write_bytes(b"")
@@ -42,12 +42,14 @@ def test_non_dicom_empty_and_duplicates_become_error_records(tmp_path):
     inv = discover_studies(LocalStore(tmp_path))
     kinds = sorted((r.kind, r.source.rsplit("/", 1)[-1]) for r in inv.errors)
     assert kinds == [
-        ("DuplicateInstance", "one.dcm"),
         ("NotDicom", "empty.dcm"),
         ("NotDicom", "readme.txt"),
         ("UnsupportedImage", "plan.dcm"),
     ]
     assert len(inv.studies) == 1 and len(inv.studies[0].instances) == 1
+    # the copy waits as an alternate: tests/test_identity.py follows it through preprocessing
+    (instance,) = inv.studies[0].instances
+    assert [c.ref.key for c in instance.copies] == ["one copy.dcm", "one.dcm"]
 
 
 def test_fingerprint_changes_when_an_input_changes(tmp_path):
