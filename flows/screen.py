@@ -21,6 +21,7 @@ from tasks.discover import Inventory, Study, discover_studies, retry_unless_perm
 from tasks.errors import ConfigError
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
+from tasks.pacs.publish import PublishTarget, count_published, needs_publishing, publish_target
 from tasks.report import (
     report_key,
     review_entry,
@@ -50,9 +51,14 @@ discover = task(
 )(discover_studies)
 
 
-def _already_reported(dest: Store, study: Study) -> bool:
+def _already_reported(dest: Store, study: Study, publish: PublishTarget | None = None) -> bool:
+    """Reported from the same inputs (and, with ``publish``, its SR is on that server)."""
     previous = read_json(dest, report_key(study.study_instance_uid))
-    return bool(previous) and previous.get("inputs_fingerprint") == study.fingerprint
+    return (
+        bool(previous)
+        and previous.get("inputs_fingerprint") == study.fingerprint
+        and not needs_publishing(previous, publish)
+    )
 
 
 def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
@@ -107,17 +113,19 @@ async def screen(
         raise ConfigError(
             "no SOURCE or DEST: pass them, or set `source` and `output` in the config"
         )
+    publish = publish_target(settings, source)  # a bad target fails before any work
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
     if keys is not None:
         src = SelectedObjects(src, keys)
     inventory: Inventory = await asyncio.to_thread(discover, src, settings.storage.max_concurrency)
+    discovery_bytes = getattr(src, "received", 0)  # a DICOMweb source: searches and metadata
     await asyncio.to_thread(write_errors, dest, inventory.errors, settings.storage.max_concurrency)
     if isinstance(src, SelectedObjects) and src.missing:
         logger.warning(
             "%d named objects are not under %s: %s", len(src.missing), source, src.missing
         )
     studies = inventory.studies[:limit] if limit else inventory.studies
-    pending = [s for s in studies if force or not _already_reported(dest, s)]
+    pending = [s for s in studies if force or not _already_reported(dest, s, publish)]
     skipped = len(studies) - len(pending)
     logger.info("%d studies, %d to read, %d already reported", len(studies), len(pending), skipped)
 
@@ -129,6 +137,7 @@ async def screen(
         skipped=skipped,
         errors=len(inventory.errors),
         started_at=started,
+        discovery_bytes=discovery_bytes,
     )
     hook = progress_hook.get()
     if hook:
@@ -267,3 +276,6 @@ def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
         summary.output_tokens += report.impression.output_tokens
         summary.cost_usd = round(summary.cost_usd + report.impression.cost_usd, 6)
     summary.simulated = summary.simulated or report.simulated
+    summary.fetched_bytes += report.fetched_bytes
+    summary.fetched_bytes_by_study[report.study_instance_uid] = report.fetched_bytes
+    count_published(summary, report)

@@ -81,6 +81,7 @@ class PreparedImage:
     frames: tuple[int, ...] = ()
     sized: dict[str, bytes] = field(default_factory=dict, repr=False)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    source_bytes: int = 0  # of the object(s) read for it; 0 on further images of one object
 
     def for_provider(self, provider: Provider | str) -> bytes:
         return self.sized.get(Provider(provider).value, self.png)

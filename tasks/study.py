@@ -22,6 +22,7 @@ from tasks.context import clinical_context
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
 from tasks.errors import StudiesFailed
+from tasks.pacs.publish import PublishTarget, publish_target
 from tasks.reliability import model_weights
 from tasks.report import publish_report, write_error
 from tasks.runner import off_loop
@@ -59,6 +60,7 @@ class Screening:
     prompt: Prompt
     weights: tuple[dict[str, float], str]  # vote weight per model, and where they come from
     window: asyncio.Semaphore  # studies in flight (settings.max_studies_in_flight)
+    publish: PublishTarget | None = None  # where SRs go by STOW-RS (``publish``)
 
     @classmethod
     async def start(cls, source: Store, dest: Store, settings: Settings) -> Screening:
@@ -72,6 +74,7 @@ class Screening:
             prompt=load_prompt(settings.language),
             weights=await asyncio.to_thread(model_weights, settings),
             window=asyncio.Semaphore(settings.max_studies_in_flight),
+            publish=publish_target(settings, source.uri),
         )
 
 
@@ -184,6 +187,7 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
         sources=[i.ref.uri for i in study.instances if i.ref.uri not in failed],
         context=context,
         inputs_fingerprint=study.fingerprint,
+        fetched_bytes=sum(img.source_bytes for _, img in prepared),
         prompt_version=prompt.version,
         cost_usd=round(
             sum(r.cost_usd for r in readings) + (impression.cost_usd if impression else 0), 6
@@ -216,7 +220,10 @@ async def screen_study(study: Study, run: Screening) -> StudyOutcome:
     )
     evidence = [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
     pngs = {img.sha256: img.png for _, img in prepared}
-    errors += await cpu(publish_report, [source, dest], report, pngs, evidence)
+    written, report.published = await cpu(
+        publish_report, [source, dest], report, pngs, evidence, run.publish
+    )
+    errors += written
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",
         uid,

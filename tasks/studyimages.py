@@ -4,6 +4,8 @@ Light on imports (no Prefect, no model SDKs): process-pool workers run it."""
 
 from __future__ import annotations
 
+import io
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from tasks.config import PreprocessConfig
@@ -62,7 +64,9 @@ def prepare_study(
             used.add(inst.sop_instance_uid)
             try:
                 with store.open_read(inst.ref.key) as fh:
-                    return inst, fn(fh, inst)
+                    size = fh.seek(0, io.SEEK_END)  # what was fetched (a PACS: the instance)
+                    fh.seek(0)
+                    return inst, fn(fh, inst), size
             except RadflowError as exc:
                 errors.append(
                     ErrorRecord(
@@ -87,11 +91,11 @@ def prepare_study(
             ]
             if tiles:
                 key = tiles[len(tiles) // 2][0]
-                pixels = montage_of([p for _, (p, _) in tiles], rule.rows, rule.cols)
+                pixels = montage_of([p for _, (p, _), _ in tiles], rule.rows, rule.cols)
                 members = study.series[key.series_instance_uid]
-                index = [members.index(inst) for inst, _ in tiles]  # slice positions
+                index = [members.index(inst) for inst, _, _ in tiles]  # slice positions
                 image = finish(pixels, tiles[0][1][1], index, config, providers)
-                images.append((key, image))
+                images.append((key, replace(image, source_bytes=sum(t[2] for t in tiles))))
             continue
         per_slot = single if len(slots) > 1 else config
         for slot in slots:
@@ -99,7 +103,9 @@ def prepare_study(
                 slot, used, lambda fh, i, c=per_slot: prepare_all(fh, c, i.ref.uri, providers)
             )
             if got:
-                inst, prepared = got
+                inst, prepared, size = got
                 room = config.max_images_per_study - len(images)
+                if prepared:
+                    prepared = [replace(prepared[0], source_bytes=size), *prepared[1:]]
                 images += [(inst, img) for img in prepared[:room]]
     return images, errors
