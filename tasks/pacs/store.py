@@ -165,23 +165,22 @@ class DicomWebStore:
 
     def studies(self) -> Iterator[str]:
         """Every matching StudyInstanceUID once, searching page by page (QIDO-RS limit and
-        offset) until a page brings nothing new."""
+        offset) until a page is empty, or repeats the previous one word for word (a server
+        that ignores offset)."""
         size = self.source.limit or self.config.page_size
-        offset, seen = self.source.offset, set()
+        offset, seen, previous = self.source.offset, set(), None
         while True:
             page = self._search(size, offset)
-            new = []
+            if not page or page == previous:
+                return
             for item in page:
                 uid = _value(item, STUDY_UID) if isinstance(item, dict) else ""
                 if len(uid) > 64 or not UID.match(uid):
                     logger.warning("QIDO-RS answer item without a valid StudyInstanceUID skipped")
-                elif uid not in seen:
+                elif uid not in seen:  # a UID under two patients is listed twice
                     seen.add(uid)
-                    new.append(uid)
-            yield from new
-            if not page or not new:  # the end, or a server that ignores offset
-                return
-            offset += len(page)
+                    yield uid
+            offset, previous = offset + len(page), page
 
     def list(self) -> Iterator[ObjectRef]:
         with ThreadPoolExecutor(self.config.max_concurrency, thread_name_prefix="wado") as pool:
