@@ -345,7 +345,7 @@ def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
     import pickle
 
     from tasks.config import Settings
-    from tasks.pacs.publish import check_pacs_settings
+    from tasks.pacs.publish import check_pacs_settings, publish_target
 
     settings = Settings.model_validate(
         {"dicomweb": {"auth": "basic", "username_env": USER_ENV, "password_env": PASSWORD_ENV}}
@@ -355,7 +355,12 @@ def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
     assert copy.uri == store.uri and set(copy.studies()) == set(pacs)
     with pytest.raises(ConfigError, match="is a DICOMweb server"):
         check_pacs_settings(settings, "/data", orthanc.dicomweb)
-    with pytest.raises(ConfigError, match="needs a DICOMweb SOURCE"):
-        same = settings.model_copy(update={"publish": PublishConfig(dicomweb="same")})
-        check_pacs_settings(same, "/data", "/out")
+    same = settings.model_copy(update={"publish": PublishConfig(dicomweb="same")})
+    assert publish_target(same, "s3://scans/in/") is None  # nothing to publish back to
+    assert publish_target(same, f"{orthanc.dicomweb}?ModalitiesInStudy=CT").uri == (
+        orthanc.dicomweb
+    )
+    with pytest.raises(ConfigError, match="takes no query"):
+        elsewhere = PublishConfig(dicomweb=f"{orthanc.dicomweb}?StudyDate=2026")
+        publish_target(settings.model_copy(update={"publish": elsewhere}), "/data")
     assert StorageConfig().dicomweb.auth == "none"

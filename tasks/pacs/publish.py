@@ -60,17 +60,16 @@ class PublishTarget:
 
 
 def publish_target(settings: Settings, source: str | None) -> PublishTarget | None:
-    """The configured target (``same`` = the run's DICOMweb source), or None; a ConfigError
-    when it cannot be one."""
+    """The configured target, or None; a ConfigError when it cannot be one. ``same`` is the
+    run's source when that is a PACS, and nothing otherwise: one config serves the nightly
+    run of a bucket and the on-pacs runs of a PACS."""
     value = settings.publish.dicomweb
     if not value:
         return None
     if value.strip().lower() == "same":
         if not is_dicomweb(source):
-            raise ConfigError(
-                f'publish: {{dicomweb: same}} needs a DICOMweb SOURCE, not "{source}"',
-                hint="name the server: publish: {dicomweb: dicomweb+https://HOST/dicom-web}",
-            )
+            logger.info("publish: same, and the source %s is not a PACS: nothing to publish", source)
+            return None
         return PublishTarget(parse_dicomweb_uri(str(source)).root_uri, settings.dicomweb)
     parsed = parse_dicomweb_uri(value)
     if parsed.filters or parsed.limit is not None:
