@@ -143,9 +143,7 @@ def _config(sim, tmp_path: Path, **extra) -> str:
     return str(sim_config(sim, tmp_path, **extra))
 
 
-pytestmark = pytest.mark.e2e
-
-
+@pytest.mark.e2e
 def test_screen_a_pacs_publish_back_and_rerun(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path, capsys
 ):
@@ -243,6 +241,7 @@ def _screen_publish_rerun(proxy, simulator, orthanc, pacs, dest, config, tmp_pat
     assert report.published.supersedes == [first.SOPInstanceUID] and report.language == "ko"
 
 
+@pytest.mark.e2e
 def test_a_date_filter_selects_a_subset(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path
 ):
@@ -253,6 +252,7 @@ def test_a_date_filter_selects_a_subset(
     assert all(r.published is None for r in read_reports(dest).values())
 
 
+@pytest.mark.e2e
 def test_bad_server_answers_become_error_records(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path
 ):
@@ -297,6 +297,7 @@ def test_bad_server_answers_become_error_records(
     assert orthanc.password not in json.dumps([*errors.values()])
 
 
+@pytest.mark.e2e
 def test_a_401_on_the_search_is_one_line_and_no_run(orthanc, pacs, tmp_path, monkeypatch):
     import subprocess
     import sys
@@ -317,6 +318,7 @@ def test_a_401_on_the_search_is_one_line_and_no_run(orthanc, pacs, tmp_path, mon
     assert "wrong-password-never-logged" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_failed_publishing_is_recorded_then_retried_by_the_next_run(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path
 ):
@@ -341,6 +343,7 @@ def test_failed_publishing_is_recorded_then_retried_by_the_next_run(
     assert len(_sr_instances(orthanc, CT_UID)) == 1
 
 
+@pytest.mark.e2e
 def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
     import pickle
 
@@ -364,3 +367,27 @@ def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
         elsewhere = PublishConfig(dicomweb=f"{orthanc.dicomweb}?StudyDate=2026")
         publish_target(settings.model_copy(update={"publish": elsewhere}), "/data")
     assert StorageConfig().dicomweb.auth == "none"
+
+
+def test_the_compose_overlay_wires_orthanc_the_bridge_and_the_worker():
+    from tasks.config import Settings
+
+    infra = Path(__file__).resolve().parent.parent / "infra"
+    overlay = yaml.safe_load((infra / "docker-compose.pacs.yml").read_text())["services"]
+    config = Settings.model_validate(yaml.safe_load((infra / "radflow.compose.yaml").read_text()))
+    orthanc = overlay["orthanc"]
+    assert orthanc["image"].startswith("orthancteam/orthanc:") and ":latest" not in orthanc["image"]
+    env = orthanc["environment"]
+    assert (
+        env["DICOM_WEB_PLUGIN_ENABLED"] == "true"
+        and env["ORTHANC__AUTHENTICATION_ENABLED"] == "true"
+    )
+    assert all(port.startswith("127.0.0.1:") for port in orthanc["ports"])
+    bridge = overlay["orthanc-bridge"]["command"]
+    assert bridge[:2] == ["radflow", "bridge"]
+    assert bridge[bridge.index("--orthanc") + 1] == "http://orthanc:8042"
+    assert bridge[bridge.index("--dicomweb-root") + 1] + "/" == env["ORTHANC__DICOM_WEB__ROOT"]
+    assert config.publish.dicomweb == "same" and config.dicomweb.auth == "basic"
+    for service in ("orthanc-bridge", "radflow-worker"):
+        names = set(overlay[service]["environment"])
+        assert {config.dicomweb.username_env, config.dicomweb.password_env} <= names, service

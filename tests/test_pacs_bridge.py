@@ -25,7 +25,6 @@ from simulator.samples import synthetic_ct
 from tests.conftest import child_env, read_reports
 from tests.test_pacs import PASSWORD_ENV, USER_ENV, _client, _config, _sr_instances
 
-pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,6 +98,7 @@ def test_the_on_pacs_deployment_screens_the_event_source():
     assert trigger.parameters == {"source": "{{ event.payload.source }}"}
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_stable_studies_trigger_once_across_a_kill_and_restart(
     prefect_harness, simulator, orthanc, tmp_path, monkeypatch, capsys
