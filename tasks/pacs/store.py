@@ -72,17 +72,25 @@ def _value(item: dict, tag: str) -> str:
     return first.strip() if isinstance(first, str) else ""
 
 
-def _without_bulk(item: dict) -> dict:
+def _without_bulk(item: dict, depth: int = 0) -> dict:
     """The object without bulk data (its URIs are never followed), pixel data and what
-    follows it (as ``stop_before_pixels``), and the server's retrieve URL."""
-    return {
-        tag: element
-        for tag, element in item.items()
-        if isinstance(tag, str)
-        and tag.upper() < "7FE00010"
-        and tag.upper() not in _TRANSPORT
-        and not (isinstance(element, dict) and "BulkDataURI" in element)
-    }
+    follows it (as ``stop_before_pixels``), and the server's retrieve URL; sequence items
+    likewise, down to a nesting depth no real header reaches."""
+    if depth > 32:
+        raise CorruptDicom(f"metadata nested more than {depth} sequences deep")
+    out = {}
+    for tag, element in item.items():
+        if not isinstance(tag, str) or tag.upper() >= "7FE00010" or tag.upper() in _TRANSPORT:
+            continue
+        if isinstance(element, dict):
+            if "BulkDataURI" in element:
+                continue
+            values = element.get("Value")
+            if element.get("vr") == "SQ" and isinstance(values, list):
+                items = [_without_bulk(v, depth + 1) if isinstance(v, dict) else v for v in values]
+                element = {**element, "Value": items}
+        out[tag] = element
+    return out
 
 
 def header_bytes(item: Any, where: str) -> bytes:
@@ -91,7 +99,7 @@ def header_bytes(item: Any, where: str) -> bytes:
     if not isinstance(item, dict):
         raise CorruptDicom(f'"{where}": a metadata item is a JSON {type(item).__name__}')
     try:
-        ds = pydicom.Dataset.from_json(_without_bulk(item), lambda tag, vr, value: None)
+        ds = pydicom.Dataset.from_json(_without_bulk(item))
         meta = FileMetaDataset()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or "1.2.840.10008.5.1.4.1.1.7"
