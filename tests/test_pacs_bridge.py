@@ -25,7 +25,6 @@ from simulator.samples import synthetic_ct
 from tests.conftest import child_env, read_reports
 from tests.test_pacs import PASSWORD_ENV, USER_ENV, _client, _config, _sr_instances
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -68,7 +68,9 @@ def publish_target(settings: Settings, source: str | None) -> PublishTarget | No
         return None
     if value.strip().lower() == "same":
         if not is_dicomweb(source):
-            logger.info("publish: same, and the source %s is not a PACS: nothing to publish", source)
+            logger.info(
+                "publish: same, and the source %s is not a PACS: nothing to publish", source
+            )
             return None
         return PublishTarget(parse_dicomweb_uri(str(source)).root_uri, settings.dicomweb)
     parsed = parse_dicomweb_uri(value)
