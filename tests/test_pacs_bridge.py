@@ -4,7 +4,6 @@ event's source screens exactly that study and its SR goes back without a second 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -18,7 +17,6 @@ import httpx
 import pydicom
 import pytest
 
-from flows.screen import screen
 from flows.serve import runner_deployments
 from simulator.process import stop
 from simulator.samples import synthetic_ct
@@ -97,48 +95,84 @@ def test_the_on_pacs_deployment_screens_the_event_source():
     assert trigger.parameters == {"source": "{{ event.payload.source }}"}
 
 
+def _api(api: str, method: str, path: str, **kw: Any) -> Any:
+    answer = httpx.request(method, api + path, timeout=30, **kw)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def _runs(api: str, deployment_id: str) -> list[dict]:
+    body = {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "START_TIME_ASC"}
+    return _api(api, "POST", "/flow_runs/filter", json=body)
+
+
 @pytest.mark.e2e
-@pytest.mark.timeout(900)
-def test_stable_studies_trigger_once_across_a_kill_and_restart(
+@pytest.mark.timeout(1200)
+def test_stable_studies_trigger_one_on_pacs_run_each_across_a_bridge_restart(
     prefect_harness, simulator, orthanc, tmp_path, monkeypatch, capsys
 ):
+    """`radflow serve` (the on-pacs deployment, its event trigger) and `radflow bridge
+    --orthanc` as processes on the Prefect API: a study uploaded in two halves, and one that
+    arrives while the bridge is killed, each give one event, one run, one report and one SR
+    in Orthanc; the SRs make both studies stable again without a second event."""
     monkeypatch.setenv(USER_ENV, orthanc.user)
     monkeypatch.setenv(PASSWORD_ENV, orthanc.password)
-    config = _config(simulator, tmp_path, publish={"dicomweb": "same"})
+    dest = tmp_path / "out"
+    config = _config(simulator, tmp_path, publish={"dicomweb": "same"}, output=str(dest))
     state = tmp_path / "state" / "bridge.json"
-    env = child_env(prefect_harness)
-    cmd = [sys.executable, "-m", "flows.cli", "bridge", "--orthanc", orthanc.url,
-           "--state", str(state), "--config", config, "--poll-seconds", "0.3"]  # fmt: skip
-    log = tmp_path / "bridge.log"
-    logs = []
+    env = child_env(prefect_harness) | {"RADFLOW_CONFIG": config}
+    cli = [sys.executable, "-m", "flows.cli"]
+    bridge_cmd = [*cli, "bridge", "--orthanc", orthanc.url, "--state", str(state),
+                  "--config", config, "--poll-seconds", "0.3"]  # fmt: skip
+    serve_cmd = [*cli, "serve", "--only", "on-pacs", "--poll-seconds", "1"]
+    logs: list = []
 
-    def start() -> subprocess.Popen:
-        logs.append(open(log, "ab"))  # noqa: SIM115 (closed at the end of the test)
+    def start(cmd: list[str], name: str) -> subprocess.Popen:
+        logs.append(open(tmp_path / f"{name}.log", "ab"))  # noqa: SIM115 (closed at the end)
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT)
 
-    def tail() -> str:
-        return log.read_text(errors="replace")[-3000:]
+    def tail(name: str) -> str:
+        return (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def reported(uid: str) -> bool:
+        assert serve.poll() is None, tail("serve")
+        return uid in read_reports(dest)
 
     a, b = "1.2.826.0.1.3680043.10.556.1", "1.2.826.0.1.3680043.10.556.2"
-    bridge = start()
+    serve = start(serve_cmd, "serve")
+    bridge = None
     try:
+
+        def registered() -> dict | None:
+            assert serve.poll() is None, tail("serve")
+            automations = _api(prefect_harness, "POST", "/automations/filter", json={})
+            if not any("on-pacs" in x["name"] for x in automations):
+                return None
+            return _api(prefect_harness, "GET", "/deployments/name/screen/on-pacs")
+
+        deployment = wait_for("radflow serve registers on-pacs", registered, 600)
+        bridge = start(bridge_cmd, "bridge")
         wait_for("the bridge's state file", state.exists, 60)
+
         # study A in two halves, 1 s apart (StableAge is 3 s): one event, once all is in
         _upload(orthanc, tmp_path, a, 1, range(0, 3))
         time.sleep(1.0)  # the upload's own timing, not a synchronisation
         _upload(orthanc, tmp_path, a, 1, range(3, 6))
         last_upload = time.time()
         (event,) = wait_for("the event of study A", lambda: _of(prefect_harness, a))
-        assert bridge.poll() is None, tail()
+        assert bridge.poll() is None, tail("bridge")
         assert event["payload"]["instances"] == 6
         assert event["resource"]["prefect.resource.id"] == (
             f"dicomweb+{orthanc.url}/dicom-web/studies/{a}"
         )
-        assert (
-            event["payload"]["source"] == f"dicomweb+{orthanc.url}/dicom-web?StudyInstanceUID={a}"
-        )
+        source_a = f"dicomweb+{orthanc.url}/dicom-web?StudyInstanceUID={a}"
+        assert event["payload"]["source"] == source_a
+        wait_for("the report of study A", lambda: reported(a), 600)
         with capsys.disabled():
-            print(f"\nstudy A announced {time.time() - last_upload:.1f} s after its last upload")
+            print(
+                f"\nstudy A: event visible {event['occurred']}, report "
+                f"{time.time() - last_upload:.1f} s after its last upload"
+            )
 
         # killed hard (no clean exit); study B arrives and becomes stable while it is down
         bridge.send_signal(signal.SIGKILL)
@@ -147,27 +181,43 @@ def test_stable_studies_trigger_once_across_a_kill_and_restart(
         b_id = wait_for("Orthanc's id of study B", lambda: _orthanc_id(orthanc, b))
         wait_for("study B stable in Orthanc", lambda: _stable_changes(orthanc, b_id))
         assert _of(prefect_harness, b) == []
-        bridge = start()
-        (event_b,) = wait_for("the event of study B", lambda: _of(prefect_harness, b))
-        assert len(_of(prefect_harness, a)) == 1  # not repeated after the restart
+        bridge = start(bridge_cmd, "bridge")
+        wait_for("the event of study B", lambda: _of(prefect_harness, b))
+        wait_for("the report of study B", lambda: reported(b), 600)
 
-        # the event's source, as the on-pacs deployment passes it: exactly study B, its SR
-        # published back; that makes B stable again in Orthanc, with no second event
-        dest = tmp_path / "out"
-        summary = asyncio.run(screen(event_b["payload"]["source"], str(dest), config))
-        assert set(read_reports(dest)) == {b} and summary.published == 1
-        assert len(_sr_instances(orthanc, b)) == 1
-        seqs = wait_for("B stable again after the SR", lambda: _stable_changes(orthanc, b_id)[1:])
+        # each SR went back once; it made its study stable again, which is no new event
+        a_id = _orthanc_id(orthanc, a)
+        for uid, oid in ((a, a_id), (b, b_id)):
+            assert len(_sr_instances(orthanc, uid)) == 1
+            again = wait_for(
+                f"{uid} stable after its SR", lambda o=oid: _stable_changes(orthanc, o)[1:]
+            )
 
-        def passed() -> bool:
-            return json.loads(state.read_text())["last"] >= seqs[0]
+            def passed(seq: int = again[-1]) -> bool:
+                return json.loads(state.read_text())["last"] >= seq
 
-        wait_for("the bridge past B's second StableStudy", passed, 60)
-        assert bridge.poll() is None, tail()
-        assert len(_of(prefect_harness, b)) == 1 and len(_of(prefect_harness, a)) == 1
-        assert orthanc.password not in log.read_text()
+            wait_for("the bridge past that change", passed, 60)
+        assert bridge.poll() is None, tail("bridge")
+        assert len(_of(prefect_harness, a)) == 1 and len(_of(prefect_harness, b)) == 1
+
+        def finished() -> list[dict]:
+            runs = _runs(prefect_harness, deployment["id"])
+            done = all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for r in runs)
+            return runs if done and len(runs) >= 2 else []
+
+        runs = wait_for("the on-pacs runs finish", finished, 300)
+        assert sorted(r["parameters"]["source"] for r in runs) == sorted(
+            [source_a, f"dicomweb+{orthanc.url}/dicom-web?StudyInstanceUID={b}"]
+        )
+        assert all(r["state_type"] == "COMPLETED" for r in runs), [r["state"] for r in runs]
+        reports = read_reports(dest)
+        assert set(reports) == {a, b}
+        assert {r.published.state for r in reports.values()} == {"stored"}
+        for name in ("bridge", "serve"):
+            assert orthanc.password not in tail(name)
     finally:
-        if bridge.poll() is None:
-            stop(bridge)
+        for proc in (bridge, serve):
+            if proc is not None and proc.poll() is None:
+                stop(proc)
         for handle in logs:
             handle.close()
