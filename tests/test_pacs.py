@@ -322,25 +322,30 @@ def test_a_401_on_the_search_is_one_line_and_no_run(orthanc, pacs, tmp_path, mon
 def test_failed_publishing_is_recorded_then_retried_by_the_next_run(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path
 ):
+    own = "1.2.826.0.1.3680043.10.555.99"  # a study of its own: no other test publishes it
+    path = synthetic_ct(
+        tmp_path / "own.dcm", lesion=True, seed=99, study_uid=own, phi={"StudyDate": "20250101"}
+    )
+    _client(orthanc).store_instances([pydicom.dcmread(path)])
     dest = tmp_path / "stow"
     target = {"publish": {"dicomweb": "same"}, "dicomweb": {"max_attempts": 3}}
-    one = f"?StudyInstanceUID={CT_UID}"
+    one = f"?StudyInstanceUID={own}"
     with FaultProxy(orthanc.url, [("POST", "/dicom-web/studies", 503, 99)]) as proxy:
         config = _config(simulator, tmp_path, **target)
         failed = asyncio.run(screen(f"dicomweb+{proxy.url}/dicom-web{one}", str(dest), config))
         assert proxy.hits[0] == 3  # the configured attempts, no more
-    assert failed.reported == 1 and failed.publish_failed == [CT_UID] and failed.published == 0
-    report = read_reports(dest)[CT_UID]
+    assert failed.reported == 1 and failed.publish_failed == [own] and failed.published == 0
+    report = read_reports(dest)[own]
     assert report.published.state == "failed" and report.published.attempts == 3
     assert "503" in report.published.error
     run = json.loads(next(dest.glob("runs/*.json")).read_text())
-    assert run["publish_failed"] == [CT_UID]
+    assert run["publish_failed"] == [own]
     # the next run (server fine again) publishes it, reading nothing again
     calls = sim_calls(simulator)
     done = asyncio.run(screen(f"{orthanc.dicomweb}{one}", str(dest), config))
     assert done.reported == 1 and sim_calls(simulator) == calls
-    assert read_reports(dest)[CT_UID].published.state in ("stored", "already_stored")
-    assert len(_sr_instances(orthanc, CT_UID)) == 1
+    assert read_reports(dest)[own].published.state == "stored"
+    assert len(_sr_instances(orthanc, own)) == 1
 
 
 @pytest.mark.e2e
@@ -355,7 +360,7 @@ def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
     )
     store = DicomWebStore(orthanc.dicomweb, settings.storage)
     copy = pickle.loads(pickle.dumps(store))
-    assert copy.uri == store.uri and set(copy.studies()) == set(pacs)
+    assert copy.uri == store.uri and set(pacs) <= set(copy.studies())
     with pytest.raises(ConfigError, match="is a DICOMweb server"):
         check_pacs_settings(settings, "/data", orthanc.dicomweb)
     same = settings.model_copy(update={"publish": PublishConfig(dicomweb="same")})
