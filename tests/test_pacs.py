@@ -396,3 +396,29 @@ def test_the_compose_overlay_wires_orthanc_the_bridge_and_the_worker():
     for service in ("orthanc-bridge", "radflow-worker"):
         names = set(overlay[service]["environment"])
         assert {config.dicomweb.username_env, config.dicomweb.password_env} <= names, service
+
+
+def test_auth_settings_name_their_variables_and_never_hold_secrets(monkeypatch):
+    from tasks.pacs.dicomweb import PacsClient
+    from tasks.pacs.settings import DicomWebConfig
+
+    with pytest.raises(ValueError, match="basic needs username_env and password_env"):
+        DicomWebConfig(auth="basic", username_env="U")
+    with pytest.raises(ValueError, match="bearer needs token_env"):
+        DicomWebConfig(auth="bearer")
+    bearer = DicomWebConfig(auth="bearer", token_env="RADFLOW_TEST_PACS_TOKEN")
+    monkeypatch.delenv("RADFLOW_TEST_PACS_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match='"RADFLOW_TEST_PACS_TOKEN" for dicomweb.auth: bearer'):
+        PacsClient("https://pacs.invalid/dicom-web", bearer)
+    monkeypatch.setenv("RADFLOW_TEST_PACS_TOKEN", "token-never-written")
+    client = PacsClient("https://pacs.invalid/dicom-web", bearer)
+    assert client.session.headers["Authorization"] == "Bearer token-never-written"
+    assert "token-never-written" not in repr(client.__getstate__())
+    private = DicomWebConfig(ca_bundle="/etc/ssl/hospital-ca.pem")
+    assert PacsClient("https://pacs.invalid/dicom-web", private).session.verify == (
+        "/etc/ssl/hospital-ca.pem"
+    )
+    error = client.http_error(
+        "QIDO-RS study search", "https://pacs.invalid/dicom-web/studies", None
+    )
+    assert "check credentials" not in str(error)  # no response: not an auth failure
