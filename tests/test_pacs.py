@@ -24,7 +24,7 @@ from tasks.pacs.dicomweb import parse_dicomweb_uri
 from tasks.pacs.settings import PublishConfig
 from tasks.pacs.store import DicomWebStore, header_bytes
 from tasks.sr import sr_series_uid
-from tests.conftest import read_reports, sim_calls, sim_config
+from tests.conftest import child_env, read_reports, sim_calls, sim_config
 from tests.pacs_proxy import FaultProxy
 
 USER_ENV, PASSWORD_ENV = "RADFLOW_TEST_PACS_USER", "RADFLOW_TEST_PACS_PASSWORD"
@@ -245,11 +245,23 @@ def _screen_publish_rerun(proxy, simulator, orthanc, pacs, dest, config, tmp_pat
 def test_a_date_filter_selects_a_subset(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path
 ):
+    """`radflow screen` as a command on a QIDO-RS date filter (and pages of one study)."""
+    import subprocess
+    import sys
+
     dest = tmp_path / "dated"
     source = f"{orthanc.dicomweb}?StudyDate=20260101-20261231&limit=1"
-    summary = asyncio.run(screen(source, str(dest), _config(simulator, tmp_path)))
-    assert set(read_reports(dest)) == {CT_UID, PLAIN_UID} and summary.studies == 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "screen", source, "--out", str(dest),
+         "--config", _config(simulator, tmp_path)],
+        env=child_env(prefect_harness), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reported 2/2 studies" in proc.stdout
+    assert "fetched 0.25 MiB of source instances (129 KiB per study read)" in proc.stdout
+    assert set(read_reports(dest)) == {CT_UID, PLAIN_UID}
     assert all(r.published is None for r in read_reports(dest).values())
+    assert orthanc.password not in proc.stdout + proc.stderr
 
 
 @pytest.mark.e2e
