@@ -361,6 +361,35 @@ def test_failed_publishing_is_recorded_then_retried_by_the_next_run(
 
 
 @pytest.mark.e2e
+def test_key_images_in_a_pool_process_reopen_the_store_by_uri(orthanc, pacs, pacs_env):
+    """``runner.preprocess: process``: a pool process reopens the DICOMweb store from its URI
+    and settings (credentials from its environment), retrieves the key instance and reads
+    the SR evidence header from instance metadata (it has no headers kept from discovery)."""
+    from tasks.config import PreprocessConfig, RunnerConfig, Settings
+    from tasks.discover import discover_studies
+    from tasks.runner import off_loop, shutdown_pools
+    from tasks.sr import read_evidence
+    from tasks.studyimages import prepare_study
+
+    auth = {"auth": "basic", "username_env": USER_ENV, "password_env": PASSWORD_ENV}
+    storage = Settings.model_validate({"dicomweb": auth}).storage
+    store = DicomWebStore(f"{orthanc.dicomweb}?StudyInstanceUID={CT_UID}", storage)
+    (study,) = discover_studies(store).studies
+    runner = RunnerConfig(preprocess="process", workers=1)
+    try:
+        images, errors = asyncio.run(
+            off_loop(runner, storage, prepare_study, [store], study, PreprocessConfig())
+        )
+        (inst, image), evidence = images[0], [(images[0][0].ref.key, images[0][0].ref.uri)]
+        (header,) = asyncio.run(off_loop(runner, storage, read_evidence, [store], evidence))
+    finally:
+        shutdown_pools()
+    assert not errors and len(images) == 1
+    assert image.source_bytes == pytest.approx(pacs[CT_UID][inst.sop_instance_uid], abs=1024)
+    assert header.SOPInstanceUID == inst.sop_instance_uid and "PixelData" not in header
+
+
+@pytest.mark.e2e
 def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
     import pickle
 
