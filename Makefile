@@ -8,7 +8,7 @@ export UV_LINK_MODE := copy
 # openai, pydicom... from source again: `import flows.screen` took 8.5 s instead of 4.2 s.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability clean help schema
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability bench-pacs orthanc clean help schema
 .DEFAULT_GOAL := help
 
 help:
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-scale  1, 200, 2000 tiny studies: marginal time per study, peak RSS"
 	@echo "make bench-pool   preprocessing in threads vs a process pool (runner.preprocess)"
 	@echo "make bench-reliability  hostile inputs, faults, crash/resume, PHI, injection, secrets"
+	@echo "make bench-pacs   screening time and bytes per study: DICOMweb (Orthanc) vs folder"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock Makefile
@@ -39,7 +40,16 @@ help:
 demo: .venv/.compiled
 	.venv/bin/radflow demo --out demo-output
 
-test: .venv/.compiled
+# the PACS tests and bench-pacs run a real Orthanc: on Debian, get it (and its DICOMweb
+# plugin) once; it is started by the tests on a free loopback port, never as a service
+orthanc:
+	@test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+		|| ! command -v apt-get >/dev/null 2>&1 \
+		|| (apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb) >/dev/null 2>&1) \
+		|| echo "orthanc could not be installed: the PACS tests will be skipped"
+
+test: .venv/.compiled orthanc
 	@# the UI check of tests/test_events_e2e.py drives headless Chromium; on Debian, get it once
 	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 \
 		|| (apt-get install -y -qq chromium >/dev/null 2>&1 \
@@ -75,6 +85,9 @@ bench-pool: .venv/.compiled  ## preprocessing: threads vs a process pool on this
 
 bench-reliability: .venv/.compiled  ## per point: what was tried and the measured outcome
 	.venv/bin/python -m benchmarks.reliability
+
+bench-pacs: .venv/.compiled orthanc  ## the same studies screened from Orthanc and from a folder
+	.venv/bin/python -m benchmarks.pacs --slices 300 --studies 4
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

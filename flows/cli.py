@@ -29,7 +29,13 @@ def _fail(exc: Exception, code: int = 2) -> typer.Exit:
 
 @app.command()
 def screen(
-    source: Annotated[str, typer.Argument(help="s3://bucket/prefix or a local folder")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="s3://bucket/prefix, a local folder, or a PACS: dicomweb+http(s)://HOST:PORT/PATH"
+            "[?QIDO filters, e.g. StudyDate=20260101-20261231&ModalitiesInStudy=CT]"
+        ),
+    ],
     out: Annotated[str, typer.Option("--out", help="destination: s3://bucket/prefix or a folder")],
     config: Annotated[
         Path | None, typer.Option(help="config YAML (else $RADFLOW_CONFIG, ./radflow.yaml)")
@@ -41,12 +47,15 @@ def screen(
     from flows.progress import run_with_progress
     from flows.screen import screen as screen_flow
     from tasks.config import load_settings
+    from tasks.errors import PacsError
+    from tasks.pacs.publish import check_pacs_settings, pacs_line
     from tasks.storage import open_store
 
     try:
         settings = load_settings(config)  # fail fast, before a Prefect run exists
+        check_pacs_settings(settings, source, out)
         for uri in (source, out):
-            open_store(uri, settings.storage)  # a missing bucket: one line, no flow run
+            open_store(uri, settings.storage)  # a missing bucket or a 401: one line, no run
         summary = run_with_progress(
             screen_flow(source, out, str(config) if config else None, limit, force)
         )
@@ -62,6 +71,11 @@ def screen(
         + ("  [SIMULATED readings]" if summary.simulated else ""),
         highlight=False,
     )
+    if summary.fetched_bytes or summary.discovery_bytes:
+        Console().print(pacs_line(summary), highlight=False)
+    if summary.publish_failed:
+        failed = len(summary.publish_failed)
+        raise _fail(PacsError(f"{failed} SRs not published (see report.json: published)"), 1)
 
 
 @app.command()
@@ -346,28 +360,67 @@ def demo(
 
 @app.command()
 def bridge(
-    queue_url: Annotated[str, typer.Option(help="SQS queue receiving the bucket's S3 events")],
+    queue_url: Annotated[
+        str | None, typer.Option(help="SQS queue receiving the bucket's S3 events")
+    ] = None,
+    orthanc: Annotated[
+        str | None,
+        typer.Option(help="an Orthanc to follow (http(s)://HOST:PORT): its stable studies"),
+    ] = None,
     quiet_seconds: Annotated[
         float, typer.Option(min=0, help="a study is complete after this long without uploads")
     ] = 5.0,
     wait_seconds: Annotated[
         int, typer.Option(min=0, max=20, help="SQS long-poll time per receive")
     ] = 1,
+    state: Annotated[
+        Path, typer.Option(help="--orthanc: file keeping the change-feed cursor across restarts")
+    ] = Path(".radflow/orthanc-bridge.json"),
+    since: Annotated[
+        str, typer.Option(help="--orthanc, first start only: now | start (every past change)")
+    ] = "now",
+    dicomweb_root: Annotated[
+        str, typer.Option(help="--orthanc: the DICOMweb plugin's root (DicomWeb.Root)")
+    ] = "/dicom-web",
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.1, help="--orthanc: wait between polls of the change feed")
+    ] = 1.0,
+    config: Annotated[
+        Path | None, typer.Option(help="config YAML: `dicomweb` holds Orthanc's credentials")
+    ] = None,
 ) -> None:
-    """S3 upload notifications (SQS) → one `radflow.study.ready` Prefect event per study."""
+    """Uploads → one `radflow.study.ready` Prefect event per study: S3 notifications on SQS
+    (--queue-url), or the stable studies of an Orthanc's change feed (--orthanc)."""
     import logging
 
-    from flows.bridge import run_bridge
+    from flows.bridge import emit_study_event, run_bridge
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("httpx", "botocore"):  # one line per request otherwise
+    for noisy in ("httpx", "botocore", "urllib3", "dicomweb_client"):  # a line per request
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if (queue_url is None) == (orthanc is None):
+        raise _fail(ConfigError("give one of --queue-url (S3 via SQS) or --orthanc URL"))
     try:
-        run_bridge(queue_url, quiet_seconds, wait_seconds=wait_seconds)
+        if orthanc is not None:
+            from tasks.config import load_settings
+            from tasks.pacs.orthanc import OrthancBridge
+
+            if since not in ("now", "start"):
+                raise ConfigError(f'--since "{since}" is not one of now, start')
+            follower = OrthancBridge(
+                orthanc,
+                state,
+                load_settings(config).dicomweb,
+                dicomweb_root=dicomweb_root,
+                start=since,
+            )
+            follower.run(emit_study_event, poll_seconds)
+        else:
+            run_bridge(str(queue_url), quiet_seconds, wait_seconds=wait_seconds)
     except RadflowError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
-        err.print("bridge stopped; unacknowledged messages return to the queue")
+        err.print("bridge stopped; what was not acknowledged is handled after a restart")
 
 
 @app.command()

@@ -21,6 +21,7 @@ from tasks.discover import Inventory, Study, discover_studies
 from tasks.errors import ConfigError, SymlinkEscape, retry_if_transient
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
+from tasks.pacs.publish import PublishTarget, count_published, needs_publishing, publish_target
 from tasks.privacy import log_names, store_scheme
 from tasks.report import (
     reported,
@@ -52,11 +53,13 @@ discover = task(
 )(discover_studies)
 
 
-def _already_reported(dest: Store, study: Study) -> bool:
+def _already_reported(dest: Store, study: Study, publish: PublishTarget | None = None) -> bool:
+    """Reported from the same inputs (and, with ``publish``, its SR is on that server)."""
     try:
-        return reported(dest, study.study_instance_uid, study.fingerprint) is not None
+        previous = reported(dest, study.study_instance_uid, study.fingerprint)
     except SymlinkEscape:  # the study's folder leads out of DEST: screen_study records it
         return False
+    return previous is not None and not needs_publishing(previous, publish)
 
 
 def _first_run_name() -> str:
@@ -99,11 +102,13 @@ async def screen(
         raise ConfigError(
             "no SOURCE or DEST: pass them, or set `source` and `output` in the config"
         )
+    publish = publish_target(settings, source)  # a bad target fails before any work
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
     names = await asyncio.to_thread(log_names, dest, settings.privacy)
     if keys is not None:
         src = SelectedObjects(src, keys)
     inventory: Inventory = await asyncio.to_thread(discover, src, settings.storage.max_concurrency)
+    discovery_bytes = getattr(src, "received", 0)  # a DICOMweb source: searches and metadata
     await asyncio.to_thread(write_errors, dest, inventory.errors, settings.storage.max_concurrency)
     if isinstance(src, SelectedObjects) and src.missing:
         listed = f": {src.missing}" if names.plain else " (names not logged)"
@@ -111,7 +116,7 @@ async def screen(
             "%d named objects are not under %s%s", len(src.missing), names.source(source), listed
         )
     studies = inventory.studies[:limit] if limit else inventory.studies
-    pending = [s for s in studies if force or not _already_reported(dest, s)]
+    pending = [s for s in studies if force or not _already_reported(dest, s, publish)]
     skipped = len(studies) - len(pending)
     logger.info("%d studies, %d to read, %d already reported", len(studies), len(pending), skipped)
 
@@ -123,6 +128,7 @@ async def screen(
         skipped=skipped,
         errors=len(inventory.errors),
         started_at=started,
+        discovery_bytes=discovery_bytes,
     )
     hook = progress_hook.get()
     if hook:
@@ -266,3 +272,6 @@ def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
         summary.output_tokens += report.impression.output_tokens
         summary.cost_usd = round(summary.cost_usd + report.impression.cost_usd, 6)
     summary.simulated = summary.simulated or report.simulated
+    summary.fetched_bytes += report.fetched_bytes
+    summary.fetched_bytes_by_study[report.study_instance_uid] = report.fetched_bytes
+    count_published(summary, report)

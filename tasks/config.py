@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from tasks.errors import ConfigError
+from tasks.pacs.settings import DicomWebConfig, PublishConfig
 from tasks.redact import register
 
 __all__ = [
@@ -196,7 +197,9 @@ class SynthesisConfig(_Strict):
 
 
 class StorageConfig(_Strict):
-    """S3 access: encryption of every write, retries, concurrency and memory bounds."""
+    """S3 access: encryption of every write, retries, concurrency and memory bounds; and
+    DICOMweb access (the top-level ``dicomweb`` key lands here, so that a store reopened by
+    URI in a pool process has it too)."""
 
     sse: Literal["AES256", "aws:kms"] = Field(
         "AES256", description="server-side encryption of every object written to S3"
@@ -215,6 +218,9 @@ class StorageConfig(_Strict):
     )
     multipart_threshold_mib: int = Field(
         8, ge=5, le=4096, description="writes and downloads past this use multipart parts"
+    )
+    dicomweb: DicomWebConfig = Field(
+        default_factory=DicomWebConfig, description="set with the top-level `dicomweb` key"
     )
 
     @model_validator(mode="after")
@@ -332,6 +338,26 @@ class Settings(_Strict):
         description="lease of a run's claim on a study it reads (DEST/claims/), renewed every "
         "third of it: how long a crashed run on another host holds its studies",
     )
+    publish: PublishConfig = Field(
+        default_factory=PublishConfig, description="publish reports back to a PACS (STOW-RS)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dicomweb_into_storage(cls, data: object) -> object:
+        """``dicomweb:`` (top level, as documented) is kept as ``storage.dicomweb``."""
+        if isinstance(data, dict) and "dicomweb" in data:
+            data = dict(data)
+            storage = dict(data.get("storage") or {})
+            if "dicomweb" in storage:
+                raise ValueError("dicomweb is set twice: at the top level and under storage")
+            storage["dicomweb"] = data.pop("dicomweb")
+            data["storage"] = storage
+        return data
+
+    @property
+    def dicomweb(self) -> DicomWebConfig:
+        return self.storage.dicomweb
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:

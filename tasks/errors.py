@@ -17,6 +17,7 @@ __all__ = [
     "NotDicom",
     "NotificationError",
     "ObjectMissing",
+    "PacsError",
     "PhiRisk",
     "ProviderError",
     "RadflowError",
@@ -150,6 +151,14 @@ class SymlinkEscape(StorageError):
 class ObjectMissing(RadflowError):
     default = "the object is gone"
     hint = "it was listed but deleted or moved before it could be read; run again"
+
+
+class PacsError(RadflowError):
+    """One study or instance the DICOMweb server would not give (or take): it fails that
+    object, not the run. A search the whole run depends on fails as a StorageError."""
+
+    default = "the PACS refused or failed a request"
+    hint = "check the DICOMweb URL, the dicomweb settings and the server's log"
 
 
 class WorkerCrashed(RadflowError):

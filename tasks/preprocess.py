@@ -90,6 +90,7 @@ class PreparedImage:
     sized: dict[str, bytes] = field(default_factory=dict, repr=False)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     burned_in: str = "unknown"  # burned_in_flag() of the source (the worst one of a montage)
+    source_bytes: int = 0  # of the object(s) read for it; 0 on further images of one object
 
     def for_provider(self, provider: Provider | str) -> bytes:
         return self.sized.get(Provider(provider).value, self.png)

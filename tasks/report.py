@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +20,8 @@ import pydicom
 from tasks.errors import RadflowError, ReportError, StorageError
 from tasks.fhir import build_fhir, fhir_json
 from tasks.markdown import image_name, render_markdown
-from tasks.schema import ErrorRecord, Report, ReviewEntry, RunSummary
+from tasks.pacs.publish import PublishTarget, publish_sr, unpublished
+from tasks.schema import ErrorRecord, Published, Report, ReviewEntry, RunSummary
 from tasks.sr import build_sr, device_uid, read_evidence, sr_bytes
 from tasks.storage import Store, read_json
 
@@ -127,10 +128,16 @@ def review_entry(report: Report) -> ReviewEntry:
 
 
 def _write_sr_and_fhir(
-    store: Store, report: Report, evidence: Sequence[pydicom.Dataset]
+    store: Store,
+    report: Report,
+    evidence: Sequence[pydicom.Dataset],
+    publish: PublishTarget | None = None,
 ) -> list[str]:
     uid = report.study_instance_uid
-    sr = build_sr(report, evidence)
+    if publish is None:
+        sr = build_sr(report, evidence)
+    else:  # STOW-RS to the PACS; the outcome is report.published (a failure included)
+        sr, report.published = publish_sr(publish, report, partial(build_sr, report, evidence))
     store.write_bytes(report_key(uid, "report.sr.dcm"), sr_bytes(sr), "application/dicom")
     devices = {r.model: device_uid(r.model, r.model_id) for r in report.readings}
     patient_id = str(evidence[0].get("PatientID", "") or "") or None
@@ -146,20 +153,24 @@ def write_report(
     report: Report,
     pngs: dict[str, bytes],
     evidence: Sequence[pydicom.Dataset] = (),
+    publish: PublishTarget | None = None,
 ) -> None:
     """Key images, report.md, report.sr.dcm and report.fhir.json (from ``evidence``: the
     source headers of the key images, read with ``stop_before_pixels``; written to DEST only,
     never sent to a model), the review pointer, then report.json last: it marks a finished
-    study. report.json is validated against the published schema before it is written."""
+    study. report.json is validated against the published schema before it is written.
+    With ``publish``, the SR also goes to that DICOMweb server (``report.published``)."""
     uid = report.study_instance_uid
     outputs = []
     for sha, png in pngs.items():
         store.write_bytes(report_key(uid, image_name(sha)), png, "image/png")
         outputs.append(image_name(sha))
     if evidence:
-        outputs += _write_sr_and_fhir(store, report, evidence)
+        outputs += _write_sr_and_fhir(store, report, evidence, publish)
     else:
         logger.warning("study %s: no evidence headers, no SR or FHIR report", report.log_id)
+        if publish is not None:
+            report.published = unpublished(publish, report, "no SR: no evidence header")
     report.outputs = ["report.md", *outputs]
     store.write_bytes(
         report_key(uid, "report.md"),
@@ -201,13 +212,15 @@ def publish_report(
     report: Report,
     pngs: dict[str, bytes],
     evidence: Sequence[tuple[str, str]],
-) -> list[ErrorRecord]:
+    publish: PublishTarget | None = None,
+) -> tuple[list[ErrorRecord], Published | None]:
     """Read the SR evidence (the key images' headers, given as (key, uri) in ``source``) and
     write the study's report files, then remove the stale key images of an earlier report.
     The CPU-heavy end of a study (the SR alone is ~25 ms), so a run may do it in its process
     pool: everything here pickles. An unreadable evidence header costs the SR and FHIR files,
     not the report; stale images that cannot be deleted leave the report in place. Both are
-    returned as error records."""
+    returned as error records. With ``publish`` the SR is also stored on that DICOMweb
+    server. Returns the error records and ``report.published``."""
     errors = []
 
     def record(source_uri: str, reason: str, exc: RadflowError) -> None:
@@ -228,13 +241,13 @@ def publish_report(
     except RadflowError as exc:
         datasets = []
         record(evidence[0][1], "no SR/FHIR report", exc)
-    write_report(dest, report, pngs, datasets)
+    write_report(dest, report, pngs, datasets, publish)
     try:
         remove_stale_images(dest, report)
     except StorageError as exc:
         folder = report_key(report.study_instance_uid, "images/")
         record(f"{dest.uri.rstrip('/')}/{folder}", "stale key images not removed", exc)
-    return errors
+    return errors, report.published  # the caller's copy of ``report`` may be another process's
 
 
 def study_errors(

@@ -189,3 +189,5 @@ def merge_summary(parent: RunSummary, shard: RunSummary) -> None:
             setattr(parent, name, round(current + value, 6))
         elif isinstance(value, list):
             current.extend(value)
+        elif isinstance(value, dict):
+            current.update(value)

@@ -18,6 +18,7 @@ __all__ = [
     "MergedItem",
     "ModelReading",
     "Provenance",
+    "Published",
     "Reading",
     "Report",
     "ReviewCode",
@@ -193,6 +194,25 @@ class Provenance(BaseModel):
     synthesis_prompt_version: str | None = None
 
 
+class Published(BaseModel):
+    """Where the study's report.sr.dcm went (``publish: {dicomweb: ...}``, STOW-RS)."""
+
+    state: Literal["stored", "already_stored", "failed"] = Field(
+        description="stored now | already_stored (this version was there) | failed"
+    )
+    target: str = Field(description="DICOMweb root it was sent to")
+    series_instance_uid: str
+    sop_instance_uid: str = Field(description="one per (study, report version)")
+    version: str = Field(description="hash of what the report says")
+    instance_number: int = 1
+    supersedes: list[str] = Field(
+        default_factory=list, description="earlier radflow SRs of the study it replaces"
+    )
+    attempts: int = Field(0, description="STOW-RS requests made, retries included")
+    error: str | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
 class Report(BaseModel):
     schema_version: str = SCHEMA_VERSION
     study_instance_uid: str
@@ -227,6 +247,8 @@ class Report(BaseModel):
     run_id: str | None = Field(
         None, description="the run that wrote report.json, .md, .sr.dcm and .fhir.json"
     )
+    fetched_bytes: int = Field(0, description="bytes of the source instances read to render it")
+    published: Published | None = Field(None, description="STOW-RS of the SR, when configured")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -285,4 +307,15 @@ class RunSummary(BaseModel):
     review_queue: list[ReviewEntry] = Field(default_factory=list, description="needs_review")
     shards: list[str] = Field(
         default_factory=list, description="flow run ids of the child runs of a sharded run"
+    )
+    fetched_bytes: int = Field(0, description="bytes of source instances read to render images")
+    fetched_bytes_by_study: dict[str, int] = Field(
+        default_factory=dict, description="the same, per StudyInstanceUID"
+    )
+    discovery_bytes: int = Field(
+        0, description="bytes a DICOMweb source sent to find the studies (searches, metadata)"
+    )
+    published: int = Field(0, description="SRs stored on the publish target (or already there)")
+    publish_failed: list[str] = Field(
+        default_factory=list, description="studies whose SR could not be published"
     )

@@ -15,6 +15,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from tasks.errors import CorruptDicom, RadflowError, parser_error
+from tasks.pacs.version import report_version
 from tasks.schema import Report, Urgency
 from tasks.storage import Store
 
@@ -24,6 +25,7 @@ __all__ = [
     "evidence_dataset",
     "read_evidence",
     "sr_bytes",
+    "sr_series_uid",
     "sr_uids",
     "warm_up",
 ]
@@ -67,13 +69,18 @@ def device_uid(name: str, model_id: str) -> str:
     return generate_uid(entropy_srcs=["radflow-device", name, model_id])
 
 
+def sr_series_uid(study_instance_uid: str) -> str:
+    """The SeriesInstanceUID of radflow's SR series in a study (one per study)."""
+    return generate_uid(entropy_srcs=["radflow-sr-series", study_instance_uid])
+
+
 def sr_uids(report: Report) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID): one radflow SR series per study; a new instance
-    per report (a rerun with --force makes a new SR, never a changed one with an old UID)."""
+    """(SeriesInstanceUID, SOPInstanceUID): one radflow SR series per study; one instance per
+    report version (what the report says): a rerun or retry that says the same makes the same
+    SR, and a PACS stores it once; one that says something else makes a new instance."""
     uid = report.study_instance_uid
-    series = generate_uid(entropy_srcs=["radflow-sr-series", uid])
-    sop = generate_uid(entropy_srcs=["radflow-sr", uid, report.created_at.isoformat()])
-    return series, sop
+    sop = generate_uid(entropy_srcs=["radflow-sr", uid, report_version(report)])
+    return sr_series_uid(uid), sop
 
 
 # What the SR takes from its evidence: the patient, clinical-trial and study-level elements
@@ -102,12 +109,13 @@ def evidence_dataset(ds: pydicom.Dataset, source: str) -> pydicom.Dataset:
 
 
 def read_evidence(store: Store, objects: Sequence[tuple[str, str]]) -> list[pydicom.Dataset]:
-    """The headers (``stop_before_pixels``) of the key images' source objects, given as
-    (key, uri) pairs: the SR's evidence. They stay in radflow and DEST, never reach a model."""
+    """The headers (``stop_before_pixels``, through ``open_header``: S3 and DICOMweb fetch no
+    pixels) of the key images' source objects, given as (key, uri) pairs: the SR's evidence.
+    They stay in radflow and DEST, never reach a model."""
     out = []
     for key, uri in objects:
         try:
-            with store.open_read(key) as fh:
+            with store.open_header(key) as fh:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
         except RadflowError:
             raise  # the store's
@@ -127,13 +135,19 @@ def _section(name: Code, items: list) -> hd.sr.ContainerContentItem:
     return section
 
 
-def build_sr(report: Report, evidence: Sequence[pydicom.Dataset]) -> hd.sr.ComprehensiveSR:
+def build_sr(
+    report: Report,
+    evidence: Sequence[pydicom.Dataset],
+    previous: Sequence[pydicom.Dataset] = (),
+    instance_number: int = 1,
+) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR, structured after TID 2000 (Basic Diagnostic Imaging Report):
     language, one device observer context (TID 1002/1004) per panel model, then sections
     Findings (TEXT per merged finding with its supporting models; IMAGE per key image read),
     Conclusions (CODE abnormal/normal, urgency, review flag; NUM agreement and score),
     Impressions (the model-written impression, if any) and Recommendations. Preliminary,
-    partial and unverified: AI output for review."""
+    partial and unverified: AI output for review. ``previous`` are the earlier radflow SRs of
+    the study it supersedes (Predecessor Documents Sequence, PS3.3 C.17.2.3)."""
     if not evidence:
         raise ValueError(f"study {report.study_instance_uid}: no evidence dataset for the SR")
     by_sop = {ds.SOPInstanceUID: ds for ds in evidence}
@@ -219,7 +233,8 @@ def build_sr(report: Report, evidence: Sequence[pydicom.Dataset]) -> hd.sr.Compr
         series_instance_uid=series_uid,
         series_number=990,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=instance_number,
+        previous_versions=list(previous) or None,
         manufacturer="radflow",
         manufacturer_model_name="radflow",
         software_versions=report.radflow_version,

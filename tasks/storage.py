@@ -306,7 +306,15 @@ def read_json(store: Store, key: str) -> dict | None:
 
 def open_store(uri: str, config: StorageConfig | None = None) -> Store:
     """A store for ``uri``: ``s3://bucket/prefix`` (checked at once: a missing or forbidden
-    bucket fails here with one line) or a local folder."""
+    bucket fails here with one line), a PACS ``dicomweb+http(s)://HOST:PORT/PATH[?filters]``
+    (searched once at once, likewise; see tasks/pacs) or a local folder."""
+    if uri.startswith("dicomweb+"):
+        from tasks.config import StorageConfig
+        from tasks.pacs.store import DicomWebStore
+
+        pacs = DicomWebStore(uri, config or StorageConfig())
+        pacs.check()
+        return pacs
     if uri.startswith("s3://"):
         from tasks.config import StorageConfig
         from tasks.s3 import S3Store

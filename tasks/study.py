@@ -26,6 +26,7 @@ from tasks.context import deidentify, vocabularies
 from tasks.diagnose import Panel, Prompt, load_prompt
 from tasks.discover import Study
 from tasks.errors import StudiesFailed, SymlinkEscape, is_transient, retry_if_transient
+from tasks.pacs.publish import PublishTarget, publish_target
 from tasks.privacy import LogNames, log_names
 from tasks.reliability import model_weights
 from tasks.report import publish_report, reported, study_errors, write_error, write_errors
@@ -71,6 +72,7 @@ class Screening:
     decoding: DecodeBudget  # decoding memory of this process (settings.runner.decode_memory_mib)
     run_id: str  # names the run in its claims and reports
     since: datetime | None  # with --force: only reports from then on count as done
+    publish: PublishTarget | None = None  # where SRs go by STOW-RS (``publish``)
 
     @classmethod
     async def start(
@@ -101,6 +103,7 @@ class Screening:
             decoding=decode_budget(settings.runner),
             run_id=run_id or f"local-{uuid.uuid4().hex[:12]}",
             since=since,
+            publish=publish_target(settings, source.uri),
         )
 
 
@@ -255,6 +258,7 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
         context_dropped=context.dropped,
         log_id=log_id,
         inputs_fingerprint=study.fingerprint,
+        fetched_bytes=sum(img.source_bytes for _, img in prepared),
         prompt_version=prompt.version,
         cost_usd=round(
             sum(r.cost_usd for r in readings) + (impression.cost_usd if impression else 0), 6
@@ -291,7 +295,10 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
     if not await asyncio.to_thread(claim.held):
         logger.warning("study %s: lost its claim while read (%s), no report", log_id, claim.lost)
         return StudyOutcome(uid, None, errors, log_id, elsewhere=claim.lost)
-    errors += await cpu(publish_report, [source, dest], report, pngs, evidence)
+    written, report.published = await cpu(
+        publish_report, [source, dest], report, pngs, evidence, run.publish
+    )
+    errors += written
     logger.info(
         "study %s: %s, urgency %s, agreement %.2f%s",
         log_id,

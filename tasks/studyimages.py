@@ -5,6 +5,8 @@ SDKs): process-pool workers run it."""
 
 from __future__ import annotations
 
+import io
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from tasks.config import PreprocessConfig
@@ -82,6 +84,8 @@ def prepare_study(
             for n, copy in enumerate(inst.copies):
                 try:
                     with store.open_read(copy.ref.key) as fh:
+                        size = fh.seek(0, io.SEEK_END)  # what was fetched (a PACS: the instance)
+                        fh.seek(0)
                         result = fn(fh, copy)
                 except StorageError:
                     raise  # the store's (down, denied): not this copy's, and maybe transient
@@ -92,7 +96,7 @@ def prepare_study(
                 for failed, exc in failures:
                     instead = f'{exc.args[0]}; its copy "{copy.ref.uri}" was read instead'
                     record(failed, str(type(exc)(instead, hint=exc.hint)), exc.kind)
-                return copy, result
+                return copy, result, size
             for failed, exc in failures:
                 record(failed, str(exc), exc.kind)
         return None
@@ -109,13 +113,13 @@ def prepare_study(
             ]
             if tiles:
                 key = tiles[len(tiles) // 2][0]
-                pixels = montage_of([p for _, (p, _, _) in tiles], rule.rows, rule.cols)
+                pixels = montage_of([p for _, (p, _, _), _ in tiles], rule.rows, rule.cols)
                 members = [i.sop_instance_uid for i in study.series[key.series_instance_uid]]
-                index = [members.index(i.sop_instance_uid) for i, _ in tiles]  # slice positions
-                flags = {flag for _, (_, _, flag) in tiles}
+                index = [members.index(i.sop_instance_uid) for i, _, _ in tiles]  # slice positions
+                flags = {flag for _, (_, _, flag), _ in tiles}
                 worst = next(f for f in ("yes", "unknown", "no") if f in flags)
                 image = finish(pixels, tiles[0][1][1], index, config, providers, burned_in=worst)
-                images.append((key, image))
+                images.append((key, replace(image, source_bytes=sum(t[2] for t in tiles))))
             continue
         per_slot = single if len(slots) > 1 else config
         for slot in slots:
@@ -123,8 +127,10 @@ def prepare_study(
                 slot, used, lambda fh, i, c=per_slot: prepare_all(fh, c, i.ref.uri, providers)
             )
             if got:
-                inst, prepared = got
+                inst, prepared, size = got
                 room = config.max_images_per_study - len(images)
+                if prepared:
+                    prepared = [replace(prepared[0], source_bytes=size), *prepared[1:]]
                 images += [(inst, img) for img in prepared[:room]]
     for inst in study.instances:
         used_copy = read.get(inst.sop_instance_uid, 0)

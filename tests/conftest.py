@@ -59,6 +59,19 @@ def moto_server():
             yield url
 
 
+@pytest.fixture(scope="module")
+def orthanc():
+    """A real Orthanc (DICOMweb plugin, authentication on, StableAge 3 s) as its own process
+    on a free loopback port, one per test module (its studies are the module's own)."""
+    from simulator.orthanc import orthanc_missing, running_orthanc
+
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    with running_orthanc(stable_age=3) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def samples(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("samples")
