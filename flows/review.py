@@ -1,0 +1,146 @@
+"""The review flow: one flagged study's page in the Prefect UI (key images, consensus and each
+model's reading), then a typed form; the radiologist's verdict becomes studies/<uid>/review.json
+and the report's review state.
+
+The run suspends while it waits (``suspend_flow_run``: no process, no infrastructure held) and
+Prefect runs it again from the start when the form is submitted, so everything before the
+suspension is idempotent: it reads, renders and posts the page only on the first pass."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.flow_runs import suspend_flow_run
+from prefect.runtime import flow_run
+
+from tasks.config import load_settings
+from tasks.errors import ReviewError
+from tasks.report import report_key, write_error
+from tasks.review.page import form_description, page_images, page_key, render_page, verdict_markdown
+from tasks.review.verdicts import (
+    ReviewForm,
+    Verdict,
+    load_report,
+    read_verdict,
+    set_review_state,
+    study_pseudonym,
+    verdict_from_form,
+    write_verdict,
+)
+from tasks.schema import ErrorRecord, Report, ReviewState
+from tasks.storage import Store, open_store
+
+__all__ = ["review"]
+
+PAUSE_KEY = "verdict"
+
+
+@task(name="record-verdict", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def record_verdict(dest: Store, report: Report, verdict: Verdict) -> str:
+    """review.json first, then the report's review state (a rerun finds the verdict)."""
+    key = write_verdict(dest, verdict)
+    state = (report.review or ReviewState(status="done")).model_copy(
+        update={
+            "status": "done",
+            "reviewed_at": verdict.reviewed_at,
+            "reviewer": verdict.reviewer,
+            "abnormal": verdict.abnormal,
+            "urgency": verdict.urgency,
+            "not_assessable": verdict.not_assessable,
+            "verdict": key,
+        }
+    )
+    set_review_state(dest, report, state)
+    return key
+
+
+def _load(dest: Store, out: str, uid: str) -> Report:
+    """The report, or an error record naming it and a failed run."""
+    try:
+        return load_report(dest, uid)
+    except ReviewError as exc:
+        source = f"{out.rstrip('/')}/{report_key(uid)}"
+        write_error(
+            dest, ErrorRecord(source=source, reason=str(exc), kind=exc.kind, stage="review")
+        )
+        raise
+
+
+@flow(name="review", log_prints=True)
+async def review(
+    study_instance_uid: str,
+    out: str,
+    config: str | None = None,
+    attempt: int = 1,
+    requested_by: str | None = None,
+) -> dict:
+    """Post the review page of ``study_instance_uid`` (reported under ``out``), wait for the
+    radiologist's form, store the verdict. ``attempt`` counts the review runs asked for this
+    study; ``requested_by`` is the screening run that asked."""
+    logger = get_run_logger()
+    settings = load_settings(config)
+    dest = open_store(out, settings.storage)
+    run_id, run_name = str(flow_run.get_id() or ""), flow_run.get_name()
+    uid = study_instance_uid
+    pseudonym = study_pseudonym(uid)
+    report = await asyncio.to_thread(_load, dest, out, uid)
+    earlier = await asyncio.to_thread(read_verdict, dest, uid)
+    if earlier is not None and earlier.flow_run_id == run_id and run_id:
+        logger.info("the verdict of this run is already stored; nothing to do")
+        return earlier.model_dump(mode="json")
+
+    images = await asyncio.to_thread(page_images, dest, report, settings.review.page_image_edge)
+    state = report.review
+    if not (state and state.flow_run_id == run_id and state.status == "pending"):  # 1st pass
+        hours = settings.review.timeout_hours
+        now = datetime.now(UTC)
+        state = ReviewState(
+            status="pending",
+            flow_run_id=run_id or None,
+            flow_run_name=run_name,
+            attempt=attempt,
+            requested_at=state.requested_at if state else now,
+            expires_at=now + timedelta(hours=hours) if hours else None,
+        )
+        page = render_page(report, images, pseudonym, out, state)
+        await acreate_markdown_artifact(
+            page, key=page_key(pseudonym), description=f"Review page of study {pseudonym}"
+        )
+        report = await asyncio.to_thread(set_review_state, dest, report, state)
+        logger.info(
+            "review page posted (%d key images, %.0f KB); waiting for the radiologist%s",
+            len(images),
+            len(page) / 1024,
+            f" until {state.expires_at:%Y-%m-%d %H:%M} UTC" if state.expires_at else "",
+        )
+    form = ReviewForm.with_initial_data(description=form_description(report, images, pseudonym))
+    timeout = round(settings.review.timeout_hours * 3600) or None
+    answer = await suspend_flow_run(wait_for_input=form, timeout=timeout, key=PAUSE_KEY)
+
+    verdict = verdict_from_form(
+        answer,
+        report,
+        flow_run_id=run_id or None,
+        flow_run_name=run_name,
+        attempt=attempt,
+        requested_at=state.requested_at,
+    )
+    key = await asyncio.to_thread(record_verdict, dest, report, verdict)
+    await acreate_markdown_artifact(
+        verdict_markdown(verdict),
+        key=f"{page_key(pseudonym)}-verdict",
+        description=f"Verdict on study {pseudonym}",
+    )
+    logger.info(
+        "verdict by %s stored at %s (abnormal=%s, urgency=%s, not assessable=%s)",
+        verdict.reviewer,
+        key,
+        verdict.abnormal,
+        verdict.urgency.value if verdict.urgency else None,
+        verdict.not_assessable,
+    )
+    return verdict.model_dump(mode="json")
