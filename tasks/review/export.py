@@ -33,6 +33,7 @@ __all__ = [
     "labels_csv",
     "review_labels",
     "review_rows",
+    "row_cells",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,3 +203,34 @@ def review_labels(uri: str, storage: StorageConfig | None = None) -> str:
         )
     logger.info("labels from %d review verdicts under %s", made.labelled, dest)
     return made.labels
+
+
+def row_cells(row: ReviewRow) -> dict[str, str]:
+    """One line of `radflow reviews list`."""
+    report, verdict = row.report, row.verdict
+    cells = {"study": row.uid, "status": row.status}
+    if report is None:
+        return cells | {"ai": "—", "when": "—", "verdict": row.problem or "—", "run": "—"}
+    c = report.consensus
+    ai = {True: "abnormal", False: "normal", None: "no reading"}[c.abnormal]
+    cells["ai"] = f"{ai}, {c.urgency.value if c.urgency else '—'}"
+    state = report.review
+    if verdict is not None:
+        said = (
+            "not assessable"
+            if verdict.not_assessable
+            else (f"{'abnormal' if verdict.abnormal else 'normal'}, {verdict.urgency.value}")
+        )
+        cells["when"] = f"reviewed {verdict.reviewed_at:%Y-%m-%d %H:%M}"
+        cells["verdict"] = f"{said} ({verdict.reviewer})"
+        cells["run"] = verdict.flow_run_name or "—"
+        return cells
+    if state is not None and state.expires_at:
+        cells["when"] = f"expires {state.expires_at:%Y-%m-%d %H:%M}"
+    elif state is not None and state.requested_at:
+        cells["when"] = f"requested {state.requested_at:%Y-%m-%d %H:%M}"
+    else:
+        cells["when"] = "—"
+    cells["verdict"] = (state.reason if state else None) or "—"
+    cells["run"] = (state.flow_run_name if state else None) or "—"
+    return cells

@@ -36,6 +36,7 @@ SIMULATED = (
     "model. They are not a medical opinion."
 )
 _CELL_LIMIT = 600
+FORM_IMAGE_EDGE = 256  # px, the key image above the form
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,11 @@ class PageImage:
     height: int = 0
 
     def data_url(self) -> str:
-        return "data:image/png;base64," + base64.b64encode(self.png or b"").decode()
+        return _data_url(self.png or b"")
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def page_key(pseudonym: str) -> str:
@@ -159,7 +164,7 @@ def render_page(
         "",
         f"- **Why flagged:** {'; '.join(_cell(r) for r in c.review_reasons) or '—'}",
         f"- **Study:** `{report.study_instance_uid}`",
-        f"- **Report:** `{dest.rstrip('/')}/{report_key(report.study_instance_uid, 'report.md')}`"
+        f"- **Report:** {_cell(dest.rstrip('/'))}/{report_key(report.study_instance_uid, 'report.md')}"
         f" (version {report.created_at.isoformat()})",
         f"- **Context sent to the models:** {_context(report)}",
         "",
@@ -202,8 +207,9 @@ def form_description(report: Report, images: Sequence[PageImage], pseudonym: str
         "",
     ]
     shown = next((i for i in images if i.png is not None), None)
-    if shown is not None:
-        lines += [f"![key image 1]({shown.data_url()})", ""]
+    if shown is not None:  # small: the form should stay in view
+        png, _, _ = _shrink(shown.png, FORM_IMAGE_EDGE)
+        lines += [f"![key image 1]({_data_url(png)})", ""]
     lines.append(
         f"All key images and each model's reading: Artifacts tab, `{page_key(pseudonym)}`. "
         + DISCLAIMER

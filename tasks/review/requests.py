@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from prefect import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -22,9 +23,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from tasks.config import ReviewConfig
+from tasks.errors import RadflowError
 from tasks.review.export import flagged_uids
 from tasks.review.verdicts import (
     load_report,
@@ -54,6 +56,11 @@ class Requests:
     done: int = 0  # a verdict for the same images exists
     expired: int = 0  # on_timeout: expire, and this study's review expired
     not_requested: int = 0  # no review deployment
+    failed: int = 0  # this study's request failed (its report says why); the others went on
+
+
+# one study's request may fail (the API, its report); the run and the other studies go on
+_STUDY_ERRORS = (httpx.HTTPError, PrefectHTTPStatusError, RadflowError, ValueError)
 
 
 def _idempotency(report: Report) -> str:
@@ -65,8 +72,12 @@ def _unanswered(dest: Store, out: str, storage: Any) -> list[str]:
     """Flagged studies of DEST whose review was asked for and is not done (for reopen)."""
     uids = []
     for uid in flagged_uids(out, storage):
-        report = load_report(dest, uid)
-        if report.review and report.review.status in ("requested", "pending", "expired"):
+        try:
+            state = load_report(dest, uid).review
+        except RadflowError as exc:  # listed by `radflow reviews list` as unreadable
+            logger.warning("study %s is not reopened: %s", study_pseudonym(uid), exc)
+            continue
+        if state and state.status in ("requested", "pending", "expired"):
             uids.append(uid)
     return uids
 
@@ -89,16 +100,19 @@ async def request_reviews(
     async with get_client() as client:
         try:
             deployment = await client.read_deployment_by_name(review.deployment)
-        except ObjectNotFound:
+        except (ObjectNotFound, httpx.HTTPError, PrefectHTTPStatusError) as exc:
+            missing = isinstance(exc, ObjectNotFound)
+            reason = (
+                f'deployment "{review.deployment}" not found on {client.api_url}'
+                if missing
+                else f"the Prefect API at {client.api_url} failed: {exc}"
+            )
             logger.warning(
-                'review.requests is on, but the review deployment "%s" does not exist on %s: '
-                "%d flagged studies get no review run (deploy deployments/prefect.yaml, or run "
-                "`radflow serve`, against this Prefect API)",
-                review.deployment,
-                client.api_url,
+                "review.requests is on, but %s: %d flagged studies get no review run "
+                "(deploy deployments/prefect.yaml, or run `radflow serve`, against this API)",
+                reason,
                 len(wanted),
             )
-            reason = f'deployment "{review.deployment}" not found on {client.api_url}'
             for uid in wanted:
                 await asyncio.to_thread(_not_requested, dest, uid, reason)
             done.not_requested = len(wanted)
@@ -110,25 +124,36 @@ async def request_reviews(
 
         async def one(uid: str) -> None:
             async with gate:
-                outcome = await _request_one(
-                    client, deployment.id, dest, out, uid, review, config, requested_by
-                )
+                try:
+                    outcome = await _request_one(
+                        client, deployment.id, dest, out, uid, review, config, requested_by
+                    )
+                except _STUDY_ERRORS as exc:
+                    logger.error("review of study %s not requested: %s", study_pseudonym(uid), exc)
+                    await asyncio.to_thread(_not_requested, dest, uid, f"request failed: {exc}")
+                    outcome = "failed"
             setattr(done, outcome, getattr(done, outcome) + 1)
 
         await asyncio.gather(*(one(uid) for uid in wanted))
     logger.info(
-        "reviews: %d requested, %d already open, %d done for the same images, %d expired",
+        "reviews: %d requested, %d already open, %d done for the same images, %d expired, "
+        "%d failed",
         done.requested,
         done.open,
         done.done,
         done.expired,
+        done.failed,
     )
     return done
 
 
 def _not_requested(dest: Store, uid: str, reason: str) -> None:
-    report = load_report(dest, uid)
-    set_review_state(dest, report, ReviewState(status="not_requested", reason=reason))
+    """Record on the report why no review run was created (when its report can be read)."""
+    try:
+        report = load_report(dest, uid)
+        set_review_state(dest, report, ReviewState(status="not_requested", reason=reason))
+    except RadflowError as exc:
+        logger.error("study %s: cannot record that no review was requested: %s", uid, exc)
 
 
 def _state_of(run: Any, attempt: int) -> ReviewState:
