@@ -24,6 +24,7 @@ from tasks.review.page import form_description, page_images, page_key, render_pa
 from tasks.review.verdicts import (
     ReviewForm,
     Verdict,
+    done_state,
     load_report,
     read_verdict,
     set_review_state,
@@ -43,17 +44,7 @@ PAUSE_KEY = "verdict"
 def record_verdict(dest: Store, report: Report, verdict: Verdict) -> str:
     """review.json first, then the report's review state (a rerun finds the verdict)."""
     key = write_verdict(dest, verdict)
-    state = (report.review or ReviewState(status="done")).model_copy(
-        update={
-            "status": "done",
-            "reviewed_at": verdict.reviewed_at,
-            "reviewer": verdict.reviewer,
-            "abnormal": verdict.abnormal,
-            "urgency": verdict.urgency,
-            "not_assessable": verdict.not_assessable,
-            "verdict": key,
-        }
-    )
+    state = done_state(verdict, report.review)
     set_review_state(dest, report, state)
     return key
 
@@ -95,7 +86,8 @@ async def review(
 
     images = await asyncio.to_thread(page_images, dest, report, settings.review.page_image_edge)
     state = report.review
-    if not (state and state.flow_run_id == run_id and state.status == "pending"):  # 1st pass
+    ours = state is not None and state.flow_run_id == run_id
+    if not (ours and state.status == "pending"):  # the first pass
         hours = settings.review.timeout_hours
         now = datetime.now(UTC)
         state = ReviewState(
@@ -103,7 +95,7 @@ async def review(
             flow_run_id=run_id or None,
             flow_run_name=run_name,
             attempt=attempt,
-            requested_at=state.requested_at if state else now,
+            requested_at=state.requested_at if ours and state.requested_at else now,
             expires_at=now + timedelta(hours=hours) if hours else None,
         )
         page = render_page(report, images, pseudonym, out, state)

@@ -20,7 +20,19 @@ from websockets.sync.client import ClientConnection, connect
 
 from simulator.process import free_port, stop
 
-__all__ = ["Browser", "chromium", "open_browser"]
+__all__ = ["CHROMIUM_FLAGS", "Browser", "chromium", "open_browser"]
+
+# headless, no sandbox (containers), nothing fetched from the network, no first-run dialogs
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+)
 
 
 def chromium() -> str | None:
@@ -94,14 +106,7 @@ def open_browser(profile: Path, width: int = 1400, height: int = 1100) -> Iterat
     port = free_port()
     cmd = [
         exe,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
+        *CHROMIUM_FLAGS,
         f"--user-data-dir={profile}",
         f"--window-size={width},{height}",
         "--remote-debugging-address=127.0.0.1",

@@ -24,7 +24,7 @@ import pytest
 from simulator.process import free_port, running_simulator, stop
 from simulator.samples import synthetic_ct
 from tasks.monitor import PROGRESS_KEY, RESULTS_KEY, SUMMARY_KEY
-from tests.browser import chromium
+from tests.browser import CHROMIUM_FLAGS, chromium
 from tests.conftest import KEY_ENV, TEST_KEY, sim_config
 
 pytestmark = pytest.mark.e2e
@@ -124,7 +124,13 @@ def _prefect(env: dict[str, str], *args: str) -> str:
 
 
 def _api(env: dict[str, str], method: str, path: str, **kw: Any) -> Any:
-    answer = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
+    """One API call; a 503 (the server's SQLite busy under load) is retried with back-off, as
+    Prefect's own client does."""
+    for attempt in range(5):
+        answer = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
+        if answer.status_code != 503 or attempt == 4:
+            break
+        time.sleep(0.5 * 2**attempt)
     answer.raise_for_status()
     return answer.json() if answer.content else None
 
@@ -185,14 +191,7 @@ def _browse(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={tmp}",
             "--window-size=1400,1100",
             "--virtual-time-budget=20000",

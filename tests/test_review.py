@@ -48,7 +48,7 @@ from tasks.review.verdicts import (
     verdict_from_form,
     write_verdict,
 )
-from tasks.schema import Consensus, ImageInfo, ModelReading, Report, ReviewState, Urgency
+from tasks.schema import Consensus, ImageInfo, Report, ReviewState, Urgency
 from tasks.storage import LocalStore
 from tests.browser import chromium, open_browser
 from tests.conftest import KEY_ENV, TEST_KEY, read_reports
@@ -62,6 +62,7 @@ from tests.test_events_e2e import (
     tail,
     wait_for,
 )
+from tests.test_reports import _readings
 
 UID = "1.2.826.0.1.3680043.10.999.424242"
 
@@ -77,18 +78,12 @@ def _report(uid: str = UID, abnormal: bool | None = True, source: str = "/src/a.
     png = _png()
     sha = hashlib.sha256(png).hexdigest()
     urgency = None if abnormal is None else Urgency.FOLLOW_UP if abnormal else Urgency.NORMAL
+    gpt, claude = _readings()  # the report tests' panel: a failed model, hostile text
     readings = [
-        ModelReading(
-            model="gpt-4o",
-            provider="openai",
-            model_id="gpt-4o",
-            ok=True,
-            abnormal=True,
-            urgency=Urgency.FOLLOW_UP,
-            findings=["nodule | <script>alert(1)</script>"],
-            rationale="a\nb",
+        gpt.model_copy(
+            update={"findings": ["nodule | <script>alert(1)</script>"], "rationale": "a\nb"}
         ),
-        ModelReading(model="claude", provider="anthropic", model_id="c", ok=False, error="boom"),
+        claude.model_copy(update={"ok": False, "abnormal": None, "urgency": None, "error": "boom"}),
     ]
     return Report(
         study_instance_uid=uid,
@@ -397,20 +392,36 @@ def _artifacts(env: dict[str, str], run_id: str) -> dict[str, str]:
     return {a["key"]: a["data"] for a in _api(env, "POST", "/artifacts/filter", json=body)}
 
 
+def _timeline(env: dict[str, str], run: dict) -> str:
+    """Seconds from the run's creation to its page waiting (Suspended), and from the form's
+    submission (Resuming) to the stored verdict (Completed), from the server's state history."""
+    states = _api(env, "GET", "/flow_run_states/", params={"flow_run_id": run["id"]})
+    at = {s["name"]: datetime.fromisoformat(s["timestamp"]) for s in states}
+    created = datetime.fromisoformat(run["created"])
+    waited = (at["Suspended"] - created).total_seconds()
+    stored = (at["Completed"] - at["Resuming"]).total_seconds()
+    return f"{run['name'][-12:]}: suspended +{waited:.1f} s, verdict stored {stored:.1f} s after submit"
+
+
 def _screenshots(env: dict[str, str], run: dict, page_id: str, tmp_path: Path) -> str:
     """In the Prefect UI (headless Chromium), as a radiologist sees them: the review page
     artifact (its key images decoded, the readings table) and the run's page with its form
     open (menu → Resume). Returns the form's text; saves review-page.png, review-form.png."""
     ui = env["PREFECT_API_URL"].removesuffix("/api")
-    loaded = (
-        "(() => { const imgs = [...{root}.querySelectorAll('img')]; return imgs.length > 0 &&"
-        " imgs.every(i => i.complete && i.naturalWidth > 0 && i.src.startsWith('data:image/'))"
-        " && {root}.innerText.includes('{text}'); }})()"
-    )
+
+    def loaded(root: str, text: str) -> str:  # JS: every image decoded, and the text shown
+        return (
+            f"(() => {{ const root = {root}; if (!root) return false;"
+            " const imgs = [...root.querySelectorAll('img[src^=\"data:image/\"]')];"
+            " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0) &&"
+            f" root.innerText.includes({json.dumps(text)}); }})()"
+        )
+
     with open_browser(tmp_path / "chromium", 1400, 1600) as page:
         page.goto(f"{ui}/v2/artifacts/artifact/{page_id}")
-        page.wait_for("the review page artifact", loaded.format(
-            root="document.body", text="Readings side by side"), 120)  # fmt: skip
+        page.wait_for("the review page", loaded("document.body", "Readings side by side"), 120)
+        painted = "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+        page.evaluate(painted)
         page.screenshot(tmp_path / "review-page.png")
         page.goto(f"{ui}/v2/runs/flow-run/{run['id']}?tab=Artifacts")
         page.wait_for("the run page", f"!!document.body && document.body.innerText.includes("
@@ -420,9 +431,8 @@ def _screenshots(env: dict[str, str], run: dict, page_id: str, tmp_path: Path) -
         page.click("Resume", "[...document.querySelectorAll('[role=menuitem]')]"
                    ".find(e => e.innerText.trim() === 'Resume')")  # fmt: skip
         dialog = "document.querySelector('[role=dialog]')"
-        page.wait_for("the form with its key image", f"!!{dialog} && " + loaded.format(
-            root=dialog, text="Reviewer initials"), 60)  # fmt: skip
-        page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        page.wait_for("the form", loaded(dialog, "Reviewer initials"), 60)
+        page.evaluate(painted)
         page.screenshot(tmp_path / "review-form.png")
         return page.evaluate(f"{dialog}.innerText")
 
@@ -549,7 +559,8 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
         return runs if all(r["state_type"] == "COMPLETED" for r in runs) else []
 
     wait_for("review runs complete", completed, 300, 0.5)
-    phase("verdicts submitted, review runs completed")
+    phase("verdicts submitted, review runs completed: " + "; ".join(
+        _timeline(env, r) for r in completed()))  # fmt: skip
     reports = read_reports(dest)
     for uid, answer in answers.items():
         verdict = read_verdict(LocalStore(dest), uid)

@@ -164,7 +164,7 @@ def render_page(
         "",
         f"- **Why flagged:** {'; '.join(_cell(r) for r in c.review_reasons) or '—'}",
         f"- **Study:** `{report.study_instance_uid}`",
-        f"- **Report:** {_cell(dest.rstrip('/'))}/{report_key(report.study_instance_uid, 'report.md')}"
+        f"- **Report:** report.md in the study's folder under {_cell(dest.rstrip('/'))}/studies/"
         f" (version {report.created_at.isoformat()})",
         f"- **Context sent to the models:** {_context(report)}",
         "",

@@ -29,12 +29,12 @@ from tasks.config import ReviewConfig
 from tasks.errors import RadflowError
 from tasks.review.export import flagged_uids
 from tasks.review.verdicts import (
+    done_state,
     load_report,
     read_verdict,
     review_run_name,
     set_review_state,
     study_pseudonym,
-    verdict_key,
 )
 from tasks.schema import Report, ReviewState
 from tasks.storage import Store
@@ -182,19 +182,7 @@ async def _request_one(
     verdict = await asyncio.to_thread(read_verdict, dest, uid)
     if verdict is not None and verdict.report.inputs_fingerprint == report.inputs_fingerprint:
         if report.review is None or report.review.status != "done":  # rewritten by --force
-            state = ReviewState(
-                status="done",
-                flow_run_id=verdict.flow_run_id,
-                flow_run_name=verdict.flow_run_name,
-                attempt=verdict.attempt,
-                requested_at=verdict.requested_at,
-                reviewed_at=verdict.reviewed_at,
-                reviewer=verdict.reviewer,
-                abnormal=verdict.abnormal,
-                urgency=verdict.urgency,
-                not_assessable=verdict.not_assessable,
-                verdict=verdict_key(uid),
-            )
+            state = done_state(verdict)
             await asyncio.to_thread(set_review_state, dest, report, state)
         return "done"
     pseudonym = study_pseudonym(uid)

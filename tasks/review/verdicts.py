@@ -29,6 +29,7 @@ __all__ = [
     "set_review_state",
     "split_findings",
     "study_pseudonym",
+    "done_state",
     "verdict_from_form",
     "verdict_key",
     "write_verdict",
@@ -250,4 +251,23 @@ def verdict_from_form(
         flow_run_name=flow_run_name,
         attempt=attempt,
         requested_at=requested_at,
+    )
+
+
+def done_state(verdict: Verdict, state: ReviewState | None = None) -> ReviewState:
+    """The report's review state once ``verdict`` is stored (``state``: the one it replaces)."""
+    return (state or ReviewState(status="done")).model_copy(
+        update={
+            "status": "done",
+            "flow_run_id": verdict.flow_run_id,
+            "flow_run_name": verdict.flow_run_name,
+            "attempt": verdict.attempt,
+            "requested_at": verdict.requested_at,
+            "reviewed_at": verdict.reviewed_at,
+            "reviewer": verdict.reviewer,
+            "abnormal": verdict.abnormal,
+            "urgency": verdict.urgency,
+            "not_assessable": verdict.not_assessable,
+            "verdict": verdict_key(verdict.study_instance_uid),
+        }
     )
