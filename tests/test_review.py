@@ -49,7 +49,7 @@ from tasks.review.verdicts import (
     write_verdict,
 )
 from tasks.schema import Consensus, ImageInfo, Report, ReviewState, Urgency
-from tasks.storage import LocalStore
+from tasks.storage import LocalStore, Store, open_store
 from tests.browser import chromium, open_browser
 from tests.conftest import KEY_ENV, TEST_KEY, read_reports
 from tests.test_events_e2e import (
@@ -117,9 +117,10 @@ def _report(uid: str = UID, abnormal: bool | None = True, source: str = "/src/a.
     )
 
 
-def _dest(tmp_path: Path, *reports: Report, flagged: bool = True) -> LocalStore:
-    """A DEST as screening leaves it: report.json, key image, review pointer, FHIR subject."""
-    store = LocalStore(tmp_path / "dest")
+def _dest(where: Path | Store, *reports: Report, flagged: bool = True) -> Store:
+    """A DEST as screening leaves it: report.json, key image, review pointer, FHIR subject
+    (``where``: a tmp folder, its DEST is ``dest/``; or a store)."""
+    store = LocalStore(where / "dest") if isinstance(where, Path) else where
     for report in reports:
         uid = report.study_instance_uid
         store.write_bytes(report_key(uid, image_name(report.images[0].sha256)), _png())
@@ -334,6 +335,24 @@ def test_cli_lists_and_exports(tmp_path):
     assert "1 labels (1 abnormal, 0 normal" in done.output
     assert list(csv.DictReader(out.open()))[0]["study_instance_uid"] == f"{UID}.0"
     assert json.loads(ann.read_text())["image"] == ["0.dcm"]
+
+
+@pytest.mark.e2e
+def test_listing_and_labels_from_a_dest_on_s3(moto_server):
+    """The same listing and `reviews:DEST` labels with DEST on S3 (moto_server)."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="rv-reports")
+    dest = "s3://rv-reports/screening/out"
+    reports = [_report(f"{UID}.{n}") for n in range(3)]
+    store = _dest(open_store(dest), *reports)
+    write_verdict(store, verdict_from_form(_form(), reports[0]))
+    write_verdict(store, verdict_from_form(_form(not_assessable=True), reports[1]))
+    rows = {r.uid: r.status for r in review_rows(dest)}
+    assert rows == {f"{UID}.0": "done", f"{UID}.1": "done", f"{UID}.2": "not_requested"}
+    (label,) = load_labels.fn(f"reviews:{dest}")
+    assert (label.study_instance_uid, label.abnormal, label.patient_id) == (f"{UID}.0", 1, "P-0")
+    assert review_rows("s3://rv-reports/elsewhere") == []  # no review pointers: nothing flagged
 
 
 @pytest.mark.e2e
