@@ -593,9 +593,14 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
         )
         assert f"review-{study_pseudonym(uid)}-verdict" in _artifacts(env, by_uid[uid]["id"])
 
-    # 5. the verdicts are the evaluation's labels: reviews:DEST, no hand-made file
+    # 5. the verdicts are the evaluation's labels, no hand-made file: `radflow reviews export`
+    # feeds `radflow evaluate` (and reviews:DEST reads the same labels directly)
     labelled = [u for u, a in answers.items() if not a.get("not_assessable")]
-    run = _radflow(env, "evaluate", f"reviews:{dest}", "--images", str(src), "--out",
+    labels = tmp_path / "labels.csv"
+    exported = CliRunner().invoke(app, ["reviews", "export", str(dest), "--out", str(labels)])
+    assert exported.exit_code == 0, exported.output
+    assert load_labels.fn(f"reviews:{dest}") == parse_labels(labels.read_text(), str(labels))
+    run = _radflow(env, "evaluate", str(labels), "--images", str(src), "--out",
                    str(evaluation), "--config", str(config))  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((evaluation / "metrics.json").read_text())
@@ -605,11 +610,7 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     reliability = json.loads((evaluation / "reliability.json").read_text())
     assert set(reliability["models"]) == {"gpt-4o", "claude"}
     assert _review_runs(env, deployment["id"]) == completed()  # evaluation asked no review
-    exported = CliRunner().invoke(app, ["reviews", "export", str(dest), "--out",
-                                        str(tmp_path / "labels.csv")])  # fmt: skip
-    assert exported.exit_code == 0, exported.output
-    assert parse_labels((tmp_path / "labels.csv").read_text(), "labels.csv")
-    phase("evaluated on the review verdicts")
+    phase("evaluated on the exported review verdicts")
 
     # 6. an unanswered review expires (review.timeout_hours)...
     run = _radflow(env, "screen", str(src_b), "--out", str(dest), "--config", str(config2))
