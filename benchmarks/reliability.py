@@ -34,6 +34,43 @@ POINTS = {
         "tests/test_reliability.py::"
         "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs"
     ],
+    "PHI guard: context vocabulary, burned-in flag": [
+        "tests/test_phi.py::test_free_text_in_coded_fields_never_reaches_a_request_and_is_counted",
+        "tests/test_context.py::test_at_most_max_values_terms_per_field_reach_the_prompt",
+        "tests/test_preprocess.py::test_burned_in_policy",
+    ],
+    "identifiers in logs, artifacts, run names (log ids)": [
+        "tests/test_reliability.py::"
+        "test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs",
+        "tests/test_privacy.py::test_a_log_id_maps_back_only_with_the_key",
+    ],
+    "secrets in every outbound call, parse errors, api_key_env": [
+        "tests/test_secrets.py::"
+        "test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every_call_fails",
+        "tests/test_secrets.py::test_redactor_replaces_known_secrets_and_token_shaped_strings",
+        "tests/test_secrets.py::"
+        "test_a_secret_never_reaches_a_log_line_even_through_a_third_party_logger",
+        "tests/test_secrets.py::test_yaml_error_names_line_and_column_never_the_content",
+        "tests/test_secrets.py::test_annotation_errors_do_not_echo_a_secret_file_line",
+        "tests/test_secrets.py::"
+        "test_api_key_env_that_is_not_key_like_warns_naming_model_and_variable",
+    ],
+    "parser failures: one object, one record, no retries": [
+        "tests/test_reliability.py::"
+        "test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried"
+    ],
+    "decoding memory budget": [
+        "tests/test_budget.py::"
+        "test_decoding_memory_stays_within_the_budget_in_threads_and_in_the_pool"
+    ],
+    "runs sharing a DEST (claims), symlinks out of SOURCE/DEST": [
+        "tests/test_claims.py::test_two_runs_at_once_read_each_study_once",
+        "tests/test_claims.py::"
+        "test_claims_of_a_crashed_run_are_taken_over_and_a_live_runs_are_left",
+        "tests/test_claims.py::test_racing_threads_get_one_claim",
+        "tests/test_privacy.py::test_runs_that_start_at_once_on_a_new_dest_share_one_key",
+        "tests/test_symlinks.py::test_screen_refuses_symlinks_out_of_source_and_dest",
+    ],
 }
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
-    tests = [t for ts in POINTS.values() for t in ts]
+    tests = list(dict.fromkeys(t for ts in POINTS.values() for t in ts))  # a test may prove two
     start = time.perf_counter()
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-rA", *tests],

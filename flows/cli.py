@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tasks.config import PreprocessConfig, Provider, WindowName
 from tasks.errors import ConfigError, RadflowError
+from tasks.redact import redact
 
 app = typer.Typer(
     help="Screen DICOM studies with a panel of vision LLMs, orchestrated by Prefect.",
@@ -22,7 +23,7 @@ err = Console(stderr=True)
 
 
 def _fail(exc: Exception, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {redact(str(exc))}", markup=True, highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -51,15 +52,46 @@ def screen(
         )
     except RadflowError as exc:
         raise _fail(exc) from None
+    elsewhere = summary.claimed_elsewhere
     Console().print(
-        f"reported {summary.reported}/{summary.studies} studies "
-        f"({summary.skipped} skipped, {summary.degraded} degraded, "
+        f"reported {summary.reported}/{summary.studies} studies ({summary.skipped} skipped, "
+        + (f"{elsewhere} claimed by other runs, " if elsewhere else "")
+        + f"{summary.degraded} degraded, "
         f"{summary.needs_review} for review, {summary.errors} error records), "
         f"{summary.model_calls} model calls, ${summary.cost_usd:.4f} → {out}"
         + (f"; {summary.reviews_requested} review runs" if summary.reviews_requested else "")
         + ("  [SIMULATED readings]" if summary.simulated else ""),
         highlight=False,
     )
+
+
+@app.command()
+def lookup(
+    dest: Annotated[
+        str, typer.Argument(help="the DEST of the runs: s3://bucket/prefix or a folder")
+    ],
+    log_ids: Annotated[list[str], typer.Argument(help="log ids from logs or Prefect artifacts")],
+    config: Annotated[Path | None, typer.Option(help="config YAML (for S3 settings)")] = None,
+) -> None:
+    """Which reported studies under DEST the log ids name (privacy.log_uids: hash)."""
+    from tasks.config import load_settings
+    from tasks.monitor import report_location
+    from tasks.privacy import LogNames, find_studies, load_key
+    from tasks.storage import open_store
+
+    try:
+        storage = load_settings(config).storage
+        names = LogNames(load_key(open_store(dest, storage), create=False))
+        found = find_studies(open_store(f"{dest.rstrip('/')}/studies", storage), names, log_ids)
+    except RadflowError as exc:
+        raise _fail(exc) from None
+    missing = 0
+    for log_id in log_ids:
+        uid = found.get(log_id.strip().lower())
+        missing += uid is None
+        print(f"{log_id}  {uid or '-'}  {report_location(dest, uid) if uid else 'not found'}")
+    if missing:
+        raise typer.Exit(1)
 
 
 @app.command()

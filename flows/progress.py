@@ -26,7 +26,7 @@ def run_with_progress(flow_call: Coroutine[Any, Any, T]) -> T:
         job = bar.add_task("", total=None)
 
         def update(done: int, total: int, outcome) -> None:
-            last = f"last: {outcome.study_instance_uid[-24:]}" if outcome else "starting"
+            last = f"last: {outcome.log_id[-24:]}" if outcome else "starting"
             bar.update(job, completed=done, total=total, description=last)
 
         token = progress_hook.set(update)

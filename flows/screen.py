@@ -17,21 +17,23 @@ from prefect.utilities.annotations import quote
 from flows.shards import run_shards
 from tasks.config import load_settings
 from tasks.consensus import KAPPA_MODULE, panel_kappa
-from tasks.discover import Inventory, Study, discover_studies, retry_unless_permanent
-from tasks.errors import ConfigError
+from tasks.discover import Inventory, Study, discover_studies
+from tasks.errors import ConfigError, SymlinkEscape, retry_if_transient
 from tasks.events import SelectedObjects
 from tasks.monitor import RunMonitor, result_row, run_name, run_tags
+from tasks.privacy import log_names, store_scheme
 from tasks.report import (
-    report_key,
+    reported,
     review_entry,
+    study_errors,
     write_error,
     write_errors,
     write_run_summary,
 )
 from tasks.review.requests import request_reviews
 from tasks.runner import resolve_runner, warm
-from tasks.schema import ErrorRecord, RunSummary
-from tasks.storage import Store, open_store, read_json
+from tasks.schema import RunSummary
+from tasks.storage import Store, open_store
 from tasks.study import Batch, Screening, StudyOutcome, screen_studies
 
 __all__ = ["progress_hook", "screen"]
@@ -46,40 +48,30 @@ discover = task(
     name="discover-studies",
     retries=2,
     retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_unless_permanent,
+    retry_condition_fn=retry_if_transient,  # a bad object is an error record, never a retry
     cache_policy=NO_CACHE,
 )(discover_studies)
 
 
 def _already_reported(dest: Store, study: Study) -> bool:
-    previous = read_json(dest, report_key(study.study_instance_uid))
-    return bool(previous) and previous.get("inputs_fingerprint") == study.fingerprint
-
-
-def _failed_study_errors(study: Study, reason: str) -> list[ErrorRecord]:
-    return [
-        ErrorRecord(
-            source=i.ref.uri,
-            reason=f"study {study.study_instance_uid} failed: {reason}",
-            kind="StudyFailed",
-            stage="screen",
-            study_instance_uid=study.study_instance_uid,
-        )
-        for i in study.instances
-    ]
+    try:
+        return reported(dest, study.study_instance_uid, study.fingerprint) is not None
+    except SymlinkEscape:  # the study's folder leads out of DEST: screen_study records it
+        return False
 
 
 def _first_run_name() -> str:
-    """Until discovery counts the studies (then ``screen-<date>-<n>-studies``)."""
-    source = flow_run.parameters.get("source") or "config-source"
-    return f"screen-{datetime.now(UTC):%Y-%m-%d}-{source}"
+    """``screen-<date>-<store scheme>`` until discovery counts the studies (then
+    ``screen-<date>-<n>-studies``): never the SOURCE path, which may name a patient."""
+    scheme = store_scheme(flow_run.parameters.get("source"))
+    return f"screen-{datetime.now(UTC):%Y-%m-%d}-{scheme}"
 
 
 def _fail_unreported(dest: Store, study: Study, reason: str) -> int:
     """Error records for a study of a failed shard unless it was reported; how many."""
     if _already_reported(dest, study):
         return 0
-    records = _failed_study_errors(study, reason)
+    records = study_errors(study, reason)
     for record in records:
         write_error(dest, record)
     return len(records)
@@ -111,13 +103,15 @@ async def screen(
             "no SOURCE or DEST: pass them, or set `source` and `output` in the config"
         )
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
+    names = await asyncio.to_thread(log_names, dest, settings.privacy)
     if keys is not None:
         src = SelectedObjects(src, keys)
     inventory: Inventory = await asyncio.to_thread(discover, src, settings.storage.max_concurrency)
     await asyncio.to_thread(write_errors, dest, inventory.errors, settings.storage.max_concurrency)
     if isinstance(src, SelectedObjects) and src.missing:
+        listed = f": {src.missing}" if names.plain else " (names not logged)"
         logger.warning(
-            "%d named objects are not under %s: %s", len(src.missing), source, src.missing
+            "%d named objects are not under %s%s", len(src.missing), names.source(source), listed
         )
     studies = inventory.studies[:limit] if limit else inventory.studies
     pending = [s for s in studies if force or not _already_reported(dest, s)]
@@ -136,8 +130,8 @@ async def screen(
     hook = progress_hook.get()
     if hook:
         hook(0, len(pending), None)
-    monitor = RunMonitor(flow_run.get_id())
-    labels = run_tags(source, [m.name for m in settings.models])
+    monitor = RunMonitor(flow_run.get_id(), names)
+    labels = run_tags(names.source(source), [m.name for m in settings.models])
     await monitor.label(run_name(started, len(studies)), labels)
     await monitor.start(len(pending))
     warming: asyncio.Future | None = None
@@ -168,7 +162,10 @@ async def screen(
         if len(pending) > 1:
             loads.append(asyncio.to_thread(import_module, KAPPA_MODULE))
         warming = asyncio.ensure_future(asyncio.gather(*loads))
-        run = await Screening.start(src, dest, settings)
+        # claims name the run; with --force, a report another run writes from now on is done
+        run = await Screening.start(
+            src, dest, settings, names, summary.run_id, since=started if force else None
+        )
         outcomes: asyncio.Queue[StudyOutcome | None] = asyncio.Queue()
         screening = asyncio.ensure_future(_screen_batches(pending, run, outcomes.put_nowait))
         screening.add_done_callback(lambda _: outcomes.put_nowait(None))  # the end
@@ -179,7 +176,7 @@ async def screen(
                 _add(summary, outcome)
                 if outcome.report is not None:
                     votes.append([r.abnormal if r.ok else None for r in outcome.report.readings])
-                    rows.append(result_row(outcome.report, out))
+                    rows.append(result_row(outcome.report, out, names))
                 await monitor.advance(done, len(pending))
                 if hook:
                     hook(done, len(pending), outcome)
@@ -205,11 +202,12 @@ async def screen(
     key = write_run_summary(dest, summary)
     await monitor.finish(summary, rows, key)
     logger.info(
-        "reported %d of %d studies (%d skipped, %d degraded, %d for review, %d errors), "
-        "%d model calls, $%.4f; summary at %s",
+        "reported %d of %d studies (%d skipped, %d claimed by other runs, %d degraded, "
+        "%d for review, %d errors), %d model calls, $%.4f; summary at %s",
         summary.reported,
         summary.studies,
         summary.skipped,
+        summary.claimed_elsewhere,
         summary.degraded,
         summary.needs_review,
         summary.errors,
@@ -248,15 +246,16 @@ async def _screen_batches(
             uid = study.study_instance_uid
             if uid not in batch.done:
                 reason = batch.failed.get(uid) or state.message or "unknown error"
-                records = _failed_study_errors(study, reason)
+                records = study_errors(study, reason)
                 await asyncio.to_thread(write_errors, run.dest, records)
-                finished(StudyOutcome(uid, None, records))
+                finished(StudyOutcome(uid, None, records, run.names.study(uid)))
 
     await asyncio.gather(*(one(b) for b in batches))
 
 
 def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.errors += len(outcome.errors)
+    summary.claimed_elsewhere += outcome.elsewhere is not None
     report = outcome.report
     if report is None:
         return

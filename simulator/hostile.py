@@ -10,6 +10,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
@@ -17,9 +18,18 @@ from pydicom.uid import RLELossless, generate_uid
 
 from simulator.samples import synthetic_ct
 
-__all__ = ["HUGE", "Expected", "build_hostile_folder", "huge_claim"]
+__all__ = [
+    "DEEP",
+    "HUGE",
+    "Expected",
+    "build_hostile_folder",
+    "deep_nesting",
+    "huge_claim",
+    "large_rle",
+]
 
 HUGE = {"Rows": 65535, "Columns": 65535, "NumberOfFrames": 1000}  # ≈ 8.6 TB at 16 bits
+DEEP = 1000  # nested sequences: pydicom gives up (RecursionError) after about 200
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,71 @@ def huge_claim(
     return out
 
 
+def _nested_sequences(tag: int, depth: int, *, defined: bool) -> bytes:
+    """``depth`` sequences nested in one another, one item each (explicit VR little endian,
+    PS3.5 7.5): of undefined length (pydicom parses them as it reads the file) or of
+    defined length (pydicom parses them when the value is first used)."""
+    if not defined:
+        sq = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, 0xFFFFFFFF)
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        ends = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        return (sq + item) * depth + ends * depth
+    inner = b""
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(inner)) + inner
+        inner = struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, len(item)) + item
+    return inner
+
+
+def deep_nesting(
+    src: Path,
+    dest: Path,
+    seed: int,
+    *,
+    after_pixels: bool = False,
+    defined: bool = False,
+    depth: int = DEEP,
+) -> Path:
+    """A copy of ``src`` (its own study) with ``depth`` nested sequences: in the header just
+    before the pixel data (a Content Sequence; with ``defined`` lengths an Other Patient IDs
+    Sequence, which an SR copies from its source), or after the pixel data as a Digital
+    Signatures Sequence (a header read stopping before the pixels succeeds, the full read
+    fails)."""
+    _variant(src, dest, seed)
+    data = dest.read_bytes()
+    if after_pixels:
+        dest.write_bytes(data + _nested_sequences(0xFFFAFFFA, depth, defined=defined))
+    else:
+        at = _pixel_offset(dest) - 12  # the PixelData element's tag (OW: 12-byte header)
+        tag = 0x00101002 if defined else 0x0040A730
+        dest.write_bytes(data[:at] + _nested_sequences(tag, depth, defined=defined) + data[at:])
+    return dest
+
+
+def large_rle(dest: Path, seed: int, *, rows: int = 8192, columns: int = 16384) -> Path:
+    """A CT of one 16-bit frame of ``rows`` × ``columns`` (by default 256 MiB decoded, the
+    largest frame radflow accepts) in about 4 MiB of RLE (PS3.5 G): every run is 128 equal
+    bytes, a pattern of grey bands and squares. ``columns`` must be a multiple of 128."""
+    synthetic_ct(dest, lesion=True, seed=seed, size=64)
+    ds = pydicom.dcmread(dest)
+    band = np.arange(rows)[:, None] // 64 + np.arange(columns // 128)[None, :]
+    runs = (1064 + (band % 7) * 60).astype(">u2")  # one stored value per run of 128 pixels
+    segments = []
+    for plane in (runs >> 8, runs & 0xFF):  # most significant byte first (G.2)
+        coded = np.empty((*plane.shape, 2), np.uint8)
+        coded[..., 0] = 0x81  # -127: the next byte, 128 times
+        coded[..., 1] = plane
+        segments.append(coded.tobytes())
+    header = np.zeros(16, "<u4")
+    header[:3] = 2, 64, 64 + len(segments[0])
+    ds.Rows, ds.Columns = rows, columns
+    ds.PixelData = encapsulate([header.tobytes() + b"".join(segments)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
 def build_hostile_folder(dest: str | Path, *, good: int = 3) -> dict[str, Expected]:
     """Fill ``dest`` with ``good`` good studies (odd file names) and the hostile files;
     returns {relative path: Expected}."""
@@ -163,6 +238,15 @@ def build_hostile_folder(dest: str | Path, *, good: int = 3) -> dict[str, Expect
             raise FileNotFoundError(f'"{name}" is missing from pydicom\'s test files')
         shutil.copyfile(path, bad / name)
         made[f"hostile/{name}"] = Expected("UnsupportedImage", f"non-image object ({what})")
+    for name, seed, options, where in (
+        ("deep-nesting", 609, {}, "in the header"),
+        ("deep-nesting-after-pixels", 610, {"after_pixels": True}, "after the pixel data"),
+        ("deep-nesting-defined-length", 611, {"defined": True}, "of defined length"),
+    ):
+        deep_nesting(base, bad / f"{name}.dcm", seed, **options)
+        made[f"hostile/{name}.dcm"] = Expected(
+            "CorruptDicom", f"{DEEP} nested sequences {where} (RecursionError in pydicom)"
+        )
     shutil.copyfile(base, bad / "duplicate of a good one.dcm")
     made["hostile/duplicate of a good one.dcm"] = Expected(
         "DuplicateInstance", "the same instance as a good file, copied"

@@ -1,5 +1,6 @@
 """HTTP server of the simulator: POST /v1/chat/completions (OpenAI), POST /v1/messages
-(Anthropic), GET /stats. A TEST DOUBLE: every answer names ``radflow-simulator`` as its model
+(Anthropic), GET /stats, and /leaky/{400|401|403}/... (a provider that rejects every request and
+echoes its headers back). A TEST DOUBLE: every answer names ``radflow-simulator`` as its model
 and says in its rationale that it is simulated."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_PREFIX = "radflow-simulator/"
 FAULT_KINDS = ("429", "500", "timeout", "malformed", "refusal")
+LEAKY_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
 
 _TEXT = {
     "en": {
@@ -263,6 +265,17 @@ def create_app(state: SimState) -> Starlette:
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True, "test_double": True})
 
+    async def leaky(request: Request) -> JSONResponse:
+        """Any request under /leaky/<status>/ (a base URL for either SDK, the Files API, ...)
+        is rejected with <status> and every request header, values included, in the error
+        message: what a careless gateway does, for the secret-redaction tests."""
+        status = request.path_params["status"]
+        await request.body()
+        if status not in LEAKY_ERRORS:
+            return _error(404, f"leaky statuses are {sorted(LEAKY_ERRORS)}", "not_found_error")
+        echoed = json.dumps(dict(request.headers))
+        return _error(status, f"rejected; request headers: {echoed}", LEAKY_ERRORS[status])
+
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -271,6 +284,7 @@ def create_app(state: SimState) -> Starlette:
             Route("/stats", stats, methods=["GET"]),
             Route("/bodies", bodies, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/leaky/{status:int}/{rest:path}", leaky, methods=["GET", "POST"]),
             *finetune_routes(FinetuneState()),
         ]
     )

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from tasks.errors import ConfigError
+from tasks.redact import register
 
 __all__ = [
     "EvaluationConfig",
@@ -21,6 +24,7 @@ __all__ = [
     "ModelConfig",
     "PreprocessConfig",
     "Price",
+    "PrivacyConfig",
     "Provider",
     "ReviewConfig",
     "RunnerConfig",
@@ -106,28 +110,49 @@ class ModelConfig(_Endpoint):
         return self.base_url or g.base_url, key_env, key_block
 
     def api_key(self, gateway: Gateway | None) -> SecretStr:
-        """The key from the env var or Prefect Secret block named in the config."""
+        """The key from the env var or Prefect Secret block named in the config, registered
+        with ``tasks.redact`` as soon as it is read."""
         _, key_env, key_block = self.endpoint(gateway)
         if key_block:
             from prefect.blocks.system import Secret
 
-            return SecretStr(str(Secret.load(key_block, _sync=True).get()))
-        if not key_env:
+            value = str(Secret.load(key_block, _sync=True).get())
+        elif not key_env:
             raise ConfigError(f'model "{self.name}" names no api_key_env or api_key_block')
-        value = os.environ.get(key_env)
-        if not value:
-            raise ConfigError(
-                f'environment variable "{key_env}" for model "{self.name}" is not set',
-                hint=f"export {key_env}=... (the key is never logged)",
-            )
+        else:
+            value = os.environ.get(key_env, "")
+            if not value:
+                raise ConfigError(
+                    f'environment variable "{key_env}" for model "{self.name}" is not set',
+                    hint=f"export {key_env}=... (the key is never logged)",
+                )
+        register(value)
         return SecretStr(value)
+
+    def client_options(self, gateway: Gateway | None) -> dict[str, Any]:
+        """Keyword arguments of this model's SDK client (either SDK, sync or async). The key
+        and every ``extra_headers`` value are registered with ``tasks.redact`` first, so no
+        error, log line or output of this process can carry them."""
+        key = self.api_key(gateway).get_secret_value()
+        register(*self.extra_headers.values(), header_names=self.extra_headers)
+        return dict(
+            api_key=key,
+            base_url=self.endpoint(gateway)[0],
+            timeout=self.timeout_seconds,
+            max_retries=self.max_retries,
+            default_headers=self.extra_headers or None,
+        )
 
 
 class PreprocessConfig(_Strict):
     max_edge: int = Field(1024, ge=0, le=8192, description="long edge in px; 0 = no resize")
     window: WindowName = Field(WindowName.AUTO, description="grey-level window")
-    burned_in: Literal["refuse", "allow"] = Field(
-        "refuse", description="BurnedInAnnotation=YES: refuse (error record) or allow"
+    burned_in: Literal["refuse", "refuse_unknown", "allow"] = Field(
+        "refuse",
+        description="BurnedInAnnotation policy (see tasks.preprocess.burned_in_flag): refuse = "
+        "an error record when it says YES; refuse_unknown = also when it is missing or neither "
+        "YES nor NO; allow = send the pixels anyway. The report's images[].burned_in records "
+        "yes | no | unknown",
     )
     max_images_per_study: int = Field(
         4, ge=1, le=32, description="key images sent per study (one per series, middle slice)"
@@ -140,6 +165,16 @@ class PreprocessConfig(_Strict):
         pattern=r"^(middle|spaced:[1-9][0-9]?|montage:[1-8]x[1-8])$",
         description="key images of a multi-frame object or series: middle | spaced:N | "
         "montage:RxC (R×C evenly spaced frames in one grid image)",
+    )
+
+
+class PrivacyConfig(_Strict):
+    """How radflow's logs, Prefect artifacts, run names and tags name studies and sources."""
+
+    log_uids: Literal["hash", "plain"] = Field(
+        "hash",
+        description="hash = a keyed pseudonym (HMAC-SHA256 with a secret kept in DEST) instead "
+        "of the StudyInstanceUID and the SOURCE path; plain = as they are",
     )
 
 
@@ -269,6 +304,14 @@ class RunnerConfig(_Strict):
     workers: int | None = Field(
         None, ge=1, le=256, description="process-pool size (None = one per CPU)"
     )
+    decode_memory_mib: int | None = Field(
+        None,
+        ge=64,
+        le=1_048_576,
+        description="memory for decoding key images, across every study in flight, in MiB: "
+        "a study waits until what its headers claim fits; null = a quarter of the machine's "
+        "(or container's) memory, at most 8192",
+    )
     studies_per_task: int = Field(
         25,
         ge=1,
@@ -316,6 +359,16 @@ class Settings(_Strict):
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="process pool and shards for large runs"
     )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig, description="pseudonyms in logs, artifacts and run names"
+    )
+    claim_lease_seconds: float = Field(
+        300,
+        ge=10,
+        le=86_400,
+        description="lease of a run's claim on a study it reads (DEST/claims/), renewed every "
+        "third of it: how long a crashed run on another host holds its studies",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -331,8 +384,56 @@ class Settings(_Strict):
         return self
 
 
+_QUOTED = re.compile(r"'[^']*'")
+_TOKEN_NAME = re.compile(r"'(<[a-z ]+>|[^']{0,2})'")  # '<scalar>', a character: not file text
+_CLOUD_CREDENTIAL = re.compile(r"(AWS|AZURE)_\w+|GOOGLE_APPLICATION_CREDENTIALS|GOOGLE_OAUTH_\w+")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """(where, what) of a YAML error without the file's text: PyYAML's own message quotes
+    the offending line, and ``--config`` may name any file (a credentials file, say); quoted
+    aliases, anchors and tags are elided, token names and single characters kept."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f" at character {exc.position + 1}", exc.reason
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    problem = "; ".join(p for p in parts if p) or type(exc).__name__
+    return where, _QUOTED.sub(lambda m: m[0] if _TOKEN_NAME.fullmatch(m[0]) else "'…'", problem)
+
+
+@cache  # once per process: the CLI and then the flow load the same config
+def _warn_key_env(owner: str, variable: str) -> None:
+    name = variable.upper()
+    if _CLOUD_CREDENTIAL.fullmatch(name) and not name.endswith("_API_KEY"):
+        kind = "names a cloud credential"
+    elif "KEY" in name or "TOKEN" in name:
+        return
+    else:
+        kind = "does not look like an API key (no KEY or TOKEN in its name)"
+    logger.warning(
+        '%s: api_key_env "%s" %s; its value is sent to the model endpoint as a bearer token',
+        owner,
+        variable,
+        kind,
+    )
+
+
+def _check_key_envs(settings: Settings) -> None:
+    """Warn about api_key_env variables that are not API keys (e.g. AWS_SECRET_ACCESS_KEY):
+    whatever they hold goes to the model endpoint."""
+    if settings.gateway and settings.gateway.api_key_env:
+        _warn_key_env("gateway", settings.gateway.api_key_env)
+    for model in settings.models:
+        while model is not None:
+            if model.api_key_env:
+                _warn_key_env(f'model "{model.name}"', model.api_key_env)
+            model = model.fallback
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
-    """Load settings from ``path``, ``$RADFLOW_CONFIG``, ``./radflow.yaml`` or the defaults."""
+    """Load settings from ``path``, ``$RADFLOW_CONFIG``, ``./radflow.yaml`` or the defaults.
+    Errors name the file and a position, never its content."""
     if path is None:
         path = os.environ.get("RADFLOW_CONFIG") or (
             "radflow.yaml" if Path("radflow.yaml").is_file() else None
@@ -344,15 +445,22 @@ def load_settings(path: str | Path | None = None) -> Settings:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
-        raise ConfigError(f'cannot read config "{path}": {exc.strerror}') from exc
+        raise ConfigError(f'cannot read config "{path}": {exc.strerror}') from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f'config "{path}" is not UTF-8 text (invalid byte at offset {exc.start})'
+        ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f'config "{path}" is not valid YAML: {exc}') from exc
+        where, problem = _yaml_problem(exc)
+        raise ConfigError(f'config "{path}" is not valid YAML{where}: {problem}') from None
     if not isinstance(data, dict):
         raise ConfigError(f'config "{path}" must be a YAML mapping')
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         errors = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
-        raise ConfigError(f'config "{path}" is invalid: {errors}') from exc
+        raise ConfigError(f'config "{path}" is invalid: {errors}') from None
+    _check_key_envs(settings)
+    return settings

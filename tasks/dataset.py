@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from base64 import b64encode
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from tasks.discover import read_header
 from tasks.errors import AnnotationError, DatasetError, RadflowError
 from tasks.finetune_checks import MAX_IMAGE_BYTES, MAX_IMAGES_PER_EXAMPLE, check_example
 from tasks.preprocess import prepare_all
+from tasks.redact import redact
 from tasks.schema import Reading, Urgency
 from tasks.storage import ObjectRef, Store
 
@@ -49,6 +51,7 @@ SEED_KEYS = ("image", "image_description", "diagnosis", "confidence", "findings"
 ANNOTATION_KEYS = frozenset((*SEED_KEYS, "patient_id", "abnormal", "urgency"))
 _TRUE = {"1", "true", "t", "yes", "y", "abnormal"}
 _FALSE = {"0", "false", "f", "no", "n", "normal"}
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_ .-]{0,39}")
 _NORMAL_DIAGNOSES = {"normal", "정상", "no finding", "no findings", "no abnormality", "none"}
 
 
@@ -102,12 +105,21 @@ def _bool(value: object) -> bool | None:
     raise AnnotationError(f'unknown label abnormal="{value}" (expected 0/1, true/false, yes/no)')
 
 
+def _key_name(key: str, position: int) -> str:
+    """An unknown key, quoted if it looks like a column name; else only its position and
+    length: a file passed as annotations by mistake (a .env, a key file) has its first line
+    as CSV header, and that line may be a secret."""
+    if _COLUMN_NAME.fullmatch(key) and sum(c.isdigit() for c in key) < 6 and redact(key) == key:
+        return repr(key)
+    return f"key {position} ({len(key)} characters, not shown: not a column name)"
+
+
 def parse_annotation(row: Mapping[str, object], line: int) -> Annotation:
     """Validate one annotation; the label comes from ``abnormal``, else ``urgency``, else
     ``diagnosis`` (a normal diagnosis such as "normal" or "정상" → normal, any other → abnormal)."""
-    unknown = sorted(k for k in row if k not in ANNOTATION_KEYS)
+    unknown = [_key_name(k, i) for i, k in enumerate(row, 1) if k not in ANNOTATION_KEYS]
     if unknown:
-        raise AnnotationError(f"unknown key(s) {', '.join(map(repr, unknown))}")
+        raise AnnotationError(f"unknown key(s) {', '.join(unknown)}")
     images = tuple(_items(row.get("image")))
     if not images:
         raise AnnotationError('no "image": name the DICOM key(s) relative to --images')
@@ -159,7 +171,9 @@ def _rows(data: bytes, name: str) -> Iterable[tuple[int, object]]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise AnnotationError(f'"{name}" is not UTF-8 text: {exc}') from exc
+        raise AnnotationError(
+            f'"{name}" is not UTF-8 text (invalid byte at offset {exc.start})'
+        ) from None
     if name.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames:

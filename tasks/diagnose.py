@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from tasks.cache import ReadingCache, reading_key
 from tasks.config import Language, ModelConfig, Provider, Settings
+from tasks.redact import describe, redact
 from tasks.schema import ModelReading, Reading, Urgency
 from tasks.sizing import estimate_input_tokens
 
@@ -104,10 +105,6 @@ def _validation_text(exc: ValidationError) -> str:
     return "; ".join(parts)[:_MAX_ERROR_CHARS]
 
 
-def _redact(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
 def _rate_limiter(requests_per_minute: float | None) -> AsyncLimiter | None:
     """A leaky bucket holding at most one second of requests, so no minute exceeds the rate
     by more than that second's burst."""
@@ -130,23 +127,15 @@ class ModelClient:
     ) -> None:
         self.cfg = cfg
         self.cache = cache
-        base_url, _, _ = cfg.endpoint(settings.gateway)
-        self._key = cfg.api_key(settings.gateway).get_secret_value()
-        self.endpoint = (base_url or _DEFAULT_URLS[cfg.provider]).rstrip("/")
+        options = cfg.client_options(settings.gateway)  # registers the key and header values
+        self.endpoint = (options["base_url"] or _DEFAULT_URLS[cfg.provider]).rstrip("/")
         self.host = httpx2.URL(self.endpoint).host
         self._rate = _rate_limiter(cfg.requests_per_minute)
         sdk = openai if cfg.provider is Provider.OPENAI else anthropic
         http_client = sdk.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request]})
         self.client: openai.AsyncOpenAI | anthropic.AsyncAnthropic = (
             openai.AsyncOpenAI if cfg.provider is Provider.OPENAI else anthropic.AsyncAnthropic
-        )(
-            api_key=self._key,
-            base_url=base_url,
-            timeout=cfg.timeout_seconds,
-            max_retries=cfg.max_retries,
-            default_headers=cfg.extra_headers or None,
-            http_client=http_client,
-        )
+        )(**options, http_client=http_client)
         self._limit = asyncio.Semaphore(cfg.max_concurrency)
         self.fallback = ModelClient(cfg.fallback, settings, cache) if cfg.fallback else None
 
@@ -238,7 +227,7 @@ class ModelClient:
                     tokens_in += answer.input_tokens
                     tokens_out += answer.output_tokens
         except (openai.APIError, anthropic.APIError) as exc:
-            error = _redact(f"{type(exc).__name__}: {exc}", self._key)
+            error = describe(exc)
             logger.warning("model %s failed: %s", self.cfg.name, error)
             return ModelReading(
                 **meta,
@@ -266,10 +255,11 @@ class ModelClient:
             reasked=reasked,
         )
         if answer.invalid is not None:
-            error = _redact(f"InvalidAnswer: {answer.invalid}", self._key)
+            error = redact(f"InvalidAnswer: {answer.invalid}")
             return ModelReading(**base, ok=False, error=error)
         if answer.reading is None:
-            return ModelReading(**base, ok=False, refusal=True, error=f"refused: {answer.refusal}")
+            error = redact(f"refused: {answer.refusal}")
+            return ModelReading(**base, ok=False, refusal=True, error=error)
         r = answer.reading
         return ModelReading(
             **base,

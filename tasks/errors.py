@@ -1,6 +1,9 @@
-"""Exception types of radflow, each with a default message and a hint of what to do."""
+"""Exception types of radflow, each with a default message and a hint of what to do; which of
+them are worth retrying; and what an exception from the DICOM parser says about its input."""
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "AnnotationError",
@@ -20,8 +23,12 @@ __all__ = [
     "StorageError",
     "StorageUnavailable",
     "StudiesFailed",
+    "SymlinkEscape",
     "UnsupportedImage",
     "WorkerCrashed",
+    "is_transient",
+    "parser_error",
+    "retry_if_transient",
 ]
 
 
@@ -124,6 +131,16 @@ class StorageUnavailable(StorageError):
     hint = "the store kept failing after retries; run again later (finished studies are skipped)"
 
 
+class SymlinkEscape(StorageError):
+    """A key of a local folder reached through a symlink that leads out of the folder."""
+
+    default = "a symlink leads out of the folder"
+    hint = (
+        "replace the symlink with the file or folder itself, or point SOURCE/DEST at the "
+        "folder it leads to"
+    )
+
+
 class ObjectMissing(RadflowError):
     default = "the object is gone"
     hint = "it was listed but deleted or moved before it could be read; run again"
@@ -139,5 +156,76 @@ class WorkerCrashed(RadflowError):
 
 
 class StudiesFailed(RadflowError):
+    """Studies of one batch failed; ``transient`` when any of them failed in a way worth
+    trying again (see :func:`is_transient`)."""
+
     default = "studies failed"
     hint = "each study's error record names its reason; a rerun screens what was not reported"
+
+    def __init__(
+        self, message: str | None = None, *, hint: str | None = None, transient: bool = False
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again may succeed: storage throttled or down after the client's retries
+    (StorageUnavailable), a lost pool process (WorkerCrashed: it also takes down the other
+    studies in that pool), an OS or network error (OSError, which covers ConnectionError and
+    TimeoutError), or a batch in which a study failed so. Every other RadflowError is a
+    property of its input (corrupt, unsupported, denied, ...) and an unexpected exception is a
+    bug: the same input fails the same way again."""
+    if isinstance(exc, StudiesFailed):
+        return exc.transient
+    if isinstance(exc, RadflowError):
+        return isinstance(exc, StorageUnavailable | WorkerCrashed)
+    return isinstance(exc, OSError)
+
+
+def retry_if_transient(task: object, task_run: object, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn``: retry only :func:`is_transient` failures. ``state``
+    is the Failed state Prefect builds around the exception the task run raised (its
+    ``data``); a state without one is left to Prefect's default, a retry."""
+    exc = state.data
+    return not isinstance(exc, BaseException) or is_transient(exc)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what led to it (pydicom re-raises some errors as a bare OSError)."""
+    chain = [exc]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) and nxt not in chain:
+        chain.append(nxt)
+    return chain
+
+
+def _depth(exc: BaseException) -> int:
+    """Levels of nested sequences pydicom was reading where ``exc`` was raised (its
+    ``read_sequence`` runs once per level)."""
+    depth, tb = 0, exc.__traceback__
+    while tb is not None:
+        depth += tb.tb_frame.f_code.co_name == "read_sequence"
+        tb = tb.tb_next
+    return depth
+
+
+def parser_error(exc: BaseException, what: str) -> RadflowError:
+    """The error to raise for ``exc``, anything pydicom or a pixel decoder raised while
+    reading one object: a CorruptDicom saying ``what`` and why, in one line —
+    sequences nested past Python's recursion limit are "nesting too deep" with the depth
+    reached, exhausted memory says so, else the parser's own message. A StorageError among
+    the causes (a ranged S3 read failing under the parser) is returned as it is: it is not
+    about the object."""
+    chain = _causes(exc)
+    storage = next((c for c in chain if isinstance(c, StorageError)), None)
+    if storage is not None:
+        return storage
+    if any(isinstance(c, RecursionError) for c in chain):
+        depth = max(_depth(c) for c in chain)
+        reason = f"nesting too deep (more than {depth} levels of nested sequences)"
+    elif any(isinstance(c, MemoryError) for c in chain):
+        reason = "decoding needs more memory than this process could allocate (MemoryError)"
+    else:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = "; ".join(lines) or type(exc).__name__
+    return CorruptDicom(f"{what}: {reason}")

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import ModelConfig, Provider, Settings
 from tasks.errors import ConfigError, ProviderError
+from tasks.redact import redact
 
 __all__ = ["Hyperparameters", "create_job", "openai_endpoint", "upload_dataset"]
 
@@ -101,17 +102,9 @@ def upload_dataset(
 ) -> dict:
     """Upload both files and create the fine-tuning job at the config's OpenAI endpoint (the
     SDK retries 429/5xx itself); errors name the endpoint, never the key."""
-    endpoint = openai_endpoint(settings)
-    base_url, _, _ = endpoint.endpoint(settings.gateway)
-    key = endpoint.api_key(settings.gateway).get_secret_value()
-    client = openai.OpenAI(
-        api_key=key,
-        base_url=base_url,
-        timeout=endpoint.timeout_seconds,
-        max_retries=endpoint.max_retries,
-        default_headers=endpoint.extra_headers or None,
-    )
-    host = base_url or "api.openai.com"
+    options = openai_endpoint(settings).client_options(settings.gateway)  # registers secrets
+    client = openai.OpenAI(**options)
+    host = options["base_url"] or "api.openai.com"
     try:
         result = create_job(
             client,
@@ -123,8 +116,7 @@ def upload_dataset(
             seed=seed,
         )
     except openai.APIError as exc:
-        message = str(exc).replace(key, "***")
-        raise ProviderError(f"fine-tuning upload to {host} failed: {message}") from exc
+        raise ProviderError(redact(f"fine-tuning upload to {host} failed: {exc}")) from exc
     finally:
         client.close()
     get_run_logger().info(

@@ -145,6 +145,21 @@ def lut_header(ds: pydicom.Dataset, frame: int) -> pydicom.Dataset:
     return out
 
 
+# Pixels per table lookup: numpy indexes with an int64 copy of the indices, 8 bytes a pixel
+# (1 GiB for a 16384 × 8192 frame); in slices of this many it stays at 32 MiB.
+_SLICE = 1 << 22
+
+
+def _lookup(table: np.ndarray, values: np.ndarray, lo: int) -> np.ndarray:
+    """``table[values - lo]`` (rows of ``table``), computed a slice of pixels at a time so the
+    temporary index copy stays small."""
+    flat = values.reshape(-1)
+    out = np.empty((flat.size, *table.shape[1:]), table.dtype)
+    for i in range(0, flat.size, _SLICE):
+        np.take(table, flat[i : i + _SLICE].astype(np.int64) - lo, axis=0, out=out[i : i + _SLICE])
+    return out.reshape(*values.shape, *table.shape[1:])
+
+
 def render_mono(
     stack: np.ndarray, ds: pydicom.Dataset, window: WindowName, header_window: int
 ) -> tuple[np.ndarray, str]:
@@ -153,11 +168,7 @@ def render_mono(
         # its domain is the data's own range, so "full range" means the data's range.
         lo, hi = int(stack.min()), int(stack.max())
         grey, label = _grey_levels(np.arange(lo, hi + 1, dtype=np.int64), ds, window, header_window)
-        lut = np.rint(grey).astype(np.uint8)
-        if lo >= 0 and stack.dtype.kind == "u":
-            out = np.take(np.pad(lut, (lo, 0)), stack)  # index by the stored value directly
-        else:
-            out = np.take(lut, stack.astype(np.int32) - lo)
+        out = _lookup(np.rint(grey).astype(np.uint8), stack, lo)
     else:
         grey, label = _grey_levels(stack, ds, window, header_window)
         out = np.rint(grey).astype(np.uint8)
@@ -177,7 +188,7 @@ def render_colour(
         # table lookup per pixel (same values as apply_color_lut + scaling per pixel).
         lo, hi = int(stack.min()), int(stack.max())
         table, _ = render_colour(np.arange(lo, hi + 1, dtype=stack.dtype), ds, palette=True)
-        return np.take(table, stack.astype(np.int64) - lo, axis=0), "colour"
+        return _lookup(table, stack, lo), "colour"
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(stack, ds)
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])

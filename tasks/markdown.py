@@ -41,6 +41,7 @@ _TEXT = {
         "model_written": "Written by the model {model} ({model_id}) from the structured "
         "readings only; it does not change the consensus above.",
         "impression_failed": "The impression could not be written ({model}: {error}).",
+        "written": "Written by radflow {version} in run {run} at {time}.",
         "reasons": {
             "model_failed": "no reading from {models}",
             "no_reading": "no model produced a reading",
@@ -80,6 +81,7 @@ _TEXT = {
         "model_written": "모델 {model} ({model_id})이(가) 구조화된 판독만으로 작성한 글이며, "
         "위의 합의 결과를 바꾸지 않습니다.",
         "impression_failed": "인상을 작성하지 못했습니다 ({model}: {error}).",
+        "written": "radflow {version}, 실행 {run}, {time} 작성.",
         "reasons": {
             "model_failed": "{models}의 판독 없음",
             "no_reading": "판독을 낸 모델 없음",
@@ -185,4 +187,10 @@ def render_markdown(report: Report) -> str:
             f"`{img.sha256[:16]}`",
             "",
         ]
+    written = t["written"].format(
+        version=report.radflow_version,
+        run=report.run_id or "-",
+        time=report.created_at.isoformat(timespec="seconds"),
+    )
+    lines.append(f"_{written}_")
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from tasks.privacy import LogNames
 from tasks.schema import Report, RunSummary
 
 __all__ = [
@@ -40,7 +41,8 @@ def run_name(started: datetime, studies: int) -> str:
 
 
 def run_tags(source: str, models: Iterable[str]) -> list[str]:
-    """Tags to filter runs by in the UI: ``radflow``, ``source:<uri>``, ``model:<name>``."""
+    """Tags to filter runs by in the UI: ``radflow``, ``source:<source>`` (the URI, or its
+    pseudonym: :meth:`LogNames.source`), ``model:<name>``."""
     tags = ["radflow", f"source:{source}"[:_MAX_TAG]]
     tags += [f"model:{m}"[:_MAX_TAG] for m in models]
     return list(dict.fromkeys(tags))
@@ -51,11 +53,14 @@ def report_location(dest: str, uid: str, name: str = "report.md") -> str:
     return f"{dest.rstrip('/')}/studies/{uid}/{name}"
 
 
-def result_row(report: Report, dest: str) -> dict[str, Any]:
-    """One line of the results table."""
+def result_row(report: Report, dest: str, names: LogNames) -> dict[str, Any]:
+    """One line of the results table; with pseudonyms, the study's log id and the command
+    that finds its report instead of the UID and the report's path."""
     c = report.consensus
+    uid = report.study_instance_uid
+    study = names.study(uid)
     return {
-        "study": report.study_instance_uid,
+        "study": study,
         "status": report.status,
         "abnormal": {True: "yes", False: "no", None: "-"}[c.abnormal],
         "urgency": c.urgency.value if c.urgency else "-",
@@ -63,7 +68,7 @@ def result_row(report: Report, dest: str) -> dict[str, Any]:
         "review": "yes" if c.needs_review else "no",
         "reasons": "; ".join(c.review_reasons),
         "cost_usd": round(report.cost_usd, 6),
-        "report": report_location(dest, report.study_instance_uid),
+        "report": report_location(dest, uid) if names.plain else f"radflow lookup {dest} {study}",
     }
 
 
@@ -71,8 +76,11 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def summary_markdown(summary: RunSummary, rows: Sequence[dict[str, Any]], summary_key: str) -> str:
-    """The run summary: counts, cost, the review queue (most urgent first), report locations."""
+def summary_markdown(
+    summary: RunSummary, rows: Sequence[dict[str, Any]], summary_key: str, names: LogNames
+) -> str:
+    """The run summary: counts, cost, the review queue (most urgent first), report locations;
+    the source and the studies as ``names`` names them."""
     urgency_rank = {"immediate": 0, "follow_up": 1, "normal": 2, "-": 3}
     queue = sorted(
         (r for r in rows if r["review"] == "yes"),
@@ -81,7 +89,7 @@ def summary_markdown(summary: RunSummary, rows: Sequence[dict[str, Any]], summar
     lines = [
         f"# Screening run {summary.run_id}",
         "",
-        f"- source: `{summary.source}`",
+        f"- source: `{names.source(summary.source)}`",
         f"- reports: `{summary.dest.rstrip('/')}/studies/`",
         f"- run summary: `{summary.dest.rstrip('/')}/{summary_key}`",
         "",
@@ -116,8 +124,9 @@ def summary_markdown(summary: RunSummary, rows: Sequence[dict[str, Any]], summar
 class RunMonitor:
     """Creates and updates the run's artifacts; a no-op outside a flow run (plain calls)."""
 
-    def __init__(self, flow_run_id: str | UUID | None) -> None:
+    def __init__(self, flow_run_id: str | UUID | None, names: LogNames) -> None:
         self.flow_run_id = UUID(str(flow_run_id)) if flow_run_id else None
+        self.names = names
         self._progress: UUID | None = None
         self._shown = -1.0
         self._updated = 0.0  # time.monotonic() of the last update
@@ -168,7 +177,7 @@ class RunMonitor:
                 table=rows, key=RESULTS_KEY, description="Results per study (this run)"
             )
         await acreate_markdown_artifact(
-            markdown=summary_markdown(summary, rows, summary_key),
+            markdown=summary_markdown(summary, rows, summary_key, self.names),
             key=SUMMARY_KEY,
             description="Run summary and review queue",
         )

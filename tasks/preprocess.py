@@ -13,11 +13,19 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tasks.config import PreprocessConfig, Provider, WindowName
-from tasks.errors import CorruptDicom, NotDicom, PhiRisk, RadflowError, UnsupportedImage
+from tasks.errors import (
+    CorruptDicom,
+    NotDicom,
+    PhiRisk,
+    RadflowError,
+    UnsupportedImage,
+    parser_error,
+)
 from tasks.greylevels import (
     COLOUR,
     MONO,
@@ -40,6 +48,7 @@ __all__ = [
     "MAX_FRAME_BYTES",
     "PRESETS",
     "PreparedImage",
+    "burned_in_flag",
     "finish",
     "load",
     "prepare",
@@ -52,8 +61,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# What pydicom and its decoders raise on inconsistent headers or undecodable pixel data.
-_DECODE_ERRORS = (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError)
+# What pydicom raises when it converts an inconsistent header value.
 _HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
@@ -81,6 +89,7 @@ class PreparedImage:
     frames: tuple[int, ...] = ()
     sized: dict[str, bytes] = field(default_factory=dict, repr=False)
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    burned_in: str = "unknown"  # burned_in_flag() of the source (the worst one of a montage)
 
     def for_provider(self, provider: Provider | str) -> bytes:
         return self.sized.get(Provider(provider).value, self.png)
@@ -140,15 +149,16 @@ def check_claims(ds: pydicom.Dataset) -> None:
 
 
 def _decode(ds: pydicom.Dataset, index: int | None) -> np.ndarray:
+    """One frame (or all, ``index`` None) decoded; anything the decoder raises is this
+    object's CorruptDicom."""
     try:
         return pixel_array(ds, index=index)
-    except _DECODE_ERRORS as exc:
+    except RadflowError:
+        raise
+    except Exception as exc:  # the decoder's, for this object's bytes: a record, not a retry
         tsuid = ds.file_meta.get("TransferSyntaxUID", "unknown") if ds.file_meta else "unknown"
         name = getattr(tsuid, "name", tsuid)
-        reason = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise CorruptDicom(
-            f'pixel data (transfer syntax "{name}") cannot be decoded: {reason}'
-        ) from exc
+        raise parser_error(exc, f'pixel data (transfer syntax "{name}") cannot be decoded') from exc
 
 
 def render_frames(
@@ -235,9 +245,11 @@ def load(source: str | BinaryIO) -> pydicom.Dataset:
                 ds = pydicom.dcmread(source, force=True)
             if "PixelData" not in ds or "Rows" not in ds:
                 raise NotDicom("no DICOM Part 10 header, and no image in it") from None
-        _infer_transfer_syntax(ds)
-    except (pydicom.errors.InvalidDicomError, EOFError, OSError, *_HEADER_ERRORS) as exc:
-        raise CorruptDicom(f"cannot be read: {exc}") from exc
+    except RadflowError:
+        raise
+    except Exception as exc:  # the parser's, for this object's bytes (nesting too deep, ...)
+        raise parser_error(exc, "cannot be read") from exc
+    _infer_transfer_syntax(ds)
     return ds
 
 
@@ -248,6 +260,7 @@ def finish(
     config: PreprocessConfig,
     providers: Iterable[Provider | str] = (),
     multi: bool = True,
+    burned_in: str = "unknown",
 ) -> PreparedImage:
     """Resize to ``config.max_edge`` and encode; per provider, also the PNG it takes as is."""
     h, w = pixels.shape[:2]
@@ -268,14 +281,40 @@ def finish(
         sized[provider.value], sizes[provider.value] = data, target
     frame = frames[0] if multi and len(frames) == 1 else None
     shown = tuple(frames) if multi else ()
-    return PreparedImage(
-        png, hashlib.sha256(png).hexdigest(), *img.size, label, frame, shown, sized, sizes
-    )
+    sha = hashlib.sha256(png).hexdigest()
+    return PreparedImage(png, sha, *img.size, label, frame, shown, sized, sizes, burned_in)
 
 
-def _check_burned_in(ds: pydicom.Dataset, config: PreprocessConfig) -> None:
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and config.burned_in == "refuse":
+def burned_in_flag(ds: pydicom.Dataset) -> str:
+    """What Burned In Annotation (0028,0301; PS3.3 C.7.6.1, Enumerated Values YES, NO) says:
+    "yes" when any value is YES (any case, spaces stripped: a multi-valued element counts if
+    one value says YES), "no" when every value is NO, "unknown" otherwise (missing, empty,
+    unreadable or anything else). Pixel text is not looked for: a file that carries text
+    without the flag is "no" or "unknown" here."""
+    try:
+        raw = ds.get("BurnedInAnnotation")
+    except _HEADER_ERRORS:
+        return "unknown"
+    values = raw if isinstance(raw, MultiValue) else [] if raw is None else [raw]
+    words = {str(v).strip().upper() for v in values}
+    if "YES" in words:
+        return "yes"
+    return "no" if words == {"NO"} else "unknown"
+
+
+def _check_burned_in(ds: pydicom.Dataset, config: PreprocessConfig) -> str:
+    """The flag (see :func:`burned_in_flag`); raises PhiRisk when ``preprocess.burned_in``
+    refuses it: YES under refuse and refuse_unknown, unknown under refuse_unknown."""
+    flag = burned_in_flag(ds)
+    if flag == "yes" and config.burned_in != "allow":
         raise PhiRisk("BurnedInAnnotation is YES: the pixels may show patient identifiers")
+    if flag == "unknown" and config.burned_in == "refuse_unknown":
+        state = "neither YES nor NO" if "BurnedInAnnotation" in ds else "missing"
+        raise PhiRisk(
+            f"BurnedInAnnotation is {state} (preprocess.burned_in: refuse_unknown): "
+            "the pixels may show patient identifiers"
+        )
+    return flag
 
 
 def prepare_all(
@@ -289,7 +328,7 @@ def prepare_all(
     name = name or str(source)
     try:
         ds = load(source)
-        _check_burned_in(ds, config)
+        flag = _check_burned_in(ds, config)
         rule = parse_rule(config.key_images)
         try:
             n = int(ds.get("NumberOfFrames", 1) or 1)
@@ -298,9 +337,9 @@ def prepare_all(
         stack, label, frames = render_frames(ds, config.window, pick(n, rule), config.header_window)
         if rule.kind == "montage" and len(frames) > 1:
             grid = montage(list(stack), rule.rows, rule.cols)
-            return [finish(grid, label, frames, config, providers)]
+            return [finish(grid, label, frames, config, providers, burned_in=flag)]
         return [
-            finish(s, label, [f], config, providers, n > 1)
+            finish(s, label, [f], config, providers, n > 1, flag)
             for s, f in zip(stack, frames, strict=True)
         ]
     except RadflowError as exc:
@@ -309,17 +348,17 @@ def prepare_all(
 
 def render_file(
     source: str | BinaryIO, config: PreprocessConfig, name: str = ""
-) -> tuple[np.ndarray, str]:
-    """The middle frame of a DICOM file as 8-bit display values and its window label (a tile
-    of a series montage); errors name ``name`` and the reason."""
+) -> tuple[np.ndarray, str, str]:
+    """The middle frame of a DICOM file as 8-bit display values, its window label and its
+    burned-in flag (a tile of a series montage); errors name ``name`` and the reason."""
     name = name or str(source)
     try:
         ds = load(source)
-        _check_burned_in(ds, config)
+        flag = _check_burned_in(ds, config)
         pixels, label, _ = render(ds, config.window, config.header_window)
     except RadflowError as exc:
         raise type(exc)(f'"{name}": {exc.args[0]}', hint=exc.hint) from exc
-    return pixels, label
+    return pixels, label, flag
 
 
 def prepare(

@@ -8,8 +8,10 @@ import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jsonschema
 import pydicom
@@ -19,12 +21,14 @@ from tasks.fhir import build_fhir, fhir_json
 from tasks.markdown import image_name, render_markdown
 from tasks.schema import ErrorRecord, Report, ReviewEntry, RunSummary
 from tasks.sr import build_sr, device_uid, read_evidence, sr_bytes
-from tasks.storage import Store
+from tasks.storage import Store, read_json
 
 __all__ = [
     "SCHEMA_ID",
     "error_key",
     "publish_report",
+    "reported",
+    "study_errors",
     "render_markdown",
     "render_review_table",
     "report_key",
@@ -39,6 +43,9 @@ __all__ = [
     "write_schema_file",
 ]
 
+if TYPE_CHECKING:
+    from tasks.discover import Study
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_ID = "https://radflow.invalid/schemas/report.schema.json"
@@ -46,6 +53,24 @@ SCHEMA_ID = "https://radflow.invalid/schemas/report.schema.json"
 
 def report_key(uid: str, name: str = "report.json") -> str:
     return f"studies/{uid}/{name}"
+
+
+def reported(
+    store: Store, uid: str, fingerprint: str, since: datetime | None = None
+) -> dict | None:
+    """Study ``uid``'s report.json if it was made from the inputs ``fingerprint`` (and, with
+    ``since``, written from then on), else None. An unreadable report.json counts as none:
+    the study is read again and its report rewritten."""
+    try:
+        previous = read_json(store, report_key(uid))
+        if not isinstance(previous, dict) or previous.get("inputs_fingerprint") != fingerprint:
+            return None
+        if since is not None and datetime.fromisoformat(previous["created_at"]) < since:
+            return None
+    except (ValueError, TypeError, KeyError) as exc:  # JSON, a date or a field that is off
+        logger.warning("a report.json is unreadable, its study is read again: %s", exc)
+        return None
+    return previous
 
 
 def review_key(uid: str) -> str:
@@ -132,7 +157,7 @@ def write_report(
     if evidence:
         outputs += _write_sr_and_fhir(store, report, evidence)
     else:
-        logger.warning("study %s: no evidence headers, no SR or FHIR report", uid)
+        logger.warning("study %s: no evidence headers, no SR or FHIR report", report.log_id)
     report.outputs = ["report.md", *outputs]
     store.write_bytes(
         report_key(uid, "report.md"),
@@ -182,6 +207,22 @@ def publish_report(
         errors.append(record)
     write_report(dest, report, pngs, datasets)
     return errors
+
+
+def study_errors(
+    study: Study, reason: str, kind: str = "StudyFailed", stage: str = "screen"
+) -> list[ErrorRecord]:
+    """One error record per input object of a study that failed as a whole."""
+    return [
+        ErrorRecord(
+            source=i.ref.uri,
+            reason=f"study {study.study_instance_uid} failed: {reason}",
+            kind=kind,
+            stage=stage,
+            study_instance_uid=study.study_instance_uid,
+        )
+        for i in study.instances
+    ]
 
 
 def write_error(store: Store, record: ErrorRecord) -> None:

@@ -45,6 +45,9 @@ _PERMANENT = {
     "403",
 }
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+# A conditional write or delete that lost: the object changed (412), a concurrent conditional
+# write won (409), or the object is gone (404 with If-Match).
+_CONDITION_FAILED = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409", *_MISSING}
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -341,3 +344,43 @@ class S3Store:
         except ObjectMissing:
             return False
         return True
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        def get(**kwargs: Any) -> tuple[bytes, str]:
+            resp = self.client.get_object(**kwargs)
+            with contextlib.closing(resp["Body"]) as body:
+                return body.read(), resp["ETag"]
+
+        try:
+            return self._call("read", key, get, Key=self.prefix + key)
+        except ObjectMissing:
+            return None
+
+    def _conditional(self, action: str, key: str, fn: Any, **kwargs: Any) -> Any:
+        """``fn``'s response, or None when its condition failed (S3 conditional requests:
+        If-None-Match / If-Match on PutObject, If-Match on DeleteObject)."""
+        try:
+            return fn(Bucket=self.bucket, Key=self.prefix + key, **kwargs)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in _CONDITION_FAILED:
+                return None
+            raise storage_error(exc, action, self.bucket, self.prefix + key) from None
+        except BotoCoreError as exc:
+            raise storage_error(exc, action, self.bucket, self.prefix + key) from None
+
+    def put_if(
+        self, key: str, data: bytes, version: str | None, content_type: str = ""
+    ) -> str | None:
+        """One PutObject with ``If-None-Match: *`` (no object yet) or ``If-Match: <ETag>``."""
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        extra = {**self.encryption(), **({"ContentType": content_type} if content_type else {})}
+        resp = self._conditional(
+            "write", key, self.client.put_object, Body=data, **condition, **extra
+        )
+        return None if resp is None else resp["ETag"]
+
+    def delete_if(self, key: str, version: str) -> bool:
+        """DeleteObject with ``If-Match: <ETag>`` (S3 general purpose buckets since 2025-09)."""
+        return (
+            self._conditional("delete", key, self.client.delete_object, IfMatch=version) is not None
+        )

@@ -143,6 +143,11 @@ class ImageInfo(BaseModel):
     window: str
     frame: int | None = None
     modality: str | None = None
+    burned_in: Literal["yes", "no", "unknown"] | None = Field(
+        None,
+        description="what the source's BurnedInAnnotation says (any YES → yes, all NO → no, "
+        "else unknown); pixel text without the flag is not detected",
+    )
 
 
 class Impression(BaseModel):
@@ -224,6 +229,17 @@ class Report(BaseModel):
     context: dict[str, str] = Field(
         default_factory=dict, description="de-identified clinical context sent to the models"
     )
+    context_dropped: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="per context field, how many distinct header values were not sent: "
+        "unknown (outside the field's vocabulary) and over_cap (past the per-field cap); "
+        "never the values",
+    )
+    log_id: str | None = Field(
+        None,
+        description="how the logs, Prefect artifacts and run names of the run that wrote this "
+        "report name the study: a keyed pseudonym (privacy.log_uids: hash) or the UID (plain)",
+    )
     inputs_fingerprint: str = Field(description="hash of the input objects; reruns skip on match")
     prompt_version: str
     cost_usd: float = 0.0
@@ -232,6 +248,9 @@ class Report(BaseModel):
     impression: Impression | None = Field(None, description="model-written narrative, optional")
     provenance: Provenance | None = None
     outputs: list[str] = Field(default_factory=list, description="files written beside report.json")
+    run_id: str | None = Field(
+        None, description="the run that wrote report.json, .md, .sr.dcm and .fhir.json"
+    )
     review: ReviewState | None = Field(None, description="the radiologist review, if requested")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
@@ -263,6 +282,11 @@ class RunSummary(BaseModel):
     studies: int = 0
     reported: int = 0
     skipped: int = 0
+    claimed_elsewhere: int = Field(
+        0,
+        description="studies left to another run: it held their claim, or had reported them "
+        "by the time this run came to them (not read here, not errors)",
+    )
     degraded: int = 0
     needs_review: int = 0
     errors: int = 0

@@ -10,12 +10,11 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from tasks.errors import CorruptDicom
+from tasks.errors import CorruptDicom, RadflowError, parser_error
 from tasks.schema import Report, Urgency
 from tasks.storage import Store
 
@@ -110,8 +109,10 @@ def read_evidence(store: Store, objects: Sequence[tuple[str, str]]) -> list[pydi
         try:
             with store.open_read(key) as fh:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
-        except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
-            raise CorruptDicom(f'"{uri}" has an unreadable header for the SR: {exc}') from exc
+        except RadflowError:
+            raise  # the store's
+        except Exception as exc:  # the parser's, for this object (see tasks.errors.parser_error)
+            raise parser_error(exc, f'"{uri}" has an unreadable header for the SR') from exc
         out.append(evidence_dataset(ds, uri))
     return out
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tasks.config import PreprocessConfig
-from tasks.errors import RadflowError
+from tasks.errors import RadflowError, StorageError
 from tasks.keyimages import KeyRule, parse_rule, pick
 from tasks.keyimages import montage as montage_of
 from tasks.preprocess import PreparedImage, finish, prepare_all, render_file
@@ -49,7 +49,7 @@ def prepare_study(
     spaced slices, or one montage of R×C slices; a multi-frame object follows the same rule
     over its frames), up to ``config.max_images_per_study``, each also sized for every
     provider in ``providers``. An instance that fails becomes an error record and its
-    nearest unused neighbour is tried instead."""
+    nearest unused neighbour is tried instead; a StorageError is raised (it is the store's)."""
     rule = parse_rule(config.key_images)
     single = config.model_copy(update={"key_images": "middle"})
     images: list[tuple[Instance, PreparedImage]] = []
@@ -63,6 +63,8 @@ def prepare_study(
             try:
                 with store.open_read(inst.ref.key) as fh:
                     return inst, fn(fh, inst)
+            except StorageError:
+                raise  # the store's (down, denied): not this instance's, and maybe transient
             except RadflowError as exc:
                 errors.append(
                     ErrorRecord(
@@ -87,10 +89,12 @@ def prepare_study(
             ]
             if tiles:
                 key = tiles[len(tiles) // 2][0]
-                pixels = montage_of([p for _, (p, _) in tiles], rule.rows, rule.cols)
+                pixels = montage_of([p for _, (p, _, _) in tiles], rule.rows, rule.cols)
                 members = study.series[key.series_instance_uid]
                 index = [members.index(inst) for inst, _ in tiles]  # slice positions
-                image = finish(pixels, tiles[0][1][1], index, config, providers)
+                flags = {flag for _, (_, _, flag) in tiles}
+                worst = next(f for f in ("yes", "unknown", "no") if f in flags)
+                image = finish(pixels, tiles[0][1][1], index, config, providers, burned_in=worst)
                 images.append((key, image))
             continue
         per_slot = single if len(slots) > 1 else config

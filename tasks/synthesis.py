@@ -16,6 +16,7 @@ import anthropic
 import openai
 
 from tasks.config import Language, ModelConfig, Provider, Settings, SynthesisConfig
+from tasks.redact import describe
 from tasks.schema import Consensus, Impression, ModelReading
 
 __all__ = ["impression_prompt", "synthesis_input", "synthesize"]
@@ -75,15 +76,7 @@ def synthesis_input(consensus: Consensus, readings: list[ModelReading]) -> str:
 async def _ask(
     cfg: ModelConfig, settings: Settings, system: str, text: str, max_tokens: int
 ) -> tuple[str, int, int, str | None]:
-    base_url, _, _ = cfg.endpoint(settings.gateway)
-    key = cfg.api_key(settings.gateway).get_secret_value()
-    common = dict(
-        api_key=key,
-        base_url=base_url,
-        timeout=cfg.timeout_seconds,
-        max_retries=cfg.max_retries,
-        default_headers=cfg.extra_headers or None,
-    )
+    common = cfg.client_options(settings.gateway)  # registers the key and header values
     if cfg.provider is Provider.OPENAI:
         async with openai.AsyncOpenAI(**common) as client:
             completion = await client.chat.completions.create(
@@ -141,7 +134,7 @@ async def synthesize(
         return Impression(
             **meta,
             ok=False,
-            error=f"{type(exc).__name__}: {exc}",
+            error=describe(exc),
             latency_ms=(time.perf_counter() - start) * 1e3,
         )
     return Impression(

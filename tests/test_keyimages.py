@@ -4,6 +4,7 @@ standing in for slices that fail, on real files through the local store."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from pydicom.uid import generate_uid
 from simulator.samples import synthetic_ct
 from tasks.config import PreprocessConfig
 from tasks.discover import discover_studies
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, StorageError
 from tasks.keyimages import KeyRule, montage, parse_rule, pick
 from tasks.storage import open_store
 from tasks.studyimages import prepare_study
@@ -89,3 +90,12 @@ def test_montage_tiles_of_other_sizes_are_fitted():
     tiles = [np.full((4, 6), 100, np.uint8), np.full((8, 12, 3), 200, np.uint8)]
     grid = montage(tiles, 1, 2, gap=1)
     assert grid.shape == (4, 13, 3) and (grid[:, 7:] == 200).all()
+
+
+def test_a_storage_error_while_rendering_is_the_stores_not_an_instance_record(series):
+    """An error record says the instance is bad; a failing store is raised instead, so the
+    study fails (and its task run is retried when that is transient)."""
+    store, study = series
+    outside = [replace(i, ref=replace(i.ref, key=f"../{i.ref.key}")) for i in study.instances]
+    with pytest.raises(StorageError, match="escapes the folder"):
+        prepare_study(store, replace(study, instances=outside), PreprocessConfig())

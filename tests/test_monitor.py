@@ -5,7 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from tasks.monitor import report_location, result_row, run_name, run_tags, summary_markdown
+from tasks.privacy import LogNames
 from tasks.schema import Consensus, Report, RunSummary, Urgency
+
+PLAIN = LogNames()
 
 
 def _report(uid: str, urgency: Urgency, review: bool, agreement: float = 1.0) -> Report:
@@ -44,7 +47,7 @@ def test_run_name_and_tags():
 
 
 def test_result_row_and_report_location():
-    row = result_row(_report("1.2.3", Urgency.FOLLOW_UP, True, 0.5), "s3://reports/")
+    row = result_row(_report("1.2.3", Urgency.FOLLOW_UP, True, 0.5), "s3://reports/", PLAIN)
     assert row == {
         "study": "1.2.3",
         "status": "complete",
@@ -61,9 +64,9 @@ def test_result_row_and_report_location():
 
 def test_summary_lists_the_review_queue_most_urgent_first():
     rows = [
-        result_row(_report("a", Urgency.NORMAL, False), "/out"),
-        result_row(_report("b", Urgency.FOLLOW_UP, True, 0.5), "/out"),
-        result_row(_report("c", Urgency.IMMEDIATE, True), "/out"),
+        result_row(_report("a", Urgency.NORMAL, False), "/out", PLAIN),
+        result_row(_report("b", Urgency.FOLLOW_UP, True, 0.5), "/out", PLAIN),
+        result_row(_report("c", Urgency.IMMEDIATE, True), "/out", PLAIN),
     ]
     summary = RunSummary(
         run_id="r1",
@@ -76,7 +79,7 @@ def test_summary_lists_the_review_queue_most_urgent_first():
         simulated=True,
         started_at=datetime(2026, 11, 27, tzinfo=UTC),
     )
-    md = summary_markdown(summary, rows, "runs/r1.json")
+    md = summary_markdown(summary, rows, "runs/r1.json", PLAIN)
     assert "## Review queue (2)" in md
     queue = md.split("## Review queue")[1]
     assert queue.index("| c | immediate") < queue.index("| b | follow_up")
@@ -84,5 +87,27 @@ def test_summary_lists_the_review_queue_most_urgent_first():
     assert "models disagree \\| split" in queue  # a '|' must not break the table
     assert "`/out/studies/c/report.md`" in queue
     assert "`/out/runs/r1.json`" in md and "simulator" in md
-    empty = summary_markdown(summary, rows[:1], "runs/r1.json")
+    empty = summary_markdown(summary, rows[:1], "runs/r1.json", PLAIN)
     assert "Nothing to review" in empty
+
+
+def test_with_pseudonyms_rows_and_summary_name_no_uid_and_no_source():
+    names = LogNames(b"k" * 32)
+    uid, source = "1.2.826.0.1.3680043.8.498.1", "s3://scans/PARK^JIMIN/"
+    row = result_row(_report(uid, Urgency.IMMEDIATE, True), "s3://reports/", names)
+    log_id = names.study(uid)
+    assert row["study"] == log_id and len(log_id) == 16
+    assert row["report"] == f"radflow lookup s3://reports/ {log_id}"
+    summary = RunSummary(
+        run_id="r1", source=source, dest="s3://reports/", started_at=datetime.now(UTC)
+    )
+    md = summary_markdown(summary, [row], "runs/r1.json", names)
+    assert f"| {log_id} | immediate" in md and f"`{names.source(source)}`" in md
+    assert uid not in md + str(row) and "PARK" not in md
+    # stable for one key, different for another, domain-separated
+    assert names.study(uid) == LogNames(b"k" * 32).study(uid) != LogNames(b"j" * 32).study(uid)
+    assert names.source(source).startswith("s3-")
+    assert (
+        names.source(uid) == f"local-{names.source(uid)[6:]}"
+        and names.source(uid)[6:] != log_id[:10]
+    )

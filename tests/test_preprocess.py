@@ -162,6 +162,43 @@ def test_burned_in_annotation_is_refused_by_default(tmp_path):
     assert prepare(str(path), PreprocessConfig(burned_in="allow")).width == 256
 
 
+@pytest.mark.parametrize(
+    ("value", "flag"),
+    [
+        ("YES", "yes"),
+        ("yes", "yes"),  # any case
+        (" Yes ", "yes"),  # any padding
+        (["NO", "YES"], "yes"),  # any value of a (non-conforming) multi-value
+        ("NO", "no"),
+        (["NO", "NO"], "no"),
+        (None, "unknown"),  # missing
+        ("", "unknown"),  # empty
+        ("MAYBE", "unknown"),
+        (["NO", "MAYBE"], "unknown"),
+    ],
+)
+def test_burned_in_policy(tmp_path, value, flag):
+    """PS3.3 C.7.6.1: YES refuses under refuse and refuse_unknown; missing or anything but
+    YES/NO is unknown: sent and flagged under refuse, refused under refuse_unknown."""
+    path = synthetic_ct(tmp_path / "b.dcm", lesion=True, seed=2)
+    ds = pydicom.dcmread(path)
+    if value is not None:
+        ds.BurnedInAnnotation = value
+    ds.save_as(path)
+    assert ("BurnedInAnnotation" in pydicom.dcmread(path)) is (value is not None)
+    refused = {"yes": {"refuse", "refuse_unknown"}, "unknown": {"refuse_unknown"}, "no": set()}
+    for policy in ("refuse", "refuse_unknown", "allow"):
+        config = PreprocessConfig(burned_in=policy)
+        if policy in refused[flag]:
+            with pytest.raises(PhiRisk, match="BurnedInAnnotation is") as err:
+                prepare(str(path), config)
+            reason = str(err.value).split('": ', 1)[1]  # after the file's name
+            assert "MAYBE" not in reason  # the header value is never quoted
+        else:
+            assert prepare(str(path), config).burned_in == flag
+    print(f"\nRELIABILITY burned-in: {value!r} → {flag}, refused under {sorted(refused[flag])}")
+
+
 def test_no_pixel_data_is_unsupported(tmp_path):
     path = synthetic_ct(tmp_path / "c.dcm", lesion=False, seed=3)
     ds = pydicom.dcmread(path)

@@ -21,8 +21,8 @@ from prefect.states import Completed, Failed
 from flows.screen import screen
 from simulator.samples import synthetic_ct
 from tasks.config import StorageConfig
-from tasks.discover import read_header, retry_unless_permanent
-from tasks.errors import ObjectMissing, StorageError, StorageUnavailable
+from tasks.discover import read_header
+from tasks.errors import ObjectMissing, StorageError, StorageUnavailable, retry_if_transient
 from tasks.s3 import S3Store, parse_s3_uri, storage_error
 from tasks.schema import Report, RunSummary
 from tasks.storage import open_store
@@ -173,11 +173,11 @@ def test_boto_errors_map_to_permanent_transient_and_missing():
     assert isinstance(
         storage_error(client_error("NoSuchKey", 404), "read", "b", "k"), ObjectMissing
     )
-    # the discovery task retries transient storage failures only
-    assert retry_unless_permanent(None, None, Failed(data=slow))
-    assert not retry_unless_permanent(None, None, Failed(data=denied))
-    assert retry_unless_permanent(None, None, Failed(data=OSError("disk")))
-    assert retry_unless_permanent(None, None, Completed(data=1))
+    # the discovery and screen-studies tasks retry transient failures only
+    assert retry_if_transient(None, None, Failed(data=slow))
+    assert not retry_if_transient(None, None, Failed(data=denied))
+    assert retry_if_transient(None, None, Failed(data=OSError("disk")))
+    assert retry_if_transient(None, None, Completed(data=1))
 
 
 def _all_keys(bucket: str, prefix: str) -> list[str]:
