@@ -19,16 +19,17 @@ from prefect.runtime import flow_run
 
 from tasks.config import load_settings
 from tasks.errors import ReviewError
-from tasks.report import report_key, write_error
+from tasks.report import write_error
 from tasks.review.page import form_description, page_images, page_key, render_page, verdict_markdown
 from tasks.review.verdicts import (
     ReviewForm,
     Verdict,
     done_state,
+    index_key,
     load_report,
     read_verdict,
+    resolve,
     set_review_state,
-    study_pseudonym,
     verdict_from_form,
     write_verdict,
 )
@@ -49,12 +50,12 @@ def record_verdict(dest: Store, report: Report, verdict: Verdict) -> str:
     return key
 
 
-def _load(dest: Store, out: str, uid: str) -> Report:
-    """The report, or an error record naming it and a failed run."""
+def _load(dest: Store, out: str, study: str) -> Report:
+    """The study's report, or an error record naming what is missing and a failed run."""
     try:
-        return load_report(dest, uid)
+        return load_report(dest, resolve(dest, study))
     except ReviewError as exc:
-        source = f"{out.rstrip('/')}/{report_key(uid)}"
+        source = f"{out.rstrip('/')}/{index_key(study)}"
         write_error(
             dest, ErrorRecord(source=source, reason=str(exc), kind=exc.kind, stage="review")
         )
@@ -63,22 +64,22 @@ def _load(dest: Store, out: str, uid: str) -> Report:
 
 @flow(name="review", log_prints=True)
 async def review(
-    study_instance_uid: str,
+    study: str,
     out: str,
     config: str | None = None,
     attempt: int = 1,
     requested_by: str | None = None,
 ) -> dict:
-    """Post the review page of ``study_instance_uid`` (reported under ``out``), wait for the
+    """Post the review page of ``study`` (its review id: DEST's ``review/ids/<id>.json`` holds
+    its UID, so the parameters carry no identifier) reported under ``out``, wait for the
     radiologist's form, store the verdict. ``attempt`` counts the review runs asked for this
     study; ``requested_by`` is the screening run that asked."""
     logger = get_run_logger()
     settings = load_settings(config)
     dest = open_store(out, settings.storage)
     run_id, run_name = str(flow_run.get_id() or ""), flow_run.get_name()
-    uid = study_instance_uid
-    pseudonym = study_pseudonym(uid)
-    report = await asyncio.to_thread(_load, dest, out, uid)
+    report = await asyncio.to_thread(_load, dest, out, study)
+    uid, plain = report.study_instance_uid, settings.privacy.log_uids == "plain"
     earlier = await asyncio.to_thread(read_verdict, dest, uid)
     if earlier is not None and earlier.flow_run_id == run_id and run_id:
         logger.info("the verdict of this run is already stored; nothing to do")
@@ -98,9 +99,9 @@ async def review(
             requested_at=state.requested_at if ours and state.requested_at else now,
             expires_at=now + timedelta(hours=hours) if hours else None,
         )
-        page = render_page(report, images, pseudonym, out, state)
+        page = render_page(report, images, study, out, state, show_uid=plain)
         await acreate_markdown_artifact(
-            page, key=page_key(pseudonym), description=f"Review page of study {pseudonym}"
+            page, key=page_key(study), description=f"Review page of study {study}"
         )
         report = await asyncio.to_thread(set_review_state, dest, report, state)
         logger.info(
@@ -109,7 +110,7 @@ async def review(
             len(page) / 1024,
             f" until {state.expires_at:%Y-%m-%d %H:%M} UTC" if state.expires_at else "",
         )
-    form = ReviewForm.with_initial_data(description=form_description(report, images, pseudonym))
+    form = ReviewForm.with_initial_data(description=form_description(report, images, study))
     timeout = round(settings.review.timeout_hours * 3600) or None
     answer = await suspend_flow_run(wait_for_input=form, timeout=timeout, key=PAUSE_KEY)
 
@@ -123,14 +124,15 @@ async def review(
     )
     key = await asyncio.to_thread(record_verdict, dest, report, verdict)
     await acreate_markdown_artifact(
-        verdict_markdown(verdict),
-        key=f"{page_key(pseudonym)}-verdict",
-        description=f"Verdict on study {pseudonym}",
+        verdict_markdown(verdict, study, show_uid=plain),
+        key=f"{page_key(study)}-verdict",
+        description=f"Verdict on study {study}",
     )
     logger.info(
-        "verdict by %s stored at %s (abnormal=%s, urgency=%s, not assessable=%s)",
+        "verdict by %s on study %s stored (%s; abnormal=%s, urgency=%s, not assessable=%s)",
         verdict.reviewer,
-        key,
+        study,
+        key if plain else "review.json",
         verdict.abnormal,
         verdict.urgency.value if verdict.urgency else None,
         verdict.not_assessable,

@@ -32,20 +32,23 @@ from simulator.process import panel_config, running_simulator
 from simulator.samples import synthetic_ct
 from tasks.config import ReviewConfig, Settings
 from tasks.dataset import parse_annotation
-from tasks.errors import LabelError
+from tasks.errors import LabelError, ReviewError
 from tasks.evaluate import parse_labels
 from tasks.evaluation_report import load_labels
 from tasks.markdown import image_name
+from tasks.privacy import LogNames, find_studies, load_key
 from tasks.report import report_key, review_key
 from tasks.review.export import annotations_jsonl, labels_csv, review_rows
 from tasks.review.page import page_images, render_page
 from tasks.review.verdicts import (
     ReviewForm,
     read_verdict,
+    resolve,
+    review_names,
     review_run_name,
     set_review_state,
-    study_pseudonym,
     verdict_from_form,
+    write_index,
     write_verdict,
 )
 from tasks.schema import Consensus, ImageInfo, Report, ReviewState, Urgency
@@ -204,13 +207,27 @@ def test_a_verdict_records_who_when_what_and_the_report_version(tmp_path):
     assert Report.model_validate_json(store.read_bytes(report_key(UID))).review == state
 
 
-def test_review_run_names_carry_no_identifier():
+def test_review_runs_are_named_by_a_keyed_id_never_the_uid(tmp_path):
+    """The id is the study's log id under DEST's privacy key (tasks.privacy), as the screening
+    logs name it with privacy.log_uids: hash; `radflow lookup` maps it back; the review runs'
+    index maps it back for the flow, so its parameters carry no UID either."""
     report = _report()
-    name = review_run_name(report)
-    assert name == f"review-ct-follow-up-{study_pseudonym(UID)}"
-    assert review_run_name(report, 3).endswith("-3")
+    store = _dest(tmp_path, report)
+    study = review_names(store).study(UID)
+    assert study == LogNames(load_key(store)).study(UID) and len(study) == 16
+    assert study != hashlib.sha256(UID.encode()).hexdigest()[:16]  # keyed, not a plain hash
+    name = review_run_name(report, study)
+    assert name == f"review-ct-follow-up-{study}"
+    assert review_run_name(report, study, 3).endswith("-3")
     assert UID not in name and "424242" not in name
-    assert study_pseudonym(UID) == hashlib.sha256(UID.encode()).hexdigest()[:12]
+    write_index(store, study, UID)
+    assert resolve(store, study) == UID
+    with pytest.raises(ReviewError, match='review id "0123456789abcdef" is not known'):
+        resolve(store, "0123456789abcdef")
+    with pytest.raises(ReviewError, match="is not known"):
+        resolve(store, "../../etc/passwd")
+    studies = LocalStore(tmp_path / "dest" / "studies")  # what `radflow lookup DEST ID` reads
+    assert find_studies(studies, LogNames(load_key(store)), [study]) == {study: UID}
 
 
 def test_the_page_inlines_the_key_images_and_escapes_model_text(tmp_path):
@@ -218,13 +235,12 @@ def test_the_page_inlines_the_key_images_and_escapes_model_text(tmp_path):
     store = _dest(tmp_path, report)
     images = page_images(store, report, edge=256)
     assert [max(Image.open(io.BytesIO(i.png)).size) for i in images] == [256]
-    page = render_page(
-        report,
-        images,
-        study_pseudonym(UID),
-        "s3://reports/out",
-        ReviewState(status="pending", expires_at=datetime(2026, 12, 10, tzinfo=UTC)),
-    )
+    state = ReviewState(status="pending", expires_at=datetime(2026, 12, 10, tzinfo=UTC))
+    page = render_page(report, images, "0123456789abcdef", "s3://reports/out", state)
+    assert UID not in page  # privacy.log_uids: hash, the default: Prefect shows no UID
+    assert "`radflow lookup s3://reports/out 0123456789abcdef`" in page
+    plain = render_page(report, images, "0123456789abcdef", "out", state, show_uid=True)
+    assert f"`{UID}`" in plain
     assert page.count("](data:image/png;base64,") == 1
     assert "<script>" not in page and "&lt;script&gt;" in page  # model text shown, not run
     assert "nodule \\| " in page  # a '|' in a finding does not break the table
@@ -525,10 +541,12 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
 
     runs = wait_for("review runs suspend", suspended, 300, 0.5)
     phase("review runs suspended")
-    by_uid = {r["parameters"]["study_instance_uid"]: r for r in runs}
+    ids = {uid: review_names(LocalStore(dest)).study(uid) for uid in reports}
+    by_uid = {uid: r for uid in flagged for r in runs if r["parameters"]["study"] == ids[uid]}
     assert sorted(by_uid) == flagged
     for uid, r in by_uid.items():
-        pseudonym = study_pseudonym(uid)
+        pseudonym = ids[uid]
+        assert uid not in json.dumps(r)  # name, tags, parameters: no UID
         assert (
             r["name"]
             == f"review-ct-{reports[uid].consensus.urgency.value.replace('_', '-')}-{pseudonym}"
@@ -540,14 +558,17 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
         assert state.status == "pending" and state.flow_run_id == r["id"] and state.expires_at
         page = _artifacts(env, r["id"])[f"review-{pseudonym}"]
         assert page.count("](data:image/png;base64,") == len(reports[uid].images)
-        assert "Readings side by side" in page and "SIMULATED" in page
+        assert "Readings side by side" in page and "SIMULATED" in page and uid not in page
+        keyset = r["state"]["state_details"]["run_input_keyset"]
+        form = _api(env, "GET", f"/flow_runs/{r['id']}/input/{keyset['description']}")
+        assert "data:image/png;base64," in form and uid not in form  # text above the form
     pending = CliRunner().invoke(app, ["reviews", "list", str(dest), "--status", "pending"])
     assert pending.exit_code == 0 and f"{len(flagged)} pending" in pending.output, pending.output
 
     # 3. the page and the form in the UI (headless Chromium): key images, fields
     if chromium() is not None:
         uid = flagged[0]
-        body = {"artifacts": {"key": {"any_": [f"review-{study_pseudonym(uid)}"]}}}
+        body = {"artifacts": {"key": {"any_": [f"review-{ids[uid]}"]}}}
         (artifact,) = _api(env, "POST", "/artifacts/filter", json=body)
         text = _screenshots(env, by_uid[uid], artifact["id"], tmp_path)
         for field in ("Abnormal", "Urgency", "Findings", "Reviewer initials", "Not assessable"):
@@ -591,7 +612,8 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
             reports[uid].review.status == "done"
             and reports[uid].review.reviewer == verdict.reviewer
         )
-        assert f"review-{study_pseudonym(uid)}-verdict" in _artifacts(env, by_uid[uid]["id"])
+        verdict_page = _artifacts(env, by_uid[uid]["id"])[f"review-{ids[uid]}-verdict"]
+        assert uid not in verdict_page
 
     # 5. the verdicts are the evaluation's labels, no hand-made file: `radflow reviews export`
     # feeds `radflow evaluate` (and reviews:DEST reads the same labels directly)
@@ -616,11 +638,12 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     run = _radflow(env, "screen", str(src_b), "--out", str(dest), "--config", str(config2))
     assert run.returncode == 0, run.stderr[-3000:]
     (late,) = [u for u in read_reports(dest) if u not in reports]
+    late_id = review_names(LocalStore(dest)).study(late)
     assert read_reports(dest)[late].consensus.needs_review
 
     def expired() -> dict | None:
         runs = [r for r in _review_runs(env, deployment["id"]) if r["parameters"]["attempt"] == 1]
-        mine = [r for r in runs if r["parameters"]["study_instance_uid"] == late]
+        mine = [r for r in runs if r["parameters"]["study"] == late_id]
         return mine[0] if mine and mine[0]["state_type"] == "FAILED" else None
 
     failed = wait_for("the unanswered review expires", expired, 300, 0.5)
@@ -636,7 +659,7 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     assert run.returncode == 0, run.stderr[-3000:]
     after = _review_runs(env, deployment["id"])
     (new,) = [r for r in after if r["id"] not in {b["id"] for b in before}]
-    assert new["parameters"]["study_instance_uid"] == late and new["parameters"]["attempt"] == 2
+    assert new["parameters"]["study"] == late_id and new["parameters"]["attempt"] == 2
     assert new["name"].endswith("-2")
     reports = read_reports(dest)
     for uid in answers:

@@ -70,7 +70,9 @@ def flagged_uids(dest: str, storage: StorageConfig | None = None) -> list[str]:
     if not root.startswith("s3://") and not Path(root).is_dir():
         return []
     refs = open_store(root, storage).list()
-    return sorted(r.key.removesuffix(".json") for r in refs if r.key.endswith(".json"))
+    return sorted(  # review/<uid>.json; not review/ids/ (the review runs' index)
+        r.key.removesuffix(".json") for r in refs if r.key.endswith(".json") and "/" not in r.key
+    )
 
 
 def _patient_id(store: Store, uid: str) -> str | None:

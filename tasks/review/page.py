@@ -54,9 +54,9 @@ def _data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def page_key(pseudonym: str) -> str:
+def page_key(study: str) -> str:
     """The page artifact's key (Prefect: lowercase letters, digits and dashes)."""
-    return f"review-{pseudonym}"
+    return f"review-{study}"
 
 
 def _shrink(png: bytes, edge: int) -> tuple[bytes, int, int]:
@@ -75,8 +75,8 @@ def page_images(store: Store, report: Report, edge: int) -> list[PageImage]:
     out = []
     for info in report.images:
         key = report_key(report.study_instance_uid, image_name(info.sha256))
-        if not store.exists(key):
-            logger.warning("study %s: key image %s is missing", report.study_instance_uid, key)
+        if not store.exists(key):  # logged by image, not by study (no UID in logs)
+            logger.warning("key image %s is missing under %s", image_name(info.sha256), store.uri)
             out.append(PageImage(info, None))
             continue
         png, width, height = _shrink(store.read_bytes(key), edge)
@@ -148,14 +148,37 @@ def _context(report: Report) -> str:
     return shown or "none"
 
 
+def _where(report: Report, study: str, dest: str, show_uid: bool) -> list[str]:
+    """Where the study is: its UID and report (``privacy.log_uids: plain``), or its review id
+    and how to map it back (``hash``: Prefect shows no UID)."""
+    version = f"version {report.created_at.isoformat()}"
+    root = _cell(dest.rstrip("/"))
+    if show_uid:
+        return [
+            f"- **Study:** `{report.study_instance_uid}`",
+            f"- **Report:** report.md in the study's folder under {root}/studies/ ({version})",
+        ]
+    return [
+        f"- **Study:** review id `{study}`; its StudyInstanceUID: `radflow lookup {root} {study}`",
+        f"- **Report:** report.md in the study's folder under {root}/studies/ ({version})",
+    ]
+
+
 def render_page(
-    report: Report, images: Sequence[PageImage], pseudonym: str, dest: str, state: ReviewState
+    report: Report,
+    images: Sequence[PageImage],
+    study: str,
+    dest: str,
+    state: ReviewState,
+    *,
+    show_uid: bool = False,
 ) -> str:
     """The review page: why the study is flagged, the key images inline (data URLs: they show
-    in the UI wherever DEST is), the readings side by side and how to answer."""
+    in the UI wherever DEST is), the readings side by side and how to answer. ``study`` is the
+    review id; the UID is shown only with ``show_uid``."""
     c = report.consensus
     modality = report.context.get("modality", "study")
-    lines = [f"# Review of {_cell(modality)} study {pseudonym} (request {state.attempt})", ""]
+    lines = [f"# Review of {_cell(modality)} study {study} (request {state.attempt})", ""]
     if report.simulated:
         lines += [SIMULATED, ""]
     lines += [
@@ -163,9 +186,7 @@ def render_page(
         "label for evaluation and fine-tuning.",
         "",
         f"- **Why flagged:** {'; '.join(_cell(r) for r in c.review_reasons) or '—'}",
-        f"- **Study:** `{report.study_instance_uid}`",
-        f"- **Report:** report.md in the study's folder under {_cell(dest.rstrip('/'))}/studies/"
-        f" (version {report.created_at.isoformat()})",
+        *_where(report, study, dest, show_uid),
         f"- **Context sent to the models:** {_context(report)}",
         "",
         f"## Key images the models saw ({len(images)})",
@@ -194,7 +215,7 @@ def render_page(
     return "\n".join(lines) + "\n"
 
 
-def form_description(report: Report, images: Sequence[PageImage], pseudonym: str) -> str:
+def form_description(report: Report, images: Sequence[PageImage], study: str) -> str:
     """Shown above the form: the AI's call, why it is flagged, the first key image (small)."""
     c = report.consensus
     lines = []
@@ -211,13 +232,13 @@ def form_description(report: Report, images: Sequence[PageImage], pseudonym: str
         png, _, _ = _shrink(shown.png, FORM_IMAGE_EDGE)
         lines += [f"![key image 1]({_data_url(png)})", ""]
     lines.append(
-        f"All key images and each model's reading: Artifacts tab, `{page_key(pseudonym)}`. "
+        f"All key images and each model's reading: Artifacts tab, `{page_key(study)}`. "
         + DISCLAIMER
     )
     return "\n".join(lines)
 
 
-def verdict_markdown(verdict: Verdict) -> str:
+def verdict_markdown(verdict: Verdict, study: str, *, show_uid: bool = False) -> str:
     """The short artifact a completed review run leaves: the verdict next to the AI's call."""
     if verdict.not_assessable:
         said = "**not assessable** (no label is made)"
@@ -228,7 +249,7 @@ def verdict_markdown(verdict: Verdict) -> str:
     return (
         "\n".join(
             [
-                f"# Verdict by {_cell(verdict.reviewer)}",
+                f"# Verdict by {_cell(verdict.reviewer)} on study {study}",
                 "",
                 f"- reviewer: {said}; findings: {_items(verdict.findings)}",
                 f"- AI consensus: {_yes_no(ai.abnormal)}, urgency "
@@ -236,7 +257,9 @@ def verdict_markdown(verdict: Verdict) -> str:
                 f"{agree[verdict.agrees_with_consensus]}",
                 f"- reviewed at {verdict.reviewed_at.isoformat()}; report version "
                 f"{ai.created_at.isoformat()}",
-                f"- stored as `{ai.key.replace('report.json', 'review.json')}`",
+                f"- stored as `{ai.key.replace('report.json', 'review.json')}`"
+                if show_uid
+                else f"- stored as review.json in the folder of study {study} (`radflow lookup`)",
             ]
         )
         + "\n"

@@ -27,14 +27,16 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from tasks.config import ReviewConfig
 from tasks.errors import RadflowError
+from tasks.privacy import LogNames
 from tasks.review.export import flagged_uids
 from tasks.review.verdicts import (
     done_state,
     load_report,
     read_verdict,
+    review_names,
     review_run_name,
     set_review_state,
-    study_pseudonym,
+    write_index,
 )
 from tasks.schema import Report, ReviewState
 from tasks.storage import Store
@@ -63,19 +65,19 @@ class Requests:
 _STUDY_ERRORS = (httpx.HTTPError, PrefectHTTPStatusError, RadflowError, ValueError)
 
 
-def _idempotency(report: Report) -> str:
+def _idempotency(study: str, report: Report) -> str:
     """Per study and input version: one review run per attempt, even if asked twice."""
-    return f"review-{study_pseudonym(report.study_instance_uid)}-{report.inputs_fingerprint[:16]}"
+    return f"review-{study}-{report.inputs_fingerprint[:16]}"
 
 
-def _unanswered(dest: Store, out: str, storage: Any) -> list[str]:
+def _unanswered(dest: Store, out: str, storage: Any, names: LogNames) -> list[str]:
     """Flagged studies of DEST whose review was asked for and is not done (for reopen)."""
     uids = []
     for uid in flagged_uids(out, storage):
         try:
             state = load_report(dest, uid).review
         except RadflowError as exc:  # listed by `radflow reviews list` as unreadable
-            logger.warning("study %s is not reopened: %s", study_pseudonym(uid), exc)
+            logger.warning("study %s is not reopened: %s", names.study(uid), exc)
             continue
         if state and state.status in ("requested", "pending", "expired"):
             uids.append(uid)
@@ -97,6 +99,7 @@ async def request_reviews(
     deployment does not exist, say so once and record ``not_requested`` on each report."""
     done = Requests()
     wanted = list(dict.fromkeys(uids))
+    names = await asyncio.to_thread(review_names, dest)
     async with get_client() as client:
         try:
             deployment = await client.read_deployment_by_name(review.deployment)
@@ -114,11 +117,11 @@ async def request_reviews(
                 len(wanted),
             )
             for uid in wanted:
-                await asyncio.to_thread(_not_requested, dest, uid, reason)
+                await asyncio.to_thread(_not_requested, dest, uid, names, reason)
             done.not_requested = len(wanted)
             return done
         if review.on_timeout == "reopen":
-            more = await asyncio.to_thread(_unanswered, dest, out, storage)
+            more = await asyncio.to_thread(_unanswered, dest, out, storage, names)
             wanted += [uid for uid in more if uid not in set(wanted)]
         gate = asyncio.Semaphore(_IN_FLIGHT)
 
@@ -126,11 +129,20 @@ async def request_reviews(
             async with gate:
                 try:
                     outcome = await _request_one(
-                        client, deployment.id, dest, out, uid, review, config, requested_by
+                        client,
+                        deployment.id,
+                        dest,
+                        out,
+                        uid,
+                        names.study(uid),
+                        review,
+                        config,
+                        requested_by,
                     )
                 except _STUDY_ERRORS as exc:
-                    logger.error("review of study %s not requested: %s", study_pseudonym(uid), exc)
-                    await asyncio.to_thread(_not_requested, dest, uid, f"request failed: {exc}")
+                    logger.error("review of study %s not requested: %s", names.study(uid), exc)
+                    why = f"request failed: {exc}"
+                    await asyncio.to_thread(_not_requested, dest, uid, names, why)
                     outcome = "failed"
             setattr(done, outcome, getattr(done, outcome) + 1)
 
@@ -147,13 +159,15 @@ async def request_reviews(
     return done
 
 
-def _not_requested(dest: Store, uid: str, reason: str) -> None:
+def _not_requested(dest: Store, uid: str, names: LogNames, reason: str) -> None:
     """Record on the report why no review run was created (when its report can be read)."""
     try:
         report = load_report(dest, uid)
         set_review_state(dest, report, ReviewState(status="not_requested", reason=reason))
     except RadflowError as exc:
-        logger.error("study %s: cannot record that no review was requested: %s", uid, exc)
+        logger.error(
+            "study %s: cannot record that no review was requested: %s", names.study(uid), exc
+        )
 
 
 def _state_of(run: Any, attempt: int) -> ReviewState:
@@ -174,6 +188,7 @@ async def _request_one(
     dest: Store,
     out: str,
     uid: str,
+    study: str,
     review: ReviewConfig,
     config: str | None,
     requested_by: str | None,
@@ -185,9 +200,8 @@ async def _request_one(
             state = done_state(verdict)
             await asyncio.to_thread(set_review_state, dest, report, state)
         return "done"
-    pseudonym = study_pseudonym(uid)
     runs = await client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"review:{pseudonym}"])),
+        flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"review:{study}"])),
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
         sort=FlowRunSort.EXPECTED_START_TIME_ASC,
     )
@@ -198,7 +212,7 @@ async def _request_one(
             attempt = int(run.parameters.get("attempt", 1))
             await asyncio.to_thread(set_review_state, dest, report, _state_of(run, attempt))
         return "open"
-    key = _idempotency(report)
+    key = _idempotency(study, report)
     same_images = [r for r in runs if (r.idempotency_key or "").startswith(key + "-")]
     if same_images and review.on_timeout == "expire":
         if report.review is None or report.review.status != "expired":
@@ -207,18 +221,19 @@ async def _request_one(
         return "expired"
     attempt = len(runs) + 1
     urgency = report.consensus.urgency.value if report.consensus.urgency else "unread"
+    await asyncio.to_thread(write_index, dest, study, uid)  # the run's parameters hold the id
     run = await run_deployment(
         deployment_id,
         parameters={
-            "study_instance_uid": uid,
+            "study": study,
             "out": out,
             "config": config,
             "attempt": attempt,
             "requested_by": requested_by,
         },
-        flow_run_name=review_run_name(report, attempt),
+        flow_run_name=review_run_name(report, study, attempt),
         timeout=0,
-        tags=["radflow", "review", f"review:{pseudonym}", f"urgency:{urgency}"],
+        tags=["radflow", "review", f"review:{study}", f"urgency:{urgency}"],
         idempotency_key=f"{key}-{attempt}",
         as_subflow=False,
     )
@@ -232,5 +247,5 @@ async def _request_one(
             requested_at=datetime.now(UTC),
         )
         await asyncio.to_thread(set_review_state, dest, report, state)
-    logger.info("review of study %s requested: flow run %s", pseudonym, run.name)
+    logger.info("review of study %s requested: flow run %s", study, run.name)
     return "requested"

@@ -3,7 +3,6 @@ the ``studies/<uid>/review.json`` record it becomes, and the ``review`` state of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -14,7 +13,8 @@ from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ReviewError
-from tasks.report import report_key, validate_report
+from tasks.privacy import LogNames, load_key
+from tasks.report import report_key, review_key, validate_report
 from tasks.schema import Report, ReviewState, Urgency
 from tasks.storage import Store
 
@@ -25,13 +25,16 @@ __all__ = [
     "Verdict",
     "load_report",
     "read_verdict",
+    "index_key",
+    "resolve",
+    "review_names",
     "review_run_name",
     "set_review_state",
     "split_findings",
-    "study_pseudonym",
     "done_state",
     "verdict_from_form",
     "verdict_key",
+    "write_index",
     "write_verdict",
 ]
 
@@ -153,18 +156,40 @@ def verdict_key(uid: str) -> str:
     return report_key(uid, "review.json")
 
 
-def study_pseudonym(uid: str) -> str:
-    """12 hex digits of the UID's sha256: names a study in the UI without identifying it."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:12]
+def review_names(store: Store) -> LogNames:
+    """How review runs, their tags and artifacts name a study: its log id keyed by DEST's
+    privacy key (tasks.privacy: the same id as the screening logs with ``privacy.log_uids:
+    hash``, mapped back by ``radflow lookup DEST ID``), whatever ``log_uids`` says: a run
+    name never carries a UID, and a plain hash of one would not hide it."""
+    return LogNames(load_key(store))
 
 
-def review_run_name(report: Report, attempt: int = 1) -> str:
-    """``review-ct-immediate-3f2a9c01b2c4``: modality, the AI's urgency and the pseudonym."""
+def review_run_name(report: Report, study: str, attempt: int = 1) -> str:
+    """``review-ct-immediate-3f2a9c01b2c4d5e6``: modality, the AI's urgency and ``study``
+    (the review id)."""
     modality = re.sub(r"[^a-z0-9]+", "", report.context.get("modality", "").lower())[:8]
     urgency = report.consensus.urgency.value if report.consensus.urgency else "unread"
-    parts = ["review", modality or "study", urgency.replace("_", "-")]
-    parts.append(study_pseudonym(report.study_instance_uid))
+    parts = ["review", modality or "study", urgency.replace("_", "-"), study]
     return "-".join(parts) + (f"-{attempt}" if attempt > 1 else "")
+
+
+def index_key(study: str) -> str:
+    """Where a review id's StudyInstanceUID is kept (DEST only), so that a review run's
+    parameters carry no identifier."""
+    return f"{review_key(study).rpartition('/')[0]}/ids/{study}.json"
+
+
+def write_index(store: Store, study: str, uid: str) -> None:
+    body = json.dumps({"study_instance_uid": uid}).encode()
+    store.write_bytes(index_key(study), body, "application/json")
+
+
+def resolve(store: Store, study: str) -> str:
+    """The StudyInstanceUID of a review id; one ReviewError naming it when it is unknown."""
+    key = index_key(study)
+    if not re.fullmatch(r"[0-9a-f]{16}", study) or not store.exists(key):
+        raise ReviewError(f'review id "{study}" is not known under "{store.uri}" ({key})')
+    return str(json.loads(store.read_bytes(key))["study_instance_uid"])
 
 
 def split_findings(text: str) -> list[str]:
