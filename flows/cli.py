@@ -68,6 +68,7 @@ def screen(
         + f"{summary.degraded} degraded, "
         f"{summary.needs_review} for review, {summary.errors} error records), "
         f"{summary.model_calls} model calls, ${summary.cost_usd:.4f} → {out}"
+        + (f"; {summary.reviews_requested} review runs" if summary.reviews_requested else "")
         + ("  [SIMULATED readings]" if summary.simulated else ""),
         highlight=False,
     )
@@ -294,7 +295,11 @@ def build_dataset(
 @app.command()
 def evaluate(
     labels: Annotated[
-        str, typer.Argument(help="labels CSV: study_instance_uid,abnormal[,patient_id,findings]")
+        str,
+        typer.Argument(
+            help="labels CSV: study_instance_uid,abnormal[,patient_id,findings]; or "
+            "reviews:DEST, the review verdicts stored under a screening DEST"
+        ),
     ],
     images: Annotated[str, typer.Option("--images", help="folder or s3:// prefix of the DICOMs")],
     out: Annotated[str, typer.Option("--out", help="destination folder or s3:// prefix")],
@@ -452,6 +457,10 @@ def serve(
     except RadflowError as exc:
         raise _fail(exc) from None
 
+
+from flows.review_cli import reviews  # noqa: E402 — `radflow reviews list|export`
+
+app.add_typer(reviews, name="reviews")
 
 if __name__ == "__main__":
     sys.exit(app())

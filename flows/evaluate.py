@@ -53,7 +53,7 @@ async def evaluate_accuracy(
     margin = settings.evaluation.regression_margin if margin is None else margin
     started = datetime.now(UTC)
     label_list = load_labels(labels)
-    await screen(images, out, config, None, True)
+    await screen(images, out, config, None, True, reviews=False)  # labelled: no review runs
 
     dest = open_store(out)
     uids = [label.study_instance_uid for label in label_list]

@@ -31,6 +31,7 @@ from tasks.report import (
     write_errors,
     write_run_summary,
 )
+from tasks.review.requests import request_reviews
 from tasks.runner import resolve_runner, warm
 from tasks.schema import RunSummary
 from tasks.storage import Store, open_store
@@ -87,12 +88,14 @@ async def screen(
     limit: int | None = None,
     force: bool = False,
     keys: list[str] | None = None,
+    reviews: bool | None = None,
 ) -> RunSummary:
     """Screen every study under ``source`` and write reports under ``out``.
 
     ``source``/``out`` default to the config's ``source``/``output`` (scheduled runs).
     ``keys`` (relative to ``source``) limits the run to those objects: an upload event's study.
     Studies already reported from the same inputs are skipped unless ``force``.
+    ``reviews``: a review flow run per flagged study (None: the config's ``review.requests``).
     """
     logger = get_run_logger()
     started = datetime.now(UTC)
@@ -190,6 +193,17 @@ async def screen(
     if warming is not None:
         await warming
     summary.fleiss_kappa, summary.kappa_studies = panel_kappa(votes)
+    if (settings.review.requests if reviews is None else reviews) and not summary.shards:
+        asked = await request_reviews(  # a sharded run's children asked for their own
+            dest,
+            out,
+            [e.study_instance_uid for e in summary.review_queue],
+            settings.review,
+            config=config,
+            requested_by=summary.run_id,
+            storage=settings.storage,
+        )
+        summary.reviews_requested = asked.requested
     summary.finished_at = datetime.now(UTC)
     key = write_run_summary(dest, summary)
     await monitor.finish(summary, rows, key)

@@ -180,12 +180,49 @@ class PrivacyConfig(_Strict):
 
 
 class ReviewConfig(_Strict):
+    """Which studies are flagged for a radiologist's review (the rules, recorded in each
+    report's provenance) and the review runs that ask for the verdict (``requests`` and below:
+    ``exclude=True`` keeps them out of ``model_dump()``, so provenance lists only the rules)."""
+
     min_agreement: float = Field(
         1.0, ge=0, le=1, description="flag a study for review below this agreement"
     )
     on_disagreement: bool = Field(True, description="flag when models disagree on abnormal")
     on_immediate: bool = Field(True, description="flag when any model says immediate")
     on_degraded: bool = Field(True, description="flag when a model failed or refused")
+    requests: bool = Field(
+        False,
+        exclude=True,
+        description="after screening, one review flow run per flagged study waits for a "
+        "radiologist's verdict in the Prefect UI (needs the review deployment)",
+    )
+    deployment: str = Field(
+        "review/flagged",
+        pattern=r"^[^/\s]+/[^/\s]+$",
+        exclude=True,
+        description='"flow-name/deployment-name" of the review deployment (deployments/prefect.yaml)',
+    )
+    timeout_hours: float = Field(
+        168.0,
+        ge=0,
+        le=8760,
+        exclude=True,
+        description="an unanswered review run fails after this long (Prefect's pause timeout); "
+        "0 = it waits forever",
+    )
+    on_timeout: Literal["expire", "reopen"] = Field(
+        "reopen",
+        exclude=True,
+        description="an expired review: reopen = the next screening run with requests on asks "
+        "again (a new review run); expire = it stays expired (listed by `radflow reviews list`)",
+    )
+    page_image_edge: int = Field(
+        512,
+        ge=128,
+        le=2048,
+        exclude=True,
+        description="long edge in px of the key images inlined in the review page artifact",
+    )
 
 
 class SynthesisConfig(_Strict):

@@ -22,6 +22,7 @@ __all__ = [
     "ProviderError",
     "RadflowError",
     "ReportError",
+    "ReviewError",
     "StorageError",
     "StorageUnavailable",
     "StudiesFailed",
@@ -119,6 +120,14 @@ class PhiRisk(RadflowError):
 class ReportError(RadflowError):
     default = "a report could not be written"
     hint = "this is a radflow bug if the inputs were valid; please report it with the study UID"
+
+
+class ReviewError(RadflowError):
+    default = "the radiologist review cannot be recorded"
+    hint = (
+        "the study needs studies/<uid>/report.json under DEST; deploy the review deployment "
+        "(deployments/prefect.yaml) and serve it (`radflow serve` or a worker)"
+    )
 
 
 class ProviderError(RadflowError):

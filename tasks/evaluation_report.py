@@ -167,7 +167,12 @@ def summary_markdown(
 
 @task(name="load-labels", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
 def load_labels(uri: str) -> list[Label]:
-    """The labels CSV at ``uri`` (local path or s3 uri), parsed and validated."""
+    """The labels CSV at ``uri`` (local path or s3 uri), parsed and validated; or, for
+    ``reviews:DEST``, the review verdicts stored under DEST (tasks/review/export.py)."""
+    if uri.startswith("reviews:"):
+        from tasks.review.export import review_labels
+
+        return parse_labels(review_labels(uri), uri)
     parent, name = split_uri(uri)
     try:
         raw = open_store(parent).read_bytes(name)

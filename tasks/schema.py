@@ -24,6 +24,7 @@ __all__ = [
     "ReviewCode",
     "ReviewEntry",
     "ReviewReason",
+    "ReviewState",
     "RunSummary",
     "Urgency",
 ]
@@ -213,6 +214,29 @@ class Published(BaseModel):
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
+class ReviewState(BaseModel):
+    """Where a flagged study's radiologist review stands (tasks/review: the review flow
+    writes it; the verdict itself is studies/<uid>/review.json)."""
+
+    status: Literal["requested", "pending", "done", "expired", "not_requested"] = Field(
+        description="requested: a review run exists; pending: its page is posted and it waits "
+        "for input; done: verdict in review.json; expired: unanswered in time; not_requested: "
+        "no review run could be created (see reason)"
+    )
+    flow_run_id: str | None = None
+    flow_run_name: str | None = None
+    attempt: int = Field(1, ge=1, description="review runs asked for this study so far")
+    requested_at: datetime | None = None
+    expires_at: datetime | None = Field(None, description="when an unanswered run fails")
+    reviewed_at: datetime | None = None
+    reviewer: str | None = Field(None, description="the reviewer's initials")
+    abnormal: bool | None = None
+    urgency: Urgency | None = None
+    not_assessable: bool | None = None
+    verdict: str | None = Field(None, description="key of review.json under DEST")
+    reason: str | None = Field(None, description="why no review run was created")
+
+
 class Report(BaseModel):
     schema_version: str = SCHEMA_VERSION
     study_instance_uid: str
@@ -249,6 +273,7 @@ class Report(BaseModel):
     )
     fetched_bytes: int = Field(0, description="bytes of the source instances read to render it")
     published: Published | None = Field(None, description="STOW-RS of the SR, when configured")
+    review: ReviewState | None = Field(None, description="the radiologist review, if requested")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -319,3 +344,4 @@ class RunSummary(BaseModel):
     publish_failed: list[str] = Field(
         default_factory=list, description="studies whose SR could not be published"
     )
+    reviews_requested: int = Field(0, description="review flow runs created (review.requests)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 from simulator.process import free_port, running_simulator, stop
 from simulator.samples import synthetic_ct
 from tasks.monitor import PROGRESS_KEY, RESULTS_KEY, SUMMARY_KEY
+from tests.browser import CHROMIUM_FLAGS, chromium
 from tests.conftest import KEY_ENV, TEST_KEY, sim_config
 
 pytestmark = pytest.mark.e2e
@@ -73,14 +73,16 @@ def tail(path: Path, n: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite)."""
-    home = tmp_path_factory.mktemp("prefect-home")
+@contextlib.contextmanager
+def prefect_server_process(
+    home: Path, settings: dict[str, str] = SERVER_SETTINGS
+) -> Iterator[dict[str, str]]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite);
+    yields the environment of a client of it."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= SERVER_SETTINGS | {
+    env |= settings | {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(port),
@@ -102,6 +104,12 @@ def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
         yield env
 
 
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
+    with prefect_server_process(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env
+
+
 def _prefect(env: dict[str, str], *args: str) -> str:
     proc = subprocess.run(
         [str(BIN / "prefect"), "--no-prompt", *args],
@@ -116,7 +124,13 @@ def _prefect(env: dict[str, str], *args: str) -> str:
 
 
 def _api(env: dict[str, str], method: str, path: str, **kw: Any) -> Any:
-    answer = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
+    """One API call; a 503 (the server's SQLite busy under load) is retried with back-off, as
+    Prefect's own client does."""
+    for attempt in range(5):
+        answer = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
+        if answer.status_code != 503 or attempt == 4:
+            break
+        time.sleep(0.5 * 2**attempt)
     answer.raise_for_status()
     return answer.json() if answer.content else None
 
@@ -171,24 +185,13 @@ def _upload_study(s3, tmp: Path, bucket: str, prefix: str, seed: int, n: int, mu
     return uid, time.time()  # wall clock: compared with the server's timestamps too
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def _browse(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    exe = _chromium()
+    exe = chromium()
     assert exe
     return subprocess.run(
         [
             exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={tmp}",
             "--window-size=1400,1100",
             "--virtual-time-budget=20000",
@@ -378,7 +381,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
             print(f"  {prefix} from upload: {_timeline(env, run, studies[prefix][1])}")
 
     # the flow-run page in a real browser: it loads and shows the artifacts
-    if _chromium() is None:
+    if chromium() is None:
         pytest.skip("chromium is not installed (make test installs it on Debian); UI check skipped")
     page = (
         env["PREFECT_API_URL"].removesuffix("/api")
