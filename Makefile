@@ -33,7 +33,7 @@ help:
 
 # our own modules' bytecode (the editable install is not compiled by uv); stale files are
 # recompiled in memory by Python, so this only ever saves time
-.venv/.compiled: .venv/.synced $(wildcard flows/*.py tasks/*.py simulator/*.py)
+.venv/.compiled: .venv/.synced $(shell find flows tasks simulator -name "*.py")
 	@.venv/bin/python -m compileall -q flows tasks simulator >/dev/null
 	@touch $@
 
@@ -69,7 +69,7 @@ format: .venv/.synced
 	.venv/bin/ruff check --fix flows tasks simulator tests benchmarks infra
 
 schema: .venv/.compiled  ## regenerate schemas/report.schema.json from the pydantic Report model
-	.venv/bin/python -c "from tasks.report import write_schema_file; print(write_schema_file())"
+	.venv/bin/python -c "from tasks.reports.write import write_schema_file; print(write_schema_file())"
 
 bench-screen: .venv/.compiled  ## throughput of the screening flow vs a plain-asyncio loop
 	.venv/bin/python -m benchmarks.screen --studies 200 --latency 1 --concurrency 32

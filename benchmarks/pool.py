@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from simulator.samples import REAL_SAMPLES, synthetic_ct
-from tasks.config import PreprocessConfig, RunnerConfig, StorageConfig
-from tasks.discover import Study, discover_studies
-from tasks.runner import off_loop, preprocess_pool, shutdown_pools
+from tasks.core.config import PreprocessConfig, RunnerConfig, StorageConfig
+from tasks.imaging.studyimages import prepare_study
+from tasks.ingest.discover import Study, discover_studies
+from tasks.screening.pool import off_loop, preprocess_pool, shutdown_pools
 from tasks.storage import LocalStore, Store
-from tasks.studyimages import prepare_study
 
 __all__ = ["main"]
 

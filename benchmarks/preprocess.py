@@ -18,10 +18,10 @@ import pydicom
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, pixel_array
 
-from tasks.config import PreprocessConfig
-from tasks.errors import RadflowError
-from tasks.preprocess import load, prepare
-from tasks.sizing import encode_png
+from tasks.core.config import PreprocessConfig
+from tasks.core.errors import RadflowError
+from tasks.imaging.preprocess import load, prepare
+from tasks.imaging.sizing import encode_png
 
 __all__ = ["main", "naive", "ours"]
 

@@ -41,11 +41,11 @@ async def baseline(source: str, config: Path, calls_only: bool = False) -> tuple
     """discover → per study (bounded like the flow): preprocess in a thread, then the panel;
     returns (studies, readings that succeeded, seconds). With ``calls_only`` every study is
     preprocessed first and only the model calls are timed (the model layer's own bound)."""
-    from tasks.config import load_settings
-    from tasks.diagnose import Panel, load_prompt
-    from tasks.discover import discover_studies
+    from tasks.core.config import load_settings
+    from tasks.imaging.studyimages import prepare_study
+    from tasks.ingest.discover import discover_studies
+    from tasks.models.panel import Panel, load_prompt
     from tasks.storage import open_store
-    from tasks.studyimages import prepare_study
 
     settings = load_settings(config)
     src = open_store(source)
@@ -78,12 +78,12 @@ async def same_work(source: str, dest: str, config: Path) -> tuple[int, int]:
     """The flow's work without Prefect: discovery, ``screen_study`` for every study under the
     same window and the same threads or process pool (warmed the same way), the run's kappa.
     Returns (studies reported, readings that succeeded)."""
-    from tasks.config import load_settings
-    from tasks.consensus import KAPPA_MODULE, panel_kappa
-    from tasks.discover import discover_studies
-    from tasks.runner import resolve_runner, shutdown_pools, warm
+    from tasks.consensus.vote import KAPPA_MODULE, panel_kappa
+    from tasks.core.config import load_settings
+    from tasks.ingest.discover import discover_studies
+    from tasks.screening.pool import resolve_runner, shutdown_pools, warm
+    from tasks.screening.study import Screening, screen_study
     from tasks.storage import open_store
-    from tasks.study import Screening, screen_study
 
     settings = load_settings(config)
     src, out = open_store(source), open_store(dest)

@@ -16,8 +16,8 @@ import httpx
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tasks.errors import NotificationError, StorageError
-from tasks.events import PendingStudy, StudyBatcher, parse_notification, study_event
+from tasks.core.errors import NotificationError, StorageError
+from tasks.ingest.events import PendingStudy, StudyBatcher, parse_notification, study_event
 
 __all__ = ["BridgeStats", "emit_study_event", "run_bridge"]
 

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tasks.config import PreprocessConfig, Provider, WindowName
-from tasks.errors import ConfigError, RadflowError
-from tasks.redact import redact
+from tasks.core.config import PreprocessConfig, Provider, WindowName
+from tasks.core.errors import ConfigError, RadflowError
+from tasks.core.redact import redact
 
 app = typer.Typer(
     help="Screen DICOM studies with a panel of vision LLMs, orchestrated by Prefect.",
@@ -46,8 +46,8 @@ def screen(
     """Screen every study under SOURCE and write reports under DEST."""
     from flows.progress import run_with_progress
     from flows.screen import screen as screen_flow
-    from tasks.config import load_settings
-    from tasks.errors import PacsError
+    from tasks.core.config import load_settings
+    from tasks.core.errors import PacsError
     from tasks.pacs.publish import check_pacs_settings, pacs_line
     from tasks.storage import open_store
 
@@ -88,9 +88,9 @@ def lookup(
     config: Annotated[Path | None, typer.Option(help="config YAML (for S3 settings)")] = None,
 ) -> None:
     """Which reported studies under DEST the log ids name (privacy.log_uids: hash)."""
-    from tasks.config import load_settings
-    from tasks.monitor import report_location
-    from tasks.privacy import LogNames, find_studies, load_key
+    from tasks.core.config import load_settings
+    from tasks.core.privacy import LogNames, find_studies, load_key
+    from tasks.screening.monitor import report_location
     from tasks.storage import open_store
 
     try:
@@ -128,7 +128,7 @@ def preprocess(
     what the models would see."""
     from pydantic import ValidationError
 
-    from tasks.preprocess import prepare_all
+    from tasks.imaging.preprocess import prepare_all
 
     try:
         config = PreprocessConfig(
@@ -249,7 +249,7 @@ def build_dataset(
 ) -> None:
     """Build a vision fine-tuning dataset (train/validation JSONL + manifest) from annotations."""
     from flows.dataset import build_finetune_dataset
-    from tasks.config import load_settings
+    from tasks.core.config import load_settings
     from tasks.storage import open_store
 
     try:
@@ -316,8 +316,8 @@ def evaluate(
     import asyncio
 
     from flows.evaluate import evaluate_accuracy
-    from tasks.config import load_settings
-    from tasks.evaluation_report import load_labels
+    from tasks.core.config import load_settings
+    from tasks.evaluation.outputs import load_labels
 
     async def run() -> tuple[object, object]:
         cfg = str(config) if config else None
@@ -331,7 +331,7 @@ def evaluate(
     except RadflowError as exc:
         raise _fail(exc) from None
     if isinstance(result, BaseException):
-        from tasks.errors import EvaluationRegression
+        from tasks.core.errors import EvaluationRegression
 
         raise _fail(result, code=1 if isinstance(result, EvaluationRegression) else 2)
     shown = ("sensitivity", "specificity", "auroc", "cohen_kappa")
@@ -407,7 +407,7 @@ def bridge(
         raise _fail(ConfigError("give one of --queue-url (S3 via SQS) or --orthanc URL"))
     try:
         if orthanc is not None:
-            from tasks.config import load_settings
+            from tasks.core.config import load_settings
             from tasks.pacs.orthanc import OrthancBridge
 
             if since not in ("now", "start"):

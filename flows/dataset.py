@@ -7,9 +7,9 @@ import json
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.config import load_settings
-from tasks.dataset import to_jsonl
-from tasks.dataset_build import (
+from tasks.core.config import load_settings
+from tasks.core.errors import DatasetError
+from tasks.finetune.build import (
     assemble,
     build_examples,
     manifest_markdown,
@@ -17,8 +17,8 @@ from tasks.dataset_build import (
     write_dataset,
     write_rejected,
 )
-from tasks.errors import DatasetError
-from tasks.finetune import Hyperparameters, upload_dataset
+from tasks.finetune.examples import to_jsonl
+from tasks.finetune.upload import Hyperparameters, upload_dataset
 from tasks.storage import open_store
 
 __all__ = ["build_finetune_dataset"]

@@ -9,16 +9,16 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger
 
 from flows.screen import screen
-from tasks.config import load_settings
-from tasks.errors import EvaluationRegression, LabelError
-from tasks.evaluate import (
+from tasks.core.config import load_settings
+from tasks.core.errors import EvaluationRegression, LabelError
+from tasks.evaluation.metrics import (
     case_table,
     compute_metrics,
     find_regressions,
     measure_reliability,
     metric_changes,
 )
-from tasks.evaluation_report import (
+from tasks.evaluation.outputs import (
     calibration_png,
     collect_reports,
     dumps,

@@ -17,9 +17,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import flow_run
 
-from tasks.config import load_settings
-from tasks.errors import ReviewError
-from tasks.report import write_error
+from tasks.core.config import load_settings
+from tasks.core.errors import ReviewError
+from tasks.core.schema import ErrorRecord, Report, ReviewState
+from tasks.reports.write import write_error
 from tasks.review.page import form_description, page_images, page_key, render_page, verdict_markdown
 from tasks.review.verdicts import (
     ReviewForm,
@@ -33,7 +34,6 @@ from tasks.review.verdicts import (
     verdict_from_form,
     write_verdict,
 )
-from tasks.schema import ErrorRecord, Report, ReviewState
 from tasks.storage import Store, open_store
 
 __all__ = ["review"]

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tasks.errors import ConfigError, RadflowError
+from tasks.core.errors import ConfigError, RadflowError
 
 __all__ = ["reviews"]
 
@@ -38,7 +38,7 @@ def reviews_list(
     from rich.table import Table
 
     from flows.cli import _fail
-    from tasks.config import load_settings
+    from tasks.core.config import load_settings
     from tasks.review.export import STATUSES, review_rows, row_cells
 
     unknown = sorted(set(status or []) - set(STATUSES))
@@ -75,7 +75,7 @@ def reviews_export(
     patient_id, findings) and, with --annotations and --images, as fine-tune annotations.
     Verdicts marked not assessable make no label."""
     from flows.cli import _fail, err
-    from tasks.config import load_settings
+    from tasks.core.config import load_settings
     from tasks.review.export import export
 
     if annotations and not images:

@@ -15,15 +15,15 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from flows.shards import run_shards
-from tasks.config import load_settings
-from tasks.consensus import KAPPA_MODULE, panel_kappa
-from tasks.discover import Inventory, Study, discover_studies
-from tasks.errors import ConfigError, SymlinkEscape, retry_if_transient
-from tasks.events import SelectedObjects
-from tasks.monitor import RunMonitor, result_row, run_name, run_tags
+from tasks.consensus.vote import KAPPA_MODULE, panel_kappa
+from tasks.core.config import load_settings
+from tasks.core.errors import ConfigError, SymlinkEscape, retry_if_transient
+from tasks.core.privacy import log_names, store_scheme
+from tasks.core.schema import RunSummary
+from tasks.ingest.discover import Inventory, Study, discover_studies
+from tasks.ingest.events import SelectedObjects
 from tasks.pacs.publish import PublishTarget, count_published, needs_publishing, publish_target
-from tasks.privacy import log_names, store_scheme
-from tasks.report import (
+from tasks.reports.write import (
     reported,
     review_entry,
     study_errors,
@@ -32,10 +32,10 @@ from tasks.report import (
     write_run_summary,
 )
 from tasks.review.requests import request_reviews
-from tasks.runner import resolve_runner, warm
-from tasks.schema import RunSummary
+from tasks.screening.monitor import RunMonitor, result_row, run_name, run_tags
+from tasks.screening.pool import resolve_runner, warm
+from tasks.screening.study import Batch, Screening, StudyOutcome, screen_studies
 from tasks.storage import Store, open_store
-from tasks.study import Batch, Screening, StudyOutcome, screen_studies
 
 __all__ = ["progress_hook", "screen"]
 

@@ -21,7 +21,7 @@ import httpx
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PREFECT_FILE",
@@ -140,7 +140,7 @@ async def serve_warm(deployments: list[Any], poll_seconds: float, limit: int | N
     from prefect.states import Pending
     from prefect.utilities.engine import propose_state
 
-    from tasks.sr import warm_up
+    from tasks.reports.sr import warm_up
 
     await asyncio.to_thread(warm_up)  # what a run's first report would load, loaded now
     flows = {}  # deployment id → flow object (already imported by runner_deployments)

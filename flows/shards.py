@@ -12,11 +12,11 @@ from prefect import Flow, get_client, get_run_logger
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from tasks.config import RunnerConfig
-from tasks.discover import Study
-from tasks.errors import ConfigError
-from tasks.runner import merge_summary, plan_shards
-from tasks.schema import RunSummary
+from tasks.core.config import RunnerConfig
+from tasks.core.errors import ConfigError
+from tasks.core.schema import RunSummary
+from tasks.ingest.discover import Study
+from tasks.screening.pool import merge_summary, plan_shards
 from tasks.storage import Store, read_json
 
 __all__ = ["run_shards"]

@@ -108,7 +108,7 @@ def child_env(api_url: str) -> dict[str, str]:
 
 def read_reports(dest: Path) -> dict:
     """Every report.json under a local DEST, by StudyInstanceUID."""
-    from tasks.schema import Report
+    from tasks.core.schema import Report
 
     return {
         p.parent.name: Report.model_validate_json(p.read_text())

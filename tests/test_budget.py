@@ -1,4 +1,4 @@
-"""The decoding memory budget (tasks/budget.py): admission in order, an object larger than the
+"""The decoding memory budget (tasks/imaging/budget.py): admission in order, an object larger than the
 budget alone, cancellation, waiters on other event loops, what a study is charged; and end
 to end, the peak RSS of `radflow screen` with and without it, in threads and in the pool."""
 
@@ -16,10 +16,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from simulator.hostile import large_rle
 from simulator.samples import synthetic_ct
-from tasks.budget import DECODE_FACTOR, DecodeBudget, decode_claim, default_budget_bytes
-from tasks.config import PreprocessConfig, RunnerConfig
-from tasks.discover import Instance, Study
-from tasks.preprocess import MAX_FRAME_BYTES
+from tasks.core.config import PreprocessConfig, RunnerConfig
+from tasks.imaging.budget import DECODE_FACTOR, DecodeBudget, decode_claim, default_budget_bytes
+from tasks.imaging.preprocess import MAX_FRAME_BYTES
+from tasks.ingest.discover import Instance, Study
 from tasks.storage import ObjectRef
 from tests.conftest import child_env, read_reports, sim_config
 
@@ -150,7 +150,7 @@ def test_a_study_is_charged_its_largest_instance_from_the_headers():
 
 
 def test_the_default_budget_is_a_quarter_of_memory_at_most_8_gib():
-    from tasks.budget import decode_budget, memory_bytes
+    from tasks.imaging.budget import decode_budget, memory_bytes
 
     assert default_budget_bytes() == min(memory_bytes() // 4, 8 * 2**30)
     assert decode_budget(RunnerConfig()).limit == default_budget_bytes()

@@ -77,7 +77,7 @@ def _lease(run_id: str, expires_in: float, host: str = "elsewhere/pid:[1]", pid:
 
 
 def test_a_claim_is_held_renewed_released_and_stale_ones_are_taken_over(store):
-    from tasks.claims import Claim, Lease, claim_key, take
+    from tasks.screening.claims import Claim, Lease, claim_key, take
 
     uid = "1.2.3.4"
     mine = take(store, uid, "run-a", 60)
@@ -102,7 +102,7 @@ def test_a_claim_is_held_renewed_released_and_stale_ones_are_taken_over(store):
         got = take(store, f"9.{i}", "run-c", 60)
         assert isinstance(got, expected), what
     # a process of this host that is gone holds nothing, at once; a running one holds
-    from tasks.claims import _HOST
+    from tasks.screening.claims import _HOST
 
     dead = next(pid for pid in range(2**22, 1, -1) if not Path(f"/proc/{pid}").exists())
     store.put_if(claim_key("8.1"), _lease("killed", 3600, _HOST, dead), None)
@@ -112,7 +112,7 @@ def test_a_claim_is_held_renewed_released_and_stale_ones_are_taken_over(store):
 
 
 def test_a_taken_over_claim_is_lost_by_its_old_holder(store):
-    from tasks.claims import Claim, claim_key, take
+    from tasks.screening.claims import Claim, claim_key, take
 
     old = take(store, "5.5", "slow-run", 60)
     assert isinstance(old, Claim)
@@ -131,7 +131,7 @@ def test_a_taken_over_claim_is_lost_by_its_old_holder(store):
 def test_racing_threads_get_one_claim(store, stale):
     """8 threads at a barrier claim one study, 20 times: a free one (conditional create), or
     one held by a crashed run (conditional takeover of the expired lease): one winner each."""
-    from tasks.claims import Claim, claim_key, take
+    from tasks.screening.claims import Claim, claim_key, take
 
     for round_ in range(20):
         uid = f"7.{round_}"
@@ -191,8 +191,8 @@ def _runs_per_study(files: dict[str, bytes]) -> dict[str, str]:
     """Study → the run that wrote it; fails unless report.json, .md, .sr.dcm and .fhir.json
     of each study come from that one run (the SR UID and the FHIR id derive from the
     report's creation time; report.md names the run)."""
-    from tasks.schema import Report
-    from tasks.sr import sr_uids
+    from tasks.core.schema import Report
+    from tasks.reports.sr import sr_uids
 
     runs = {}
     for key in (k for k in files if k.endswith("/report.json")):
@@ -260,7 +260,7 @@ def test_two_runs_at_once_read_each_study_once(prefect_harness, tmp_path, kind, 
 def test_claims_of_a_crashed_run_are_taken_over_and_a_live_runs_are_left(
     prefect_harness, simulator, tmp_path, kind, request
 ):
-    from tasks.discover import discover_studies
+    from tasks.ingest.discover import discover_studies
     from tasks.storage import open_store
 
     if kind == "s3":
@@ -309,7 +309,7 @@ def test_claims_of_a_crashed_run_are_taken_over_and_a_live_runs_are_left(
 
 
 def test_the_lease_has_bounds():
-    from tasks.config import Settings
+    from tasks.core.config import Settings
 
     assert Settings().claim_lease_seconds == 300
     for bad in (1, 10**6):

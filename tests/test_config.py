@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import Provider, load_settings
-from tasks.errors import ConfigError
+from tasks.core.config import Provider, load_settings
+from tasks.core.errors import ConfigError
 
 
 def test_defaults_have_an_openai_and_an_anthropic_model(monkeypatch, tmp_path):

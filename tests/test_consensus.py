@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import ReviewConfig
-from tasks.consensus import build_consensus, merge_items, panel_kappa
-from tasks.schema import ModelReading, Urgency
+from tasks.consensus.vote import build_consensus, merge_items, panel_kappa
+from tasks.core.config import ReviewConfig
+from tasks.core.schema import ModelReading, Urgency
 
 REVIEW = ReviewConfig()
 

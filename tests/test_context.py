@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.context import MAX_VALUES, clinical_context, deidentify, vocabularies
+from tasks.ingest.context import MAX_VALUES, clinical_context, deidentify, vocabularies
 
 
 def test_context_keeps_codes_and_bands_age():

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from tasks.config import PreprocessConfig, WindowName
-from tasks.errors import RadflowError, UnsupportedImage
-from tasks.preprocess import load, prepare_all, render, render_frames, window_to_grey
+from tasks.core.config import PreprocessConfig, WindowName
+from tasks.core.errors import RadflowError, UnsupportedImage
+from tasks.imaging.preprocess import load, prepare_all, render, render_frames, window_to_grey
 
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"
 PYDICOM_DATA = Path(data_store.__file__).parent / "data"
@@ -166,7 +166,7 @@ def test_modality_lut_sequence_comes_before_the_window():
 @pytest.mark.parametrize("preset", ["lung", "mediastinum", "bone", "brain", "abdomen"])
 @pytest.mark.parametrize("name", ["CT_small.dcm", "693_UNCR.dcm", "bad_sequence.dcm"])
 def test_ct_presets_match_pydicom_windowing(name, preset):
-    from tasks.preprocess import PRESETS
+    from tasks.imaging.preprocess import PRESETS
 
     ds = load(pydicom.data.get_testdata_file(name, download=False))
     out, label, _ = render(ds, preset)

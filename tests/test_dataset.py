@@ -22,17 +22,17 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.dataset import build_finetune_dataset
 from simulator.samples import synthetic_ct
-from tasks.config import Language, Settings
-from tasks.dataset import (
+from tasks.core.config import Language, Settings
+from tasks.core.errors import AnnotationError, DatasetError
+from tasks.core.schema import Reading
+from tasks.finetune.checks import check_example, check_examples, estimate_cost
+from tasks.finetune.examples import (
     build_example,
     parse_annotation,
     parse_annotations,
     split_by_patient,
 )
-from tasks.diagnose import load_prompt
-from tasks.errors import AnnotationError, DatasetError
-from tasks.finetune_checks import check_example, check_examples, estimate_cost
-from tasks.schema import Reading
+from tasks.models.panel import load_prompt
 from tasks.storage import LocalStore
 from tests.conftest import TEST_KEY, child_env, sim_config
 
@@ -392,7 +392,7 @@ def test_simulator_rejects_a_file_that_is_not_chat_jsonl(simulator):
 
 
 def test_annotations_location_splits_into_store_and_key():
-    from tasks.dataset_build import _split_uri
+    from tasks.finetune.build import _split_uri
 
     assert _split_uri("/data/labels.csv") == ("/data", "labels.csv")
     assert _split_uri("/labels.csv") == ("/", "labels.csv")
@@ -401,7 +401,7 @@ def test_annotations_location_splits_into_store_and_key():
 
 
 def test_create_job_without_validation_file_or_suffix(simulator, good_example):
-    from tasks.finetune import Hyperparameters, create_job
+    from tasks.finetune.upload import Hyperparameters, create_job
 
     client = openai.OpenAI(api_key=TEST_KEY, base_url=simulator.openai_base_url, max_retries=0)
     train = (json.dumps(good_example) + "\n").encode() * 10

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.serve import DEFAULT_PREFECT_FILE, load_deployment_specs, runner_deployments
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 
 def test_the_yaml_expands_anchors_and_keeps_secrets_as_block_references():

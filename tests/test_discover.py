@@ -8,8 +8,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from simulator.samples import synthetic_ct
-from tasks.discover import discover_studies
-from tasks.errors import StorageError
+from tasks.core.errors import StorageError
+from tasks.ingest.discover import discover_studies
 from tasks.storage import LocalStore
 
 

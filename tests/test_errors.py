@@ -1,4 +1,4 @@
-"""What a parser failure says about its object (tasks.errors.parser_error), on real pydicom
+"""What a parser failure says about its object (tasks.core.errors.parser_error), on real pydicom
 reads of crafted bytes, and which failures are worth retrying."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from prefect.states import Failed
 
 from simulator.hostile import DEEP, deep_nesting
 from simulator.samples import synthetic_ct
-from tasks.errors import (
+from tasks.core.errors import (
     CorruptDicom,
     ObjectMissing,
     StorageError,

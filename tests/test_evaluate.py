@@ -30,13 +30,13 @@ from sklearn.metrics import (
 from flows.evaluate import evaluate_accuracy
 from simulator.process import running_simulator
 from simulator.samples import synthetic_ct
-from tasks.config import ReviewConfig, Settings
-from tasks.consensus import build_consensus
-from tasks.errors import ConfigError, LabelError
-from tasks.evaluate import find_regressions, parse_labels
-from tasks.evaluation_report import REGRESSION_EVENT
-from tasks.reliability import load_reliability, log_odds_weight, model_weights
-from tasks.schema import ModelReading, Report
+from tasks.consensus.reliability import load_reliability, log_odds_weight, model_weights
+from tasks.consensus.vote import build_consensus
+from tasks.core.config import ReviewConfig, Settings
+from tasks.core.errors import ConfigError, LabelError
+from tasks.core.schema import ModelReading, Report
+from tasks.evaluation.metrics import find_regressions, parse_labels
+from tasks.evaluation.outputs import REGRESSION_EVENT
 from tests.conftest import KEY_ENV, TEST_KEY, child_env
 
 N_STUDIES = 60

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tasks.errors import NotificationError
-from tasks.events import (
+from tasks.core.errors import NotificationError
+from tasks.ingest.events import (
     STUDY_READY,
     ObjectCreated,
     StudyBatcher,

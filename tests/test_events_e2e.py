@@ -23,7 +23,7 @@ import pytest
 
 from simulator.process import free_port, running_simulator, stop
 from simulator.samples import synthetic_ct
-from tasks.monitor import PROGRESS_KEY, RESULTS_KEY, SUMMARY_KEY
+from tasks.screening.monitor import PROGRESS_KEY, RESULTS_KEY, SUMMARY_KEY
 from tests.browser import CHROMIUM_FLAGS, chromium
 from tests.conftest import KEY_ENV, TEST_KEY, sim_config
 

@@ -21,13 +21,13 @@ from flows.screen import screen
 from simulator.hostile import PATIENTS, build_identity_folder
 from simulator.process import running_simulator
 from simulator.samples import synthetic_ct
-from tasks.config import PreprocessConfig
-from tasks.discover import discover_studies
-from tasks.errors import RadflowError
-from tasks.preprocess import prepare_all
-from tasks.schema import Report
+from tasks.core.config import PreprocessConfig
+from tasks.core.errors import RadflowError
+from tasks.core.schema import Report
+from tasks.imaging.preprocess import prepare_all
+from tasks.imaging.studyimages import prepare_study
+from tasks.ingest.discover import discover_studies
 from tasks.storage import LocalStore
-from tasks.studyimages import prepare_study
 from tests.conftest import read_reports, sim_config
 from tests.test_reliability import _errors, _screen_cli
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prefect import Flow
 
-from tasks.config import Settings
+from tasks.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"

@@ -12,12 +12,12 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from simulator.samples import synthetic_ct
-from tasks.config import PreprocessConfig
-from tasks.discover import discover_studies
-from tasks.errors import ConfigError, StorageError
-from tasks.keyimages import KeyRule, montage, parse_rule, pick
+from tasks.core.config import PreprocessConfig
+from tasks.core.errors import ConfigError, StorageError
+from tasks.imaging.keyimages import KeyRule, montage, parse_rule, pick
+from tasks.imaging.studyimages import prepare_study
+from tasks.ingest.discover import discover_studies
 from tasks.storage import open_store
-from tasks.studyimages import prepare_study
 
 
 @pytest.fixture

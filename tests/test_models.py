@@ -14,10 +14,10 @@ from PIL import Image
 from flows.screen import screen
 from simulator.process import running_simulator
 from simulator.samples import build_sample_folder
-from tasks.cache import ReadingCache, reading_key
-from tasks.config import Settings
-from tasks.diagnose import Panel, load_prompt
-from tasks.schema import ModelReading, Report, RunSummary
+from tasks.core.config import Settings
+from tasks.core.schema import ModelReading, Report, RunSummary
+from tasks.models.cache import ReadingCache, reading_key
+from tasks.models.panel import Panel, load_prompt
 from tasks.storage import LocalStore
 from tests.conftest import KEY_ENV, TEST_KEY, read_reports
 

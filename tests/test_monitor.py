@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from tasks.monitor import report_location, result_row, run_name, run_tags, summary_markdown
-from tasks.privacy import LogNames
-from tasks.schema import Consensus, Report, RunSummary, Urgency
+from tasks.core.privacy import LogNames
+from tasks.core.schema import Consensus, Report, RunSummary, Urgency
+from tasks.screening.monitor import (
+    report_location,
+    result_row,
+    run_name,
+    run_tags,
+    summary_markdown,
+)
 
 PLAIN = LogNames()
 

@@ -18,12 +18,12 @@ from pydicom.data import get_testdata_file
 
 from flows.screen import screen
 from simulator.samples import REAL_SAMPLES, synthetic_ct
-from tasks.config import StorageConfig
-from tasks.errors import ConfigError, CorruptDicom
+from tasks.core.config import StorageConfig
+from tasks.core.errors import ConfigError, CorruptDicom
 from tasks.pacs.dicomweb import parse_dicomweb_uri
 from tasks.pacs.settings import PublishConfig
 from tasks.pacs.store import DicomWebStore, header_bytes
-from tasks.sr import sr_series_uid
+from tasks.reports.sr import sr_series_uid
 from tests.conftest import child_env, read_reports, sim_calls, sim_config
 from tests.pacs_proxy import FaultProxy
 
@@ -365,11 +365,11 @@ def test_key_images_in_a_pool_process_reopen_the_store_by_uri(orthanc, pacs, pac
     """``runner.preprocess: process``: a pool process reopens the DICOMweb store from its URI
     and settings (credentials from its environment), retrieves the key instance and reads
     the SR evidence header from instance metadata (it has no headers kept from discovery)."""
-    from tasks.config import PreprocessConfig, RunnerConfig, Settings
-    from tasks.discover import discover_studies
-    from tasks.runner import off_loop, shutdown_pools
-    from tasks.sr import read_evidence
-    from tasks.studyimages import prepare_study
+    from tasks.core.config import PreprocessConfig, RunnerConfig, Settings
+    from tasks.imaging.studyimages import prepare_study
+    from tasks.ingest.discover import discover_studies
+    from tasks.reports.sr import read_evidence
+    from tasks.screening.pool import off_loop, shutdown_pools
 
     auth = {"auth": "basic", "username_env": USER_ENV, "password_env": PASSWORD_ENV}
     storage = Settings.model_validate({"dicomweb": auth}).storage
@@ -393,7 +393,7 @@ def test_key_images_in_a_pool_process_reopen_the_store_by_uri(orthanc, pacs, pac
 def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
     import pickle
 
-    from tasks.config import Settings
+    from tasks.core.config import Settings
     from tasks.pacs.publish import check_pacs_settings, publish_target
 
     settings = Settings.model_validate(
@@ -416,7 +416,7 @@ def test_store_pickles_and_a_dest_on_a_pacs_is_refused(orthanc, pacs, pacs_env):
 
 
 def test_the_compose_overlay_wires_orthanc_the_bridge_and_the_worker():
-    from tasks.config import Settings
+    from tasks.core.config import Settings
 
     infra = Path(__file__).resolve().parent.parent / "infra"
     overlay = yaml.safe_load((infra / "docker-compose.pacs.yml").read_text())["services"]

@@ -12,13 +12,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from simulator.samples import synthetic_ct
-from tasks.config import load_settings
-from tasks.context import clinical_context
-from tasks.diagnose import Panel, load_prompt
-from tasks.discover import discover_studies
+from tasks.core.config import load_settings
+from tasks.imaging.studyimages import prepare_study
+from tasks.ingest.context import clinical_context
+from tasks.ingest.discover import discover_studies
+from tasks.models.panel import Panel, load_prompt
+from tasks.screening.study import Screening, screen_study
 from tasks.storage import open_store
-from tasks.study import Screening, screen_study
-from tasks.studyimages import prepare_study
 from tests.conftest import sim_config
 
 pytestmark = pytest.mark.e2e

@@ -13,9 +13,9 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from simulator.samples import synthetic_ct
-from tasks.config import PreprocessConfig, WindowName
-from tasks.errors import CorruptDicom, NotDicom, PhiRisk, UnsupportedImage
-from tasks.preprocess import prepare, prepare_all, render, render_frames, window_to_grey
+from tasks.core.config import PreprocessConfig, WindowName
+from tasks.core.errors import CorruptDicom, NotDicom, PhiRisk, UnsupportedImage
+from tasks.imaging.preprocess import prepare, prepare_all, render, render_frames, window_to_grey
 
 
 def _file(name: str) -> str:
@@ -247,7 +247,7 @@ def test_bad_key_image_rules_are_refused(rule):
 
 
 def test_provider_sized_images_need_no_rescaling():
-    from tasks.sizing import anthropic_image_tokens, openai_image_tokens
+    from tasks.imaging.sizing import anthropic_image_tokens, openai_image_tokens
 
     image = prepare(
         _file("RG1_UNCR.dcm"), PreprocessConfig(max_edge=0), providers=["openai", "anthropic"]

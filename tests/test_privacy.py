@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.config import PrivacyConfig
-from tasks.errors import ConfigError
-from tasks.privacy import KEY_NAME, LogNames, find_studies, load_key, log_names, store_scheme
+from tasks.core.config import PrivacyConfig
+from tasks.core.errors import ConfigError
+from tasks.core.privacy import KEY_NAME, LogNames, find_studies, load_key, log_names, store_scheme
 from tasks.storage import LocalStore
 
 UIDS = ["1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.12"]

@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 from simulator.hostile import DEEP, build_hostile_folder, deep_nesting
 from simulator.process import running_simulator
 from simulator.samples import build_sample_folder, synthetic_ct
-from tasks.privacy import LogNames, find_studies, load_key
+from tasks.core.privacy import LogNames, find_studies, load_key
 from tasks.storage import LocalStore
 from tests.conftest import KEY_ENV, TEST_KEY, child_env, read_reports, sim_config
 
@@ -174,8 +174,8 @@ def test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried(
 def test_a_file_cut_anywhere_is_one_clear_error_never_a_crash(tmp_path):
     """Every cut of a CT file, every 7 bytes through its header and into the pixel data: the
     header is read, or one RadflowError says why; a cut header says so."""
-    from tasks.discover import read_header
-    from tasks.errors import RadflowError
+    from tasks.core.errors import RadflowError
+    from tasks.ingest.discover import read_header
     from tasks.storage import open_store
 
     data = synthetic_ct(tmp_path / "src" / "a.dcm", lesion=True, seed=1, size=64).read_bytes()
@@ -212,9 +212,9 @@ sys.stderr.write(child.stdout + child.stderr)
 """
 _PREPARE = """
 import sys
-from tasks.config import PreprocessConfig
-from tasks.errors import RadflowError
-from tasks.preprocess import prepare_all
+from tasks.core.config import PreprocessConfig
+from tasks.core.errors import RadflowError
+from tasks.imaging.preprocess import prepare_all
 try:
     prepare_all(sys.argv[1], PreprocessConfig())
     print("rendered")
@@ -238,7 +238,7 @@ def _peak_mib(path: Path) -> tuple[float, str]:
 
 def test_untrusted_sizes_are_checked_before_any_allocation(tmp_path):
     """pydicom 3.0 alone allocates and fills 8 GiB for the one-frame RLE claim; the check in
-    tasks.preprocess refuses it first, so the process stays at the size of a normal read."""
+    tasks.imaging.preprocess refuses it first, so the process stays at the size of a normal read."""
     made = build_hostile_folder(tmp_path, good=1)
     good = next(rel for rel, e in made.items() if e.kind == "report")
     base, said = _peak_mib(tmp_path / good)

@@ -17,20 +17,10 @@ from pydicom.data import get_testdata_file
 
 from flows.screen import screen
 from simulator.process import running_simulator
-from tasks.config import ReviewConfig, SynthesisConfig
-from tasks.consensus import build_consensus
-from tasks.errors import ReportError
-from tasks.fhir import build_fhir, fhir_json
-from tasks.markdown import render_markdown
-from tasks.report import (
-    render_review_table,
-    report_schema,
-    review_entry,
-    validate_report,
-    write_report,
-    write_run_summary,
-)
-from tasks.schema import (
+from tasks.consensus.vote import build_consensus
+from tasks.core.config import ReviewConfig, SynthesisConfig
+from tasks.core.errors import ReportError
+from tasks.core.schema import (
     ImageInfo,
     Impression,
     ModelReading,
@@ -38,7 +28,17 @@ from tasks.schema import (
     RunSummary,
     Urgency,
 )
-from tasks.sr import build_sr, device_uid, evidence_dataset, sr_bytes
+from tasks.reports.fhir import build_fhir, fhir_json
+from tasks.reports.markdown import render_markdown
+from tasks.reports.sr import build_sr, device_uid, evidence_dataset, sr_bytes
+from tasks.reports.write import (
+    render_review_table,
+    report_schema,
+    review_entry,
+    validate_report,
+    write_report,
+    write_run_summary,
+)
 from tasks.storage import LocalStore
 from tests.conftest import sim_config
 
@@ -351,8 +351,8 @@ def test_agreeing_normal_panel_needs_no_review_and_writes_korean(
 
 
 def test_synthesis_model_must_be_a_panel_model(tmp_path):
-    from tasks.config import load_settings
-    from tasks.errors import ConfigError
+    from tasks.core.config import load_settings
+    from tasks.core.errors import ConfigError
 
     path = tmp_path / "c.yaml"
     path.write_text(
@@ -363,8 +363,8 @@ def test_synthesis_model_must_be_a_panel_model(tmp_path):
 
 
 def test_synthesis_writes_from_structured_readings_and_fails_softly(simulator, ct, tmp_path):
-    from tasks.config import load_settings
-    from tasks.synthesis import synthesis_input, synthesize
+    from tasks.core.config import load_settings
+    from tasks.models.synthesis import synthesis_input, synthesize
 
     report = _report(ct)
     text = synthesis_input(report.consensus, report.readings)

@@ -30,14 +30,15 @@ from typer.testing import CliRunner
 from flows.cli import app
 from simulator.process import panel_config, running_simulator
 from simulator.samples import synthetic_ct
-from tasks.config import ReviewConfig, Settings
-from tasks.dataset import parse_annotation
-from tasks.errors import LabelError, ReviewError
-from tasks.evaluate import parse_labels
-from tasks.evaluation_report import load_labels
-from tasks.markdown import image_name
-from tasks.privacy import LogNames, find_studies, load_key
-from tasks.report import report_key, review_key
+from tasks.core.config import ReviewConfig, Settings
+from tasks.core.errors import LabelError, ReviewError
+from tasks.core.privacy import LogNames, find_studies, load_key
+from tasks.core.schema import Consensus, ImageInfo, Report, ReviewState, Urgency
+from tasks.evaluation.metrics import parse_labels
+from tasks.evaluation.outputs import load_labels
+from tasks.finetune.examples import parse_annotation
+from tasks.reports.markdown import image_name
+from tasks.reports.write import report_key, review_key
 from tasks.review.export import annotations_jsonl, labels_csv, review_rows
 from tasks.review.page import page_images, render_page
 from tasks.review.verdicts import (
@@ -51,7 +52,6 @@ from tasks.review.verdicts import (
     write_index,
     write_verdict,
 )
-from tasks.schema import Consensus, ImageInfo, Report, ReviewState, Urgency
 from tasks.storage import LocalStore, Store, open_store
 from tests.browser import chromium, open_browser
 from tests.conftest import KEY_ENV, TEST_KEY, read_reports
@@ -208,7 +208,7 @@ def test_a_verdict_records_who_when_what_and_the_report_version(tmp_path):
 
 
 def test_review_runs_are_named_by_a_keyed_id_never_the_uid(tmp_path):
-    """The id is the study's log id under DEST's privacy key (tasks.privacy), as the screening
+    """The id is the study's log id under DEST's privacy key (tasks.core.privacy), as the screening
     logs name it with privacy.log_uids: hash; `radflow lookup` maps it back; the review runs'
     index maps it back for the flow, so its parameters carry no UID either."""
     report = _report()

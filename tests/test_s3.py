@@ -20,12 +20,12 @@ from prefect.states import Completed, Failed
 
 from flows.screen import screen
 from simulator.samples import synthetic_ct
-from tasks.config import StorageConfig
-from tasks.discover import read_header
-from tasks.errors import ObjectMissing, StorageError, StorageUnavailable, retry_if_transient
-from tasks.s3 import S3Store, parse_s3_uri, storage_error
-from tasks.schema import Report, RunSummary
+from tasks.core.config import StorageConfig
+from tasks.core.errors import ObjectMissing, StorageError, StorageUnavailable, retry_if_transient
+from tasks.core.schema import Report, RunSummary
+from tasks.ingest.discover import read_header
 from tasks.storage import open_store
+from tasks.storage.s3 import S3Store, parse_s3_uri, storage_error
 from tests.conftest import child_env, sim_calls, sim_config
 
 JUNK = 1050  # tiny non-DICOM objects: more than one list_objects_v2 page (1,000 keys)

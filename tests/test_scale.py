@@ -19,10 +19,11 @@ from prefect.exceptions import ObjectNotFound
 
 from flows.screen import screen
 from simulator.samples import synthetic_ct
-from tasks.config import RunnerConfig, Settings, StorageConfig
-from tasks.discover import Instance, Study
-from tasks.errors import ConfigError, WorkerCrashed
-from tasks.runner import (
+from tasks.core.config import RunnerConfig, Settings, StorageConfig
+from tasks.core.errors import ConfigError, WorkerCrashed
+from tasks.core.schema import RunSummary
+from tasks.ingest.discover import Instance, Study
+from tasks.screening.pool import (
     POOL_MIN_CPUS,
     POOL_MIN_STUDIES,
     merge_summary,
@@ -31,7 +32,6 @@ from tasks.runner import (
     resolve_runner,
     shutdown_pools,
 )
-from tasks.schema import RunSummary
 from tasks.storage import LocalStore, ObjectRef
 from tests.conftest import child_env, read_reports, sim_calls, sim_config
 
@@ -189,7 +189,7 @@ def test_process_pool_renders_the_same_images_as_threads(prefect_harness, simula
 
 
 def test_config_runner_section_round_trips(tmp_path):
-    from tasks.config import load_settings
+    from tasks.core.config import load_settings
 
     path = tmp_path / "radflow.yaml"
     path.write_text(yaml.safe_dump({"runner": {"shard_size": 500, "shards_in_flight": 4}}))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.screen import screen
-from tasks.schema import RunSummary
+from tasks.core.schema import RunSummary
 from tests.conftest import TEST_KEY, child_env, read_reports, sim_calls, sim_config
 
 pytestmark = pytest.mark.e2e

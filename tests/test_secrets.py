@@ -1,5 +1,5 @@
 """Secrets never reach an output, a log line or the Prefect API: one redaction path for every
-outbound call's error (tasks/redact.py), a log hook that scrubs every record of the process,
+outbound call's error (tasks/core/redact.py), a log hook that scrubs every record of the process,
 and parse errors of input files that name a position, never the content. End to end, every
 kind of outbound call fails against the simulator's leaky endpoint (which echoes every request
 header, the key and the gateway token included, into its 400/401/403 error body)."""
@@ -20,9 +20,9 @@ import yaml
 from pydicom.uid import generate_uid
 
 from simulator.samples import synthetic_ct
-from tasks.config import load_settings
-from tasks.dataset import parse_annotations
-from tasks.errors import ConfigError
+from tasks.core.config import load_settings
+from tasks.core.errors import ConfigError
+from tasks.finetune.examples import parse_annotations
 from tests.conftest import KEY_ENV, TEST_KEY, child_env
 
 RADFLOW = [sys.executable, "-m", "flows.cli"]
@@ -34,7 +34,7 @@ TOKEN = "gw-token-5f1c9e7a2b8d4c36-never-logged"  # an extra_headers value (a ga
 
 
 def test_redactor_replaces_known_secrets_and_token_shaped_strings():
-    from tasks.redact import Redactor
+    from tasks.core.redact import Redactor
 
     redact = Redactor()
     slashed = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY=="  # percent-encoded in a URL, escaped in JSON
@@ -67,7 +67,7 @@ def test_redactor_replaces_known_secrets_and_token_shaped_strings():
 def test_a_secret_never_reaches_a_log_line_even_through_a_third_party_logger():
     """The log hook scrubs every record the process makes: messages, arguments and tracebacks
     (a chained SDK error included), whatever logger or handler carries it."""
-    from tasks.redact import register
+    from tasks.core.redact import register
 
     secret = "third-party-secret-9f8e7d6c5b4a"
     register(secret)
@@ -173,10 +173,10 @@ def test_api_key_env_that_is_not_key_like_warns_naming_model_and_variable(
     ]  # fmt: skip
     path = tmp_path / "radflow.yaml"
     path.write_text(yaml.safe_dump({"models": models, "gateway": {"api_key_env": "GH_TOKEN"}}))
-    with caplog.at_level(logging.WARNING, logger="tasks.config"):
+    with caplog.at_level(logging.WARNING, logger="tasks.core.config"):
         load_settings(path)
         load_settings(path)  # the CLI and then the flow load it: still one line each
-    lines = [r.getMessage() for r in caplog.records if r.name == "tasks.config"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "tasks.core.config"]
     assert len(lines) == 3, lines
     assert 'model "a": api_key_env "AWS_SECRET_ACCESS_KEY" names a cloud credential' in lines[0]
     assert 'model "b": api_key_env "DATABASE_URL" does not look like an API key' in lines[1]

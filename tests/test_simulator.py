@@ -13,8 +13,8 @@ from simulator.vision import (
     judge,
     openai_image_tokens,
 )
-from tasks.config import PreprocessConfig
-from tasks.preprocess import prepare
+from tasks.core.config import PreprocessConfig
+from tasks.imaging.preprocess import prepare
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.sizing import (
+from tasks.imaging.sizing import (
     anthropic_image_tokens,
     encode_png,
     estimate_input_tokens,

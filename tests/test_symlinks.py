@@ -33,7 +33,7 @@ def _tree(root: Path) -> list[str]:
     ],
 )
 def test_a_write_through_a_symlink_leading_out_of_dest_fails_naming_the_key(tmp_path, link, key):
-    from tasks.errors import StorageError
+    from tasks.core.errors import StorageError
     from tasks.storage import LocalStore
 
     dest, outside = tmp_path / "dest", tmp_path / "outside"
@@ -47,7 +47,7 @@ def test_a_write_through_a_symlink_leading_out_of_dest_fails_naming_the_key(tmp_
         else:
             store.write_bytes(key, b"{}")
     assert _tree(outside) == []  # nothing landed outside DEST
-    from tasks.errors import SymlinkEscape
+    from tasks.core.errors import SymlinkEscape
 
     assert isinstance(err.value, SymlinkEscape)
     message = str(err.value)
@@ -74,14 +74,14 @@ def test_symlinks_inside_dest_are_followed_and_a_symlinked_file_is_replaced(tmp_
     assert not (dest / "real" / "report.json").is_symlink()
     (dest / "real" / "report.json").unlink()
     (dest / "real" / "report.json").symlink_to(secret)
-    from tasks.errors import StorageError
+    from tasks.core.errors import StorageError
 
     with pytest.raises(StorageError, match='"studies/report.json" is a symlink to'):
         store.read_bytes("studies/report.json")  # nor is a file outside DEST read
 
 
 def test_source_symlinks_leading_out_become_error_records(tmp_path):
-    from tasks.discover import discover_studies
+    from tasks.ingest.discover import discover_studies
     from tasks.storage import LocalStore
 
     source, outside = tmp_path / "in", tmp_path / "outside"

@@ -16,7 +16,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from tasks.errors import ConfigError, ObjectMissing, PacsError, RadflowError
+from tasks.core.errors import ConfigError, ObjectMissing, PacsError, RadflowError
 from tasks.pacs.settings import DicomWebConfig
 
 __all__ = [

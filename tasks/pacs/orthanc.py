@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tasks.errors import ConfigError, ObjectMissing, RadflowError
-from tasks.events import STUDY_READY
+from tasks.core.errors import ConfigError, ObjectMissing, RadflowError
+from tasks.ingest.events import STUDY_READY
 from tasks.pacs.dicomweb import SCHEME, UID, PacsClient
 from tasks.pacs.settings import DicomWebConfig
-from tasks.sr import sr_series_uid
+from tasks.reports.sr import sr_series_uid
 
 __all__ = ["BridgeState", "OrthancBridge", "orthanc_study_event"]
 

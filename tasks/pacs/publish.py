@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import pydicom
 
-from tasks.errors import ConfigError, ObjectMissing, PacsError, RadflowError
+from tasks.core.errors import ConfigError, ObjectMissing, PacsError, RadflowError
+from tasks.core.schema import Published
 from tasks.pacs.dicomweb import UID, PacsClient, is_dicomweb, parse_dicomweb_uri
 from tasks.pacs.settings import DicomWebConfig
 from tasks.pacs.version import report_version
-from tasks.schema import Published
-from tasks.sr import sr_uids
+from tasks.reports.sr import sr_uids
 
 if TYPE_CHECKING:
-    from tasks.config import Settings
-    from tasks.schema import Report, RunSummary
+    from tasks.core.config import Settings
+    from tasks.core.schema import Report, RunSummary
 
 __all__ = [
     "PublishTarget",

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 __all__ = ["DicomWebConfig", "PublishConfig"]
 

@@ -21,7 +21,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tasks.errors import (
+from tasks.core.errors import (
     CorruptDicom,
     NotDicom,
     PacsError,
@@ -30,11 +30,11 @@ from tasks.errors import (
     StorageUnavailable,
 )
 from tasks.pacs.dicomweb import UID, PacsClient, parse_dicomweb_uri
-from tasks.sr import sr_series_uid
-from tasks.storage import ObjectRef
+from tasks.reports.sr import sr_series_uid
+from tasks.storage.base import ObjectRef
 
 if TYPE_CHECKING:
-    from tasks.config import StorageConfig
+    from tasks.core.config import StorageConfig
 
 __all__ = ["DicomWebStore", "instance_key"]
 

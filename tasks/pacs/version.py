@@ -8,7 +8,7 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.schema import Report
+    from tasks.core.schema import Report
 
 __all__ = ["report_version"]
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.config import StorageConfig
-from tasks.errors import LabelError, RadflowError
-from tasks.report import report_key, review_key
+from tasks.core.config import StorageConfig
+from tasks.core.errors import LabelError, RadflowError
+from tasks.core.schema import Report
+from tasks.reports.write import report_key, review_key
 from tasks.review.verdicts import Verdict, load_report, read_verdict
-from tasks.schema import Report
 from tasks.storage import Store, open_store, read_json
 
 __all__ = [

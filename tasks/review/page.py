@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from tasks.markdown import image_name
-from tasks.report import report_key
+from tasks.core.schema import ImageInfo, MergedItem, ModelReading, Report, ReviewState
+from tasks.reports.markdown import image_name
+from tasks.reports.write import report_key
 from tasks.review.verdicts import Verdict
-from tasks.schema import ImageInfo, MergedItem, ModelReading, Report, ReviewState
 from tasks.storage import Store
 
 __all__ = [

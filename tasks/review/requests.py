@@ -25,9 +25,10 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
-from tasks.config import ReviewConfig
-from tasks.errors import RadflowError
-from tasks.privacy import LogNames
+from tasks.core.config import ReviewConfig
+from tasks.core.errors import RadflowError
+from tasks.core.privacy import LogNames
+from tasks.core.schema import Report, ReviewState
 from tasks.review.export import flagged_uids
 from tasks.review.verdicts import (
     done_state,
@@ -38,7 +39,6 @@ from tasks.review.verdicts import (
     set_review_state,
     write_index,
 )
-from tasks.schema import Report, ReviewState
 from tasks.storage import Store
 
 __all__ = ["Requests", "request_reviews"]

@@ -12,10 +12,10 @@ from enum import StrEnum
 from prefect.input import RunInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.errors import ReviewError
-from tasks.privacy import LogNames, load_key
-from tasks.report import report_key, review_key, validate_report
-from tasks.schema import Report, ReviewState, Urgency
+from tasks.core.errors import ReviewError
+from tasks.core.privacy import LogNames, load_key
+from tasks.core.schema import Report, ReviewState, Urgency
+from tasks.reports.write import report_key, review_key, validate_report
 from tasks.storage import Store
 
 __all__ = [
@@ -158,7 +158,7 @@ def verdict_key(uid: str) -> str:
 
 def review_names(store: Store) -> LogNames:
     """How review runs, their tags and artifacts name a study: its log id keyed by DEST's
-    privacy key (tasks.privacy: the same id as the screening logs with ``privacy.log_uids:
+    privacy key (tasks.core.privacy: the same id as the screening logs with ``privacy.log_uids:
     hash``, mapped back by ``radflow lookup DEST ID``), whatever ``log_uids`` says: a run
     name never carries a UID, and a plain hash of one would not hide it."""
     return LogNames(load_key(store))

@@ -1,0 +1,1 @@
+"""Combining the panel's readings: the weighted vote and measured reliability weights."""

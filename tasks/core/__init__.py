@@ -1,0 +1,1 @@
+"""Settings, exception types, the report model: what every stage shares."""

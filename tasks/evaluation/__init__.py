@@ -1,0 +1,1 @@
+"""Accuracy against labels: metrics with intervals, plots, outputs, the regression alert."""

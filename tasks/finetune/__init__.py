@@ -1,0 +1,1 @@
+"""Fine-tune datasets: examples from annotations, checks, the build, the upload."""

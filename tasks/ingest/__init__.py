@@ -1,0 +1,1 @@
+"""Finding studies: listing, header reading, grouping, identity checks, the PHI guard."""
