@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flows.console import err, fail
 from tasks.core.config import PreprocessConfig, Provider, WindowName
 from tasks.core.errors import ConfigError, RadflowError
-from tasks.core.redact import redact
 
 app = typer.Typer(
     help="Screen DICOM studies with a panel of vision LLMs, orchestrated by Prefect.",
@@ -19,12 +19,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-
-
-def _fail(exc: Exception, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {redact(str(exc))}", markup=True, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 @app.command()
@@ -60,7 +54,7 @@ def screen(
             screen_flow(source, out, str(config) if config else None, limit, force)
         )
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     elsewhere = summary.claimed_elsewhere
     Console().print(
         f"reported {summary.reported}/{summary.studies} studies ({summary.skipped} skipped, "
@@ -76,7 +70,7 @@ def screen(
         Console().print(pacs_line(summary), highlight=False)
     if summary.publish_failed:
         failed = len(summary.publish_failed)
-        raise _fail(PacsError(f"{failed} SRs not published (see report.json: published)"), 1)
+        raise fail(PacsError(f"{failed} SRs not published (see report.json: published)"), 1)
 
 
 @app.command()
@@ -98,7 +92,7 @@ def lookup(
         names = LogNames(load_key(open_store(dest, storage), create=False))
         found = find_studies(open_store(f"{dest.rstrip('/')}/studies", storage), names, log_ids)
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     missing = 0
     for log_id in log_ids:
         uid = found.get(log_id.strip().lower())
@@ -136,7 +130,7 @@ def preprocess(
         )
     except ValidationError as exc:
         message = "; ".join(f"--{e['loc'][0]}: {e['msg']}".replace("_", "-") for e in exc.errors())
-        raise _fail(ConfigError(message, hint="see radflow preprocess --help")) from None
+        raise fail(ConfigError(message, hint="see radflow preprocess --help")) from None
     out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in inputs:
@@ -192,7 +186,7 @@ def simulator(
             sens, _, spec = values.partition(",")
             profiles[name] = Profile(float(sens), float(spec))
     except ValueError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     state = SimState(
         seed=seed,
         latency=latency,
@@ -273,7 +267,7 @@ def build_dataset(
             price_per_mtok=price_per_mtok,
         )
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     train, val, est = manifest["train"], manifest["validation"], manifest["estimate"]
     Console().print(
         f"train {train['examples']} examples ({len(train['patients'])} patients), validation "
@@ -329,11 +323,11 @@ def evaluate(
         load_labels.fn(labels)
         state, result = asyncio.run(run())
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if isinstance(result, BaseException):
         from tasks.core.errors import EvaluationRegression
 
-        raise _fail(result, code=1 if isinstance(result, EvaluationRegression) else 2)
+        raise fail(result, code=1 if isinstance(result, EvaluationRegression) else 2)
     shown = ("sensitivity", "specificity", "auroc", "cohen_kappa")
     for name, m in {"consensus": result["consensus"], **result["models"]}.items():
         cells = []
@@ -360,7 +354,7 @@ def demo(
     try:
         run_demo(out, synthetic=synthetic, latency=latency, language=language)
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @app.command()
@@ -404,7 +398,7 @@ def bridge(
     for noisy in ("httpx", "botocore", "urllib3", "dicomweb_client"):  # a line per request
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if (queue_url is None) == (orthanc is None):
-        raise _fail(ConfigError("give one of --queue-url (S3 via SQS) or --orthanc URL"))
+        raise fail(ConfigError("give one of --queue-url (S3 via SQS) or --orthanc URL"))
     try:
         if orthanc is not None:
             from tasks.core.config import load_settings
@@ -423,7 +417,7 @@ def bridge(
         else:
             run_bridge(str(queue_url), quiet_seconds, wait_seconds=wait_seconds)
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         err.print("bridge stopped; what was not acknowledged is handled after a restart")
 
@@ -455,7 +449,7 @@ def serve(
     try:
         serve_deployments(prefect_file or DEFAULT_PREFECT_FILE, only, limit, poll_seconds, warm)
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 from flows.review_cli import reviews  # noqa: E402 — `radflow reviews list|export`

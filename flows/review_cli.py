@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flows.console import err, fail
 from tasks.core.errors import ConfigError, RadflowError
 
 __all__ = ["reviews"]
@@ -37,17 +38,16 @@ def reviews_list(
     the radiologist), expired, not_requested, done (review.json), cleared (no longer flagged)."""
     from rich.table import Table
 
-    from flows.cli import _fail
     from tasks.core.config import load_settings
     from tasks.review.export import STATUSES, review_rows, row_cells
 
     unknown = sorted(set(status or []) - set(STATUSES))
     if unknown:
-        raise _fail(ConfigError(f"unknown --status {unknown}", hint=f"one of {list(STATUSES)}"))
+        raise fail(ConfigError(f"unknown --status {unknown}", hint=f"one of {list(STATUSES)}"))
     try:
         rows = review_rows(dest, load_settings(config).storage)
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     shown = [r for r in rows if not status or r.status in status]
     table = Table("study", "status", "AI", "when", "verdict", "review run", box=None)
     for row in shown:
@@ -74,12 +74,11 @@ def reviews_export(
     """Write DEST's review verdicts as evaluation labels (study_instance_uid, abnormal,
     patient_id, findings) and, with --annotations and --images, as fine-tune annotations.
     Verdicts marked not assessable make no label."""
-    from flows.cli import _fail, err
     from tasks.core.config import load_settings
     from tasks.review.export import export
 
     if annotations and not images:
-        raise _fail(
+        raise fail(
             ConfigError(
                 "--annotations needs --images SOURCE",
                 hint="the folder or s3:// prefix the studies were screened from: annotation "
@@ -89,9 +88,9 @@ def reviews_export(
     try:
         made = export(dest, images if annotations else None, load_settings(config).storage)
     except RadflowError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if not made.labelled:
-        raise _fail(RadflowError(f'no usable review verdict under "{dest}"'), code=1)
+        raise fail(RadflowError(f'no usable review verdict under "{dest}"'), code=1)
     out.write_text(made.labels, encoding="utf-8")
     line = (
         f"{made.labelled} labels ({made.abnormal} abnormal, {made.labelled - made.abnormal} "

@@ -7,6 +7,7 @@ import copy
 import io
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import pydicom
@@ -17,7 +18,11 @@ from pydicom.uid import generate_uid
 from tasks.core.errors import CorruptDicom, RadflowError, parser_error
 from tasks.core.schema import Report, Urgency
 from tasks.pacs.version import report_version
-from tasks.storage import Store
+
+if (
+    TYPE_CHECKING
+):  # a Protocol, for annotations only: tasks.storage's open_store imports this module's users
+    from tasks.storage import Store
 
 __all__ = [
     "build_sr",
