@@ -19,9 +19,7 @@ from tasks.core.errors import CorruptDicom, RadflowError, parser_error
 from tasks.core.schema import Report, Urgency
 from tasks.pacs.version import report_version
 
-if (
-    TYPE_CHECKING
-):  # a Protocol, for annotations only: tasks.storage's open_store imports this module's users
+if TYPE_CHECKING:  # annotations only: no import cycle with tasks.storage
     from tasks.storage import Store
 
 __all__ = [
