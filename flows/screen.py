@@ -282,6 +282,7 @@ def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
     summary.cached_cost_usd = round(summary.cached_cost_usd + cached, 6)
     if report.impression is not None:  # the synthesis call (never cached)
         summary.model_calls += 1
+        summary.requests += report.impression.requests
         summary.input_tokens += report.impression.input_tokens
         summary.output_tokens += report.impression.output_tokens
         summary.cost_usd = round(summary.cost_usd + report.impression.cost_usd, 6)

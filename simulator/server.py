@@ -103,6 +103,7 @@ class SimState:
     bodies: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     record_bodies: bool = False
     header_names: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    connections: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     def profile(self, model: str) -> Profile:
         return self.profiles.get(model, self.profiles.get("*", Profile()))
@@ -211,6 +212,8 @@ def create_app(state: SimState) -> Starlette:
             return _error(400, "body must be JSON with a model", "invalid_request_error")
         state.requests[model] += 1
         state.header_names[model].update(request.headers.keys())  # names only, never values
+        if request.client:  # the client's address and port: one per TCP connection
+            state.connections[model].add(f"{request.client.host}:{request.client.port}")
         if state.record_bodies:
             state.bodies[model].append(raw.decode("utf-8", "replace"))
         state.in_flight[model] += 1
@@ -256,6 +259,7 @@ def create_app(state: SimState) -> Starlette:
                 "in_flight": dict(state.in_flight),
                 "peak_in_flight": dict(state.peak_in_flight),
                 "header_names": {m: sorted(n) for m, n in state.header_names.items()},
+                "connections": {m: len(c) for m, c in state.connections.items()},
             }
         )
 

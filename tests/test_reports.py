@@ -16,7 +16,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.data import get_testdata_file
 
 from flows.screen import screen
-from simulator.process import running_simulator
+from simulator.process import panel_config, running_simulator
 from tasks.consensus.vote import build_consensus
 from tasks.core.config import ReviewConfig, SynthesisConfig
 from tasks.core.errors import ReportError
@@ -40,7 +40,7 @@ from tasks.reports.write import (
     write_run_summary,
 )
 from tasks.storage import LocalStore
-from tests.conftest import sim_config
+from tests.conftest import KEY_ENV, read_reports, sim_config
 
 SCHEMA_FILE = Path(__file__).parent.parent / "schemas" / "report.schema.json"
 
@@ -350,6 +350,45 @@ def test_agreeing_normal_panel_needs_no_review_and_writes_korean(
         assert language == "ko-KR"
 
 
+@pytest.mark.e2e
+def test_synthesis_shares_the_panel_client_its_limit_and_the_request_count(
+    prefect_harness, samples, tmp_path
+):
+    import yaml
+
+    # one call at a time per model; with the latency, a synthesis call outside the model's
+    # limit would overlap the next study's reading
+    with running_simulator("--latency", "0.2") as sim:
+        config = tmp_path / "radflow.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "language": "en",
+                    "models": panel_config(sim.url, KEY_ENV, max_concurrency=1),
+                    "synthesis": {"model": "gpt-4o"},
+                }
+            )
+        )
+        summary = asyncio.run(screen(str(samples), str(tmp_path / "out"), str(config), limit=5))
+        stats = sim.stats()
+    reports = read_reports(tmp_path / "out")
+    assert summary.reported == len(reports) == 5
+    assert all(r.impression.ok and r.impression.requests == 1 for r in reports.values())
+    # readings and impressions took turns in gpt-4o's one slot
+    assert stats["peak_in_flight"] == {"gpt-4o": 1, "claude-sonnet-4-6": 1}
+    assert stats["requests"] == {"gpt-4o": 10, "claude-sonnet-4-6": 5}
+    # the run summary counts every request the server saw, the impressions' too
+    assert (
+        summary.requests
+        == 15
+        == sum(
+            sum(x.requests for x in r.readings) + r.impression.requests for r in reports.values()
+        )
+    )
+    # one SDK client per model for the whole run: its one connection served every call
+    assert stats["connections"] == {"gpt-4o": 1, "claude-sonnet-4-6": 1}
+
+
 def test_synthesis_model_must_be_a_panel_model(tmp_path):
     from tasks.core.config import load_settings
     from tasks.core.errors import ConfigError
@@ -362,9 +401,31 @@ def test_synthesis_model_must_be_a_panel_model(tmp_path):
         load_settings(path)
 
 
+def _synthesize(settings, model: str, report: Report) -> Impression:
+    """The impression by ``model``, with the client of a panel made for the call."""
+    from tasks.models.panel import Panel
+    from tasks.models.synthesis import synthesize
+
+    async def run() -> Impression:
+        panel = Panel(settings)
+        try:
+            return await synthesize(
+                panel.client(model),
+                SynthesisConfig(model=model),
+                settings.language,
+                report.consensus,
+                report.readings,
+            )
+        finally:
+            await panel.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.e2e
 def test_synthesis_writes_from_structured_readings_and_fails_softly(simulator, ct, tmp_path):
     from tasks.core.config import load_settings
-    from tasks.models.synthesis import synthesis_input, synthesize
+    from tasks.models.synthesis import synthesis_input
 
     report = _report(ct)
     text = synthesis_input(report.consensus, report.readings)
@@ -373,18 +434,16 @@ def test_synthesis_writes_from_structured_readings_and_fails_softly(simulator, c
 
     settings = load_settings(sim_config(simulator, tmp_path, language="en"))
     for model in ("gpt-4o", "claude"):  # both wire protocols
-        imp = asyncio.run(
-            synthesize(SynthesisConfig(model=model), settings, report.consensus, report.readings)
-        )
+        imp = _synthesize(settings, model, report)
         assert imp.ok and imp.model == model and imp.simulated and imp.model_written
         assert imp.text.startswith("SIMULATED impression") and imp.output_tokens > 0
-        assert imp.cost_usd > 0 and imp.endpoint_host == "127.0.0.1"
+        assert imp.cost_usd > 0 and imp.endpoint_host == "127.0.0.1" and imp.requests == 1
+        assert imp.prompt_version.startswith("impression-v1-") and imp.language == "en"
     broken = settings.model_copy(deep=True)
     broken.models[0].base_url = "http://127.0.0.1:9/v1"
-    broken.models[0].max_retries = 0
-    imp = asyncio.run(
-        synthesize(SynthesisConfig(model="gpt-4o"), broken, report.consensus, report.readings)
-    )
+    broken.models[0].max_retries = 1
+    imp = _synthesize(broken, "gpt-4o", report)
     assert not imp.ok and "APIConnectionError" in imp.error and imp.text == ""
+    assert imp.requests == 2  # the first attempt and the SDK's one retry
     md = render_markdown(_report(ct, impression=imp))
     assert "The impression could not be written (gpt-4o: APIConnectionError" in md

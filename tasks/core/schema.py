@@ -170,6 +170,7 @@ class Impression(BaseModel):
     cost_usd: float = 0.0
     latency_ms: float = 0.0
     simulated: bool = False
+    requests: int = Field(0, description="HTTP requests made (SDK retries included)")
     error: str | None = None
 
 

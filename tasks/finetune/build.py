@@ -26,7 +26,7 @@ from tasks.finetune.examples import (
     split_by_patient,
     to_jsonl,
 )
-from tasks.models.panel import load_prompt
+from tasks.models.prompts import load_prompt
 from tasks.storage import Store, open_store
 
 __all__ = [

@@ -28,7 +28,8 @@ from tasks.finetune.checks import MAX_IMAGE_BYTES, MAX_IMAGES_PER_EXAMPLE, check
 from tasks.imaging.preprocess import prepare_all
 from tasks.ingest.context import clinical_context
 from tasks.ingest.discover import read_header
-from tasks.models.panel import Prompt, user_text
+from tasks.models.panel import user_text
+from tasks.models.prompts import Prompt
 from tasks.storage import ObjectRef, Store
 
 __all__ = [

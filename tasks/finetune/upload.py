@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.core.config import ModelConfig, Provider, Settings
 from tasks.core.errors import ConfigError, ProviderError
 from tasks.core.redact import redact
+from tasks.models.client import sdk_client
 
 __all__ = ["Hyperparameters", "create_job", "openai_endpoint", "upload_dataset"]
 
@@ -102,9 +103,9 @@ def upload_dataset(
 ) -> dict:
     """Upload both files and create the fine-tuning job at the config's OpenAI endpoint (the
     SDK retries 429/5xx itself); errors name the endpoint, never the key."""
-    options = openai_endpoint(settings).client_options(settings.gateway)  # registers secrets
-    client = openai.OpenAI(**options)
-    host = options["base_url"] or "api.openai.com"
+    model = openai_endpoint(settings)
+    client = sdk_client(model, settings.gateway, sync=True)  # registers the key first
+    host = model.endpoint(settings.gateway)[0] or "api.openai.com"
     try:
         result = create_job(
             client,

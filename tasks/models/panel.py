@@ -10,36 +10,26 @@ import base64
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 
-import anthropic
-import httpx2
-import openai
-from aiolimiter import AsyncLimiter
 from pydantic import ValidationError
 
 from tasks.core.config import Language, ModelConfig, Provider, Settings
-from tasks.core.redact import describe, redact
+from tasks.core.errors import ConfigError
+from tasks.core.redact import redact
 from tasks.core.schema import ModelReading, Reading, Urgency
 from tasks.imaging.sizing import estimate_input_tokens
 from tasks.models.cache import ReadingCache, reading_key
+from tasks.models.client import API_ERRORS, ModelClient, is_simulated
+from tasks.models.prompts import Prompt, load_prompt
 
-__all__ = ["ModelClient", "Panel", "Prompt", "load_prompt", "reask_text", "user_text"]
+# Prompt and load_prompt are the panel's too: ``Panel.read`` takes the reading prompt
+__all__ = ["Panel", "Prompt", "Reader", "load_prompt", "reask_text", "user_text"]
 
 logger = logging.getLogger(__name__)
 
-PROMPT_VERSION = "v1"
 TOOL_NAME = "record_reading"
-SIMULATOR_MODEL_PREFIX = "radflow-simulator/"
-_DEFAULT_URLS = {
-    Provider.OPENAI: "https://api.openai.com/v1",
-    Provider.ANTHROPIC: "https://api.anthropic.com",
-}
 _SCHEMA = Reading.model_json_schema()
 _SCHEMA_DIGEST = hashlib.sha256(json.dumps(_SCHEMA, sort_keys=True).encode()).hexdigest()[:16]
 _OPENAI_FORMAT = {
@@ -53,16 +43,6 @@ _ANTHROPIC_TOOL = {
 }
 _MAX_ERROR_CHARS = 800
 
-# HTTP requests made by the reading being asked in the current task (SDK retries included).
-_requests: ContextVar[list[int] | None] = ContextVar("radflow_model_requests", default=None)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    language: Language
-    version: str  # "v1-<sha256 prefix>": changes whenever the prompt text does
-
 
 @dataclass
 class _Answer:
@@ -74,15 +54,6 @@ class _Answer:
     input_tokens: int
     output_tokens: int
     response_model: str | None
-
-
-@cache
-def load_prompt(language: Language | str) -> Prompt:
-    language = Language(language)
-    name = f"reading.{PROMPT_VERSION}.{language.value}.md"
-    text = resources.files("tasks.models").joinpath("prompts", name).read_text(encoding="utf-8")
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return Prompt(text, language, f"{PROMPT_VERSION}-{digest}")
 
 
 def user_text(context: dict[str, str], n_images: int, language: Language) -> str:
@@ -105,46 +76,17 @@ def _validation_text(exc: ValidationError) -> str:
     return "; ".join(parts)[:_MAX_ERROR_CHARS]
 
 
-def _rate_limiter(requests_per_minute: float | None) -> AsyncLimiter | None:
-    """A leaky bucket holding at most one second of requests, so no minute exceeds the rate
-    by more than that second's burst."""
-    if not requests_per_minute:
-        return None
-    burst = max(1.0, requests_per_minute / 60)
-    return AsyncLimiter(burst, burst * 60 / requests_per_minute)
-
-
-class ModelClient:
-    """One panel entry: an async SDK client, its in-flight bound and request rate, its fallback.
-
-    The bounds are asyncio primitives shared by every study of a flow run (one event loop):
-    ``max_concurrency`` readings in flight (SDK retries and their back-off included) and
-    ``requests_per_minute`` HTTP requests (each retry counts, through an httpx request hook).
-    """
+class Reader:
+    """One panel entry: its model's client, the reading cache, and the entry asked instead
+    when the model fails (``fallback``, with a client of its own)."""
 
     def __init__(
         self, cfg: ModelConfig, settings: Settings, cache: ReadingCache | None = None
     ) -> None:
         self.cfg = cfg
         self.cache = cache
-        options = cfg.client_options(settings.gateway)  # registers the key and header values
-        self.endpoint = (options["base_url"] or _DEFAULT_URLS[cfg.provider]).rstrip("/")
-        self.host = httpx2.URL(self.endpoint).host
-        self._rate = _rate_limiter(cfg.requests_per_minute)
-        sdk = openai if cfg.provider is Provider.OPENAI else anthropic
-        http_client = sdk.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request]})
-        self.client: openai.AsyncOpenAI | anthropic.AsyncAnthropic = (
-            openai.AsyncOpenAI if cfg.provider is Provider.OPENAI else anthropic.AsyncAnthropic
-        )(**options, http_client=http_client)
-        self._limit = asyncio.Semaphore(cfg.max_concurrency)
-        self.fallback = ModelClient(cfg.fallback, settings, cache) if cfg.fallback else None
-
-    async def _on_request(self, request: httpx2.Request) -> None:
-        counter = _requests.get()
-        if counter is not None:
-            counter[0] += 1
-        if self._rate is not None:
-            await self._rate.acquire()
+        self.client = ModelClient(cfg, settings.gateway)
+        self.fallback = Reader(cfg.fallback, settings, cache) if cfg.fallback else None
 
     def cache_key(self, pngs: list[bytes], text: str, prompt: Prompt) -> str:
         return reading_key(
@@ -153,7 +95,7 @@ class ModelClient:
             text,
             self.cfg.provider.value,
             self.cfg.model,
-            self.endpoint,
+            self.client.endpoint,
             {
                 "max_output_tokens": self.cfg.max_output_tokens,
                 "schema": _SCHEMA_DIGEST,
@@ -204,20 +146,12 @@ class ModelClient:
         return served
 
     async def _call(self, pngs: list[bytes], text: str, prompt: Prompt) -> ModelReading:
-        meta = dict(
-            model=self.cfg.name,
-            provider=self.cfg.provider.value,
-            model_id=self.cfg.model,
-            endpoint_host=self.host,
-        )
-        counter = [0]
-        token = _requests.set(counter)
+        meta = self.client.meta()
+        call = self.client.call()
         tokens_in = tokens_out = 0
         reasked = False
-        start = time.perf_counter()
         try:
-            async with self._limit:
-                start = time.perf_counter()
+            async with call:
                 answer = await self._ask(pngs, text, prompt, None)
                 tokens_in, tokens_out = answer.input_tokens, answer.output_tokens
                 if answer.invalid is not None:
@@ -226,32 +160,28 @@ class ModelClient:
                     answer = await self._ask(pngs, text, prompt, answer.invalid)
                     tokens_in += answer.input_tokens
                     tokens_out += answer.output_tokens
-        except (openai.APIError, anthropic.APIError) as exc:
-            error = describe(exc)
-            logger.warning("model %s failed: %s", self.cfg.name, error)
+        except API_ERRORS as exc:
             return ModelReading(
                 **meta,
                 ok=False,
-                error=error,
+                error=self.client.failure("reading", exc),
                 input_tokens=tokens_in,
                 output_tokens=tokens_out,
                 cost_usd=self.cfg.price.cost(tokens_in, tokens_out),
-                latency_ms=(time.perf_counter() - start) * 1e3,
-                requests=counter[0],
+                latency_ms=call.latency_ms,
+                requests=call.requests,
                 reasked=reasked,
             )
-        finally:
-            _requests.reset(token)
         response_model = answer.response_model
         base = dict(
             **meta,
             input_tokens=tokens_in,
             output_tokens=tokens_out,
             cost_usd=self.cfg.price.cost(tokens_in, tokens_out),
-            latency_ms=(time.perf_counter() - start) * 1e3,
+            latency_ms=call.latency_ms,
             response_model=response_model,
-            simulated=(response_model or "").startswith(SIMULATOR_MODEL_PREFIX),
-            requests=counter[0],
+            simulated=is_simulated(response_model),
+            requests=call.requests,
             reasked=reasked,
         )
         if answer.invalid is not None:
@@ -285,7 +215,7 @@ class ModelClient:
         for png in pngs:
             url = "data:image/png;base64," + base64.b64encode(png).decode()
             content.append({"type": "image_url", "image_url": {"url": url, "detail": "high"}})
-        completion = await self.client.chat.completions.create(
+        completion = await self.client.sdk.chat.completions.create(
             model=self.cfg.model,
             messages=[
                 {"role": "system", "content": prompt.text},
@@ -322,7 +252,7 @@ class ModelClient:
             for png in pngs
         ]
         content += [{"type": "text", "text": t} for t in texts]
-        message = await self.client.messages.create(
+        message = await self.client.sdk.messages.create(
             model=self.cfg.model,
             max_tokens=self.cfg.max_output_tokens,
             system=prompt.text,
@@ -345,16 +275,17 @@ class ModelClient:
         return _Answer(reading, None, None, *tokens, message.model)
 
     async def aclose(self) -> None:
-        await self.client.close()
+        await self.client.aclose()
         if self.fallback:
             await self.fallback.aclose()
 
 
 class Panel:
-    """Every model of the config; ``read`` asks them all about one study at once."""
+    """Every model of the config; ``read`` asks them all about one study at once. Made once
+    per run: its model clients (``client``) serve every call of the run, the synthesis too."""
 
     def __init__(self, settings: Settings, cache: ReadingCache | None = None) -> None:
-        self.clients = [ModelClient(cfg, settings, cache) for cfg in settings.models]
+        self.readers = [Reader(cfg, settings, cache) for cfg in settings.models]
 
     async def read(
         self,
@@ -366,25 +297,34 @@ class Panel:
         sized so that provider does not rescale them (``PreparedImage.for_provider``); each
         reading carries the input tokens estimated by the provider's published formula."""
 
-        async def one(client: ModelClient) -> ModelReading:
-            provider = client.cfg.provider.value
+        async def one(reader: Reader) -> ModelReading:
+            provider = reader.cfg.provider.value
             images = pngs if isinstance(pngs, list) else pngs[provider]
-            reading = await client.read(pngs, context, prompt)
+            reading = await reader.read(pngs, context, prompt)
             text = prompt.text + user_text(context, len(images), prompt.language)
             estimate = estimate_input_tokens(provider, images, text)
             return reading.model_copy(update={"estimated_input_tokens": estimate})
 
-        return list(await asyncio.gather(*(one(c) for c in self.clients)))
+        return list(await asyncio.gather(*(one(r) for r in self.readers)))
+
+    def client(self, name: str) -> ModelClient:
+        """The client of the panel model named ``name`` (its bounds are the readings')."""
+        for reader in self.readers:
+            if reader.cfg.name == name:
+                return reader.client
+        known = ", ".join(r.cfg.name for r in self.readers)
+        raise ConfigError(f'"{name}" is not a panel model (known: {known})')
 
     @property
     def providers(self) -> tuple[str, ...]:
         """The providers of the panel's models and of their fallbacks."""
         out: set[str] = set()
-        for client in self.clients:
-            while client is not None:
-                out.add(client.cfg.provider.value)
-                client = client.fallback
+        for reader in self.readers:
+            entry: Reader | None = reader
+            while entry is not None:
+                out.add(entry.cfg.provider.value)
+                entry = entry.fallback
         return tuple(sorted(out))
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self.clients))
+        await asyncio.gather(*(r.aclose() for r in self.readers))

@@ -29,7 +29,7 @@ from tasks.ingest.context import deidentify, vocabularies
 from tasks.ingest.discover import Study
 from tasks.models.cache import ReadingCache
 from tasks.models.panel import Panel, Prompt, load_prompt
-from tasks.models.synthesis import impression_prompt, synthesize
+from tasks.models.synthesis import synthesize
 from tasks.pacs.publish import PublishTarget, publish_target
 from tasks.reports.write import publish_report, reported, study_errors, write_error, write_errors
 from tasks.screening.claims import Claim, Lease, kept, take
@@ -231,7 +231,13 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
     consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     impression = None
     if settings.synthesis is not None:
-        impression = await synthesize(settings.synthesis, settings, consensus, readings)
+        impression = await synthesize(  # with the panel's client of that model
+            panel.client(settings.synthesis.model),
+            settings.synthesis,
+            settings.language,
+            consensus,
+            readings,
+        )
     report = Report(
         study_instance_uid=uid,
         status="complete" if all(r.ok for r in readings) else "degraded",
@@ -285,9 +291,7 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
                 for r in readings
             ],
             image_sha256=[img.sha256 for _, img in prepared],
-            synthesis_prompt_version=(
-                impression_prompt(settings.language)[1] if settings.synthesis else None
-            ),
+            synthesis_prompt_version=impression.prompt_version if impression else None,
         ),
     )
     evidence = [(inst.ref.key, inst.ref.uri) for inst, _ in prepared]
