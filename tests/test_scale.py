@@ -1,5 +1,5 @@
-"""Scale-out: shard planning and summary merging (pure), the sharded screening path as child
-flow runs on a real Prefect API, and preprocessing in a process pool."""
+"""Scale-out: shard planning (pure; merging shard summaries: test_summary.py), the sharded
+screening path as child flow runs on a real Prefect API, and preprocessing in a process pool."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -23,12 +22,11 @@ from tasks.core.config import RunnerConfig, Settings, StorageConfig
 from tasks.core.errors import ConfigError, WorkerCrashed
 from tasks.core.schema import RunSummary
 from tasks.ingest.discover import Instance, Study
+from tasks.screening.plan import plan_shards
 from tasks.screening.pool import (
     POOL_MIN_CPUS,
     POOL_MIN_STUDIES,
-    merge_summary,
     off_loop,
-    plan_shards,
     resolve_runner,
     shutdown_pools,
 )
@@ -64,31 +62,6 @@ def test_plan_shards_covers_every_object_once():
     assert {k.split("/")[0] for k in shards[0]} == {"1.0", "1.1", "1.2", "1.3"}
     with pytest.raises(ValueError, match="shard size must be >= 1, got 0"):
         plan_shards(studies, 0)
-
-
-def test_merge_summary_adds_counts_but_not_studies_or_kappa():
-    now = datetime.now(UTC)
-    parent = RunSummary(run_id="p", source="s", dest="d", studies=10, skipped=2, started_at=now)
-    for i in range(2):
-        child = RunSummary(
-            run_id=f"c{i}",
-            source="s",
-            dest="d",
-            studies=4,
-            reported=4,
-            degraded=1,
-            model_calls=8,
-            input_tokens=100,
-            cost_usd=0.1,
-            simulated=True,
-            fleiss_kappa=0.5,
-            kappa_studies=4,
-            started_at=now,
-        )
-        merge_summary(parent, child)
-    assert (parent.studies, parent.skipped, parent.reported, parent.degraded) == (10, 2, 8, 2)
-    assert (parent.model_calls, parent.input_tokens, parent.cost_usd) == (16, 200, 0.2)
-    assert parent.simulated and parent.fleiss_kappa is None and parent.run_id == "p"
 
 
 def test_runner_config_rejects_bad_values():
