@@ -1,5 +1,5 @@
-"""Scale-out: shard planning (pure; merging shard summaries: test_summary.py), the sharded
-screening path as child flow runs on a real Prefect API, and preprocessing in a process pool."""
+"""Scale-out: the sharded screening path as child flow runs on a real Prefect API (shard
+planning and merging: test_summary.py), and preprocessing in a process pool."""
 
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from simulator.samples import synthetic_ct
 from tasks.core.config import RunnerConfig, Settings, StorageConfig
 from tasks.core.errors import ConfigError, WorkerCrashed
 from tasks.core.schema import RunSummary
-from tasks.ingest.discover import Instance, Study
-from tasks.screening.plan import plan_shards
 from tasks.screening.pool import (
     POOL_MIN_CPUS,
     POOL_MIN_STUDIES,
@@ -30,38 +28,8 @@ from tasks.screening.pool import (
     resolve_runner,
     shutdown_pools,
 )
-from tasks.storage import LocalStore, ObjectRef
+from tasks.storage import LocalStore
 from tests.conftest import child_env, read_reports, sim_calls, sim_config
-
-
-def _study(uid: str, n: int) -> Study:
-    instances = [
-        Instance(
-            ObjectRef(f"/d/{uid}/{i}.dcm", f"{uid}/{i}.dcm", 1, "1"),
-            uid,
-            uid + ".1",
-            f"{uid}.1.{i}",
-            "CT",
-            i,
-            1,
-            {},
-        )
-        for i in range(n)
-    ]
-    return Study(uid, instances)
-
-
-def test_plan_shards_covers_every_object_once():
-    studies = [_study(f"1.{i}", i % 3 + 1) for i in range(10)]
-    shards = plan_shards(studies, 4)
-    assert [len(s) for s in shards] == [7, 8, 4]  # 4 + 4 + 2 studies, 1-3 instances each
-    keys = [k for shard in shards for k in shard]
-    assert sorted(keys) == sorted(i.ref.key for s in studies for i in s.instances)
-    assert len(keys) == len(set(keys))
-    # a study's instances never straddle two shards
-    assert {k.split("/")[0] for k in shards[0]} == {"1.0", "1.1", "1.2", "1.3"}
-    with pytest.raises(ValueError, match="shard size must be >= 1, got 0"):
-        plan_shards(studies, 0)
 
 
 def test_runner_config_rejects_bad_values():

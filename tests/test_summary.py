@@ -1,10 +1,13 @@
-"""A screening run's accounting (tasks/screening/summary.py) and what it reads and records for
-what it could not (tasks/screening/plan.py): plain functions on real reports and a local DEST."""
+"""A screening run's accounting (tasks/screening/summary.py), and what it reads, how it shards
+and what it records for what it could not (tasks/screening/plan.py): plain functions on real
+reports and a local DEST."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+
+import pytest
 
 from tasks.core.privacy import LogNames
 from tasks.core.schema import (
@@ -21,15 +24,21 @@ from tasks.ingest.discover import Instance, Study
 from tasks.pacs.publish import PublishTarget
 from tasks.pacs.settings import DicomWebConfig
 from tasks.reports.write import report_key
-from tasks.screening.plan import already_reported, fail_unread, fail_unreported, to_read
+from tasks.screening.plan import (
+    already_reported,
+    fail_unread,
+    fail_unreported,
+    plan_shards,
+    to_read,
+)
 from tasks.screening.summary import StudyOutcome, Tally, study_cost
 from tasks.storage import LocalStore, ObjectRef
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
 
-def _summary(**fields) -> RunSummary:
-    return RunSummary(run_id="r", source="s3://in/", dest="s3://out/", started_at=NOW, **fields)
+def _summary(run_id: str = "r", **counts) -> RunSummary:
+    return RunSummary(run_id=run_id, source="s3://in/", dest="s3://out/", started_at=NOW, **counts)
 
 
 def _reading(model: str, abnormal: bool | None, *, cached: bool = False, cost: float = 0.01):
@@ -71,6 +80,12 @@ def _report(uid: str, readings: list[ModelReading], **fields) -> Report:
     )
 
 
+def _impression(**usage) -> Impression:
+    """The synthesis call's narrative, with its tokens and cost."""
+    model = {"model": "s", "provider": "openai", "model_id": "s", "prompt_version": "1"}
+    return Impression(ok=True, language="en", **model, **usage)
+
+
 def _study(uid: str, n: int = 2) -> Study:
     instances = [
         Instance(
@@ -88,16 +103,21 @@ def _study(uid: str, n: int = 2) -> Study:
     return Study(uid, instances)
 
 
+def test_plan_shards_covers_every_object_once():
+    studies = [_study(f"1.{i}", i % 3 + 1) for i in range(10)]
+    shards = plan_shards(studies, 4)
+    assert [len(s) for s in shards] == [7, 8, 4]  # 4 + 4 + 2 studies, 1-3 instances each
+    keys = [k for shard in shards for k in shard]
+    assert sorted(keys) == sorted(i.ref.key for s in studies for i in s.instances)
+    assert len(keys) == len(set(keys))
+    # a study's instances never straddle two shards
+    assert {k.split("/")[0] for k in shards[0]} == {"1.0", "1.1", "1.2", "1.3"}
+    with pytest.raises(ValueError, match="shard size must be >= 1, got 0"):
+        plan_shards(studies, 0)
+
+
 def test_a_study_cost_counts_every_reading_and_the_synthesis():
-    impression = Impression(
-        ok=True,
-        language="en",
-        model="s",
-        provider="openai",
-        model_id="s",
-        prompt_version="1",
-        cost_usd=0.0025,
-    )
+    impression = _impression(cost_usd=0.0025)
     readings = [_reading("a", True, cost=0.01), _reading("b", True, cached=True, cost=0.02)]
     assert study_cost(readings, impression) == 0.0325
     assert study_cost(readings, None) == 0.03
@@ -105,17 +125,7 @@ def test_a_study_cost_counts_every_reading_and_the_synthesis():
 
 
 def test_tally_adds_paid_and_cached_readings_synthesis_review_and_publishing():
-    impression = Impression(
-        ok=True,
-        language="en",
-        model="s",
-        provider="openai",
-        model_id="s",
-        prompt_version="1",
-        input_tokens=50,
-        output_tokens=20,
-        cost_usd=0.004,
-    )
+    impression = _impression(input_tokens=50, output_tokens=20, cost_usd=0.004)
     published = Published(
         state="failed",
         target="dicomweb+http://p/",
@@ -158,23 +168,12 @@ def test_tally_adds_paid_and_cached_readings_synthesis_review_and_publishing():
 def test_tally_merges_shards_but_not_their_studies_skips_or_kappa():
     tally = Tally(_summary(studies=10, skipped=2), LogNames())
     for i in range(2):
-        child = RunSummary(
-            run_id=f"c{i}",
-            source="s",
-            dest="d",
-            studies=4,
-            reported=4,
-            degraded=1,
-            model_calls=8,
-            input_tokens=100,
-            cost_usd=0.1,
-            simulated=True,
-            fleiss_kappa=0.5,
-            kappa_studies=4,
-            started_at=NOW,
-            fetched_bytes_by_study={f"1.{i}": 5},
+        counts = {"studies": 4, "reported": 4, "degraded": 1, "model_calls": 8}
+        usage = {"input_tokens": 100, "cost_usd": 0.1, "simulated": True}
+        kappa = {"fleiss_kappa": 0.5, "kappa_studies": 4}
+        tally.merge(
+            _summary(f"c{i}", **counts, **usage, **kappa, fetched_bytes_by_study={f"1.{i}": 5})
         )
-        tally.merge(child)
     tally.add_unread(3)  # a study of a failed shard: 3 error records
     tally.add_unread(0)  # one its shard had reported before failing
     parent = tally.finish()
