@@ -1,5 +1,5 @@
 """The screening flow's coarse Prefect task, ``screen-studies``: one task run per batch of
-studies (model calls are plain async calls inside it, see docs/design.md for why), and the
+studies (model calls are plain async calls inside it, see DESIGN.md for why), and the
 run's batches, whose outcomes come back as each study ends."""
 
 from __future__ import annotations
