@@ -51,7 +51,13 @@ def screen(
         for uri in (source, out):
             open_store(uri, settings.storage)  # a missing bucket or a 401: one line, no run
         summary = run_with_progress(
-            screen_flow(source, out, str(config) if config else None, limit, force)
+            screen_flow(
+                source=source,
+                out=out,
+                config=str(config) if config else None,
+                limit=limit,
+                force=force,
+            )
         )
     except RadflowError as exc:
         raise fail(exc) from None
@@ -311,16 +317,18 @@ def evaluate(
 
     from flows.evaluate import evaluate_accuracy
     from tasks.core.config import load_settings
-    from tasks.evaluation.outputs import load_labels
+    from tasks.evaluation.outputs import read_labels
 
     async def run() -> tuple[object, object]:
         cfg = str(config) if config else None
-        state = await evaluate_accuracy(labels, images, out, cfg, margin, return_state=True)
+        state = await evaluate_accuracy(
+            labels=labels, images=images, out=out, config=cfg, margin=margin, return_state=True
+        )
         return state, await state.aresult(raise_on_failure=False)
 
     try:
-        load_settings(config)  # fail fast, before a Prefect run exists
-        load_labels.fn(labels)
+        settings = load_settings(config)  # fail fast, before a Prefect run exists
+        read_labels(labels, settings.storage)
         state, result = asyncio.run(run())
     except RadflowError as exc:
         raise fail(exc) from None

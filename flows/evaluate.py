@@ -52,10 +52,11 @@ async def evaluate_accuracy(
     settings = load_settings(config)
     margin = settings.evaluation.regression_margin if margin is None else margin
     started = datetime.now(UTC)
-    label_list = load_labels(labels)
-    await screen(images, out, config, None, True, reviews=False)  # labelled: no review runs
+    label_list = load_labels(labels, settings.storage)
+    # every study read again (force); labelled studies need no review runs
+    await screen(source=images, out=out, config=config, force=True, reviews=False)
 
-    dest = open_store(out)
+    dest = open_store(out, settings.storage)
     uids = [label.study_instance_uid for label in label_list]
     reports = collect_reports(dest, uids)
     cases = case_table(label_list, reports)

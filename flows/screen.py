@@ -1,49 +1,43 @@
-"""The screening flow: discover → (per study: preprocess → diagnose → consensus → report) → summary."""
+"""The screening flow: discover → (per study: preprocess → diagnose → consensus → report) → summary;
+a large run's studies as shards, child runs of this flow."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import aclosing
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from functools import partial
-from importlib import import_module
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.utilities.annotations import quote
 
-from flows.shards import run_shards
-from tasks.consensus.vote import KAPPA_MODULE, panel_kappa
-from tasks.core.config import load_settings
-from tasks.core.errors import ConfigError, SymlinkEscape, retry_if_transient
+from tasks.core.config import RunnerConfig, load_settings
+from tasks.core.errors import ConfigError, retry_if_transient
 from tasks.core.privacy import log_names, store_scheme
 from tasks.core.schema import RunSummary
 from tasks.ingest.discover import Inventory, Study, discover_studies
 from tasks.ingest.events import SelectedObjects
-from tasks.pacs.publish import PublishTarget, count_published, needs_publishing, publish_target
-from tasks.reports.write import (
-    reported,
-    review_entry,
-    study_errors,
-    write_error,
-    write_errors,
-    write_run_summary,
-)
+from tasks.pacs.publish import publish_target
+from tasks.reports.write import write_errors, write_run_summary
 from tasks.review.requests import request_reviews
-from tasks.screening.monitor import RunMonitor, result_row, run_name, run_tags
-from tasks.screening.pool import resolve_runner, warm
-from tasks.screening.study import Batch, Screening, StudyOutcome, screen_studies
+from tasks.screening.batches import screened, warm_up
+from tasks.screening.monitor import RunMonitor, run_name, run_tags
+from tasks.screening.plan import fail_unreported, plan_shards, to_read
+from tasks.screening.pool import resolve_runner
+from tasks.screening.shards import check_deployment, on_deployment
+from tasks.screening.study import Screening
+from tasks.screening.summary import StudyOutcome, Tally
 from tasks.storage import Store, open_store
 
-__all__ = ["progress_hook", "screen"]
+__all__ = ["progress_hook", "run_shards", "screen"]
 
 # The CLI sets this to drive its progress bar: called with (done, total, outcome or None).
 progress_hook: ContextVar[Callable[[int, int, StudyOutcome | None], None] | None] = ContextVar(
     "radflow_progress_hook", default=None
 )
-
 
 discover = task(
     name="discover-studies",
@@ -54,30 +48,11 @@ discover = task(
 )(discover_studies)
 
 
-def _already_reported(dest: Store, study: Study, publish: PublishTarget | None = None) -> bool:
-    """Reported from the same inputs (and, with ``publish``, its SR is on that server)."""
-    try:
-        previous = reported(dest, study.study_instance_uid, study.fingerprint)
-    except SymlinkEscape:  # the study's folder leads out of DEST: screen_study records it
-        return False
-    return previous is not None and not needs_publishing(previous, publish)
-
-
 def _first_run_name() -> str:
     """``screen-<date>-<store scheme>`` until discovery counts the studies (then
     ``screen-<date>-<n>-studies``): never the SOURCE path, which may name a patient."""
     scheme = store_scheme(flow_run.parameters.get("source"))
     return f"screen-{datetime.now(UTC):%Y-%m-%d}-{scheme}"
-
-
-def _fail_unreported(dest: Store, study: Study, reason: str) -> int:
-    """Error records for a study of a failed shard unless it was reported; how many."""
-    if _already_reported(dest, study):
-        return 0
-    records = study_errors(study, reason)
-    for record in records:
-        write_error(dest, record)
-    return len(records)
 
 
 @flow(name="screen", flow_run_name=_first_run_name, log_prints=True)
@@ -119,19 +94,23 @@ async def screen(
             "%d named objects are not under %s%s", len(src.missing), names.source(source), listed
         )
     studies = inventory.studies[:limit] if limit else inventory.studies
-    pending = [s for s in studies if force or not _already_reported(dest, s, publish)]
+    pending = to_read(dest, studies, force, publish)
     skipped = len(studies) - len(pending)
     logger.info("%d studies, %d to read, %d already reported", len(studies), len(pending), skipped)
 
-    summary = RunSummary(
-        run_id=str(flow_run.get_id() or started.strftime("%Y%m%dT%H%M%S")),
-        source=source,
-        dest=out,
-        studies=len(studies),
-        skipped=skipped,
-        errors=len(inventory.errors),
-        started_at=started,
-        discovery_bytes=discovery_bytes,
+    run_id = str(flow_run.get_id() or started.strftime("%Y%m%dT%H%M%S"))
+    tally = Tally(
+        RunSummary(
+            run_id=run_id,
+            source=source,
+            dest=out,
+            studies=len(studies),
+            skipped=skipped,
+            errors=len(inventory.errors),
+            started_at=started,
+            discovery_bytes=discovery_bytes,
+        ),
+        names,
     )
     hook = progress_hook.get()
     if hook:
@@ -140,59 +119,30 @@ async def screen(
     labels = run_tags(names.source(source), [m.name for m in settings.models])
     await monitor.label(run_name(started, len(studies)), labels)
     await monitor.start(len(pending))
-    warming: asyncio.Future | None = None
-    rows: list[dict] = []
-    votes: list[list[bool | None]] = []  # per study read: each model's abnormal (kappa)
     if settings.runner.shard_size and len(pending) > settings.runner.shard_size:
-        summary.shards = await run_shards(  # child flow runs; see "Scaling out" in the README
-            screen,
-            pending,
-            source=source,
-            out=out,
-            config=config,
-            force=force,
-            runner=settings.runner,
-            dest=dest,
-            summary=summary,
-            progress=progress_hook,
-            on_failure=partial(_fail_unreported, dest),
-        )
+        child = {"source": source, "out": out, "config": config, "force": force}
+        await run_shards(pending, child, settings.runner, dest, tally)  # see "Scaling out"
     elif pending:
         # `preprocess: auto` → threads or the process pool, by the size of this run
         settings = settings.model_copy(
             update={"runner": resolve_runner(settings.runner, len(pending))}
         )
-        # while the first models read: the pool's processes or highdicom's tables (for the
-        # SRs), and statsmodels (for the kappa at the end); each takes a second or more
-        loads = [warm(settings.runner)]
-        if len(pending) > 1:
-            loads.append(asyncio.to_thread(import_module, KAPPA_MODULE))
-        warming = asyncio.ensure_future(asyncio.gather(*loads))
+        warming = asyncio.ensure_future(warm_up(settings.runner, len(pending)))
         # claims name the run; with --force, a report another run writes from now on is done
         run = await Screening.start(
-            src, dest, settings, names, summary.run_id, since=started if force else None
+            src, dest, settings, names, run_id, since=started if force else None
         )
-        outcomes: asyncio.Queue[StudyOutcome | None] = asyncio.Queue()
-        screening = asyncio.ensure_future(_screen_batches(pending, run, outcomes.put_nowait))
-        screening.add_done_callback(lambda _: outcomes.put_nowait(None))  # the end
         try:
-            done = 0
-            while (outcome := await outcomes.get()) is not None:
-                done += 1
-                _add(summary, outcome)
-                if outcome.report is not None:
-                    votes.append([r.abnormal if r.ok else None for r in outcome.report.readings])
-                    rows.append(result_row(outcome.report, out, names))
-                await monitor.advance(done, len(pending))
-                if hook:
-                    hook(done, len(pending), outcome)
-            await screening  # its own error, if any, fails the run
+            async with aclosing(screened(pending, run)) as outcomes:
+                async for outcome in outcomes:
+                    tally.add(outcome)
+                    await monitor.advance(tally.done, len(pending))
+                    if hook:
+                        hook(tally.done, len(pending), outcome)
         finally:
-            screening.cancel()  # when the loop above failed; a no-op once it is done
             await run.panel.aclose()
-    if warming is not None:
         await warming
-    summary.fleiss_kappa, summary.kappa_studies = panel_kappa(votes)
+    summary = tally.finish()
     if (settings.review.requests if reviews is None else reviews) and not summary.shards:
         asked = await request_reviews(  # a sharded run's children asked for their own
             dest,
@@ -200,13 +150,13 @@ async def screen(
             [e.study_instance_uid for e in summary.review_queue],
             settings.review,
             config=config,
-            requested_by=summary.run_id,
+            requested_by=run_id,
             storage=settings.storage,
         )
         summary.reviews_requested = asked.requested
     summary.finished_at = datetime.now(UTC)
     key = write_run_summary(dest, summary)
-    await monitor.finish(summary, rows, key)
+    await monitor.finish(summary, tally.rows, key)
     logger.info(
         "reported %d of %d studies (%d skipped, %d claimed by other runs, %d degraded, "
         "%d for review, %d errors), %d model calls, $%.4f; summary at %s",
@@ -224,69 +174,50 @@ async def screen(
     return summary
 
 
-async def _screen_batches(
-    studies: list[Study], run: Screening, finished: Callable[[StudyOutcome], None]
+async def run_shards(
+    pending: list[Study], child: dict[str, Any], runner: RunnerConfig, dest: Store, tally: Tally
 ) -> None:
-    """One ``screen-studies`` task run per ``runner.studies_per_task`` studies; enough of them
-    at once to keep ``run.window`` full. Each study's outcome goes to ``finished``: from its
-    task run as it ends, or here, as error records, when its task run failed for good."""
-    size = run.settings.runner.studies_per_task
-    n = len(studies)
-    batches = [
-        Batch(f"{i + 1}-{min(i + size, n)}-of-{n}", studies[i : i + size])
-        for i in range(0, n, size)
-    ]
-    # twice what the window holds: a batch waiting on its last slow study does not idle it
-    slots = asyncio.Semaphore(2 * -(-run.settings.max_studies_in_flight // size))
+    """Screen ``pending`` as shards of ``runner.shard_size`` studies, ``runner.shards_in_flight``
+    at a time: each a child run of :func:`screen` (or of ``runner.shard_deployment``) with the
+    ``child`` parameters and the shard's object keys. Each shard's summary goes into ``tally``;
+    a shard that fails leaves error records for its studies without a report. The CLI's
+    progress hook is fed the children's studies, counted over the whole run."""
+    logger = get_run_logger()
+    if runner.shard_deployment:
+        await check_deployment(runner.shard_deployment)
+    hook = progress_hook.get()
+    shards = plan_shards(pending, runner.shard_size)
+    by_key = {ref.key: study for study in pending for ref in study.objects}
+    gate = asyncio.Semaphore(runner.shards_in_flight)
+    done = 0
 
-    async def one(batch: Batch) -> None:
-        async with slots:
-            # quote(): Prefect passes the objects as they are instead of walking them looking
-            # for futures (≈25 ms of event-loop time per study otherwise)
-            state = await screen_studies(
-                quote(batch), quote(run), quote(finished), return_state=True
-            )
-        if state.is_completed():
-            return
-        for study in batch.studies:
-            uid = study.study_instance_uid
-            if uid not in batch.done:
-                reason = batch.failed.get(uid) or state.message or "unknown error"
-                records = study_errors(study, reason)
-                await asyncio.to_thread(write_errors, run.dest, records)
-                finished(StudyOutcome(uid, None, records, run.names.study(uid)))
+    def count(_done: int, _total: int, outcome: StudyOutcome | None) -> None:
+        nonlocal done
+        if outcome is not None and hook:
+            done += 1
+            hook(done, len(pending), outcome)
 
-    await asyncio.gather(*(one(b) for b in batches))
+    async def one(index: int, keys: list[str]) -> None:
+        name = f"screen-shard-{index + 1:04d}-of-{len(shards):04d}"
+        async with gate:
+            logger.info("shard %d/%d: %d objects", index + 1, len(shards), len(keys))
+            try:
+                if runner.shard_deployment:
+                    summary = await on_deployment(
+                        runner.shard_deployment, child | {"keys": keys}, dest
+                    )
+                else:
+                    summary = await screen.with_options(flow_run_name=name)(**child, keys=keys)
+            except Exception as exc:  # noqa: BLE001 — a failed shard becomes error records
+                reason = f"shard {index + 1}/{len(shards)} failed: {exc}"
+                logger.error("%s", reason)
+                for study in {by_key[k].study_instance_uid: by_key[k] for k in keys}.values():
+                    tally.add_unread(fail_unreported(dest, study, reason))
+                return
+        tally.merge(summary)
 
-
-def _add(summary: RunSummary, outcome: StudyOutcome) -> None:
-    summary.errors += len(outcome.errors)
-    summary.claimed_elsewhere += outcome.elsewhere is not None
-    report = outcome.report
-    if report is None:
-        return
-    summary.reported += 1
-    summary.degraded += report.status == "degraded"
-    summary.needs_review += report.consensus.needs_review
-    if report.consensus.needs_review:
-        summary.review_queue.append(review_entry(report))
-    paid = [r for r in report.readings if not r.cached]
-    summary.model_calls += len(paid)
-    summary.cache_hits += len(report.readings) - len(paid)
-    summary.requests += sum(r.requests for r in paid)
-    summary.input_tokens += sum(r.input_tokens for r in paid)
-    summary.estimated_input_tokens += sum(r.estimated_input_tokens for r in paid)
-    summary.output_tokens += sum(r.output_tokens for r in paid)
-    summary.cost_usd = round(summary.cost_usd + sum(r.cost_usd for r in paid), 6)
-    cached = sum(r.cost_usd for r in report.readings if r.cached)
-    summary.cached_cost_usd = round(summary.cached_cost_usd + cached, 6)
-    if report.impression is not None:  # the synthesis call (never cached)
-        summary.model_calls += 1
-        summary.requests += report.impression.requests
-        summary.input_tokens += report.impression.input_tokens
-        summary.output_tokens += report.impression.output_tokens
-        summary.cost_usd = round(summary.cost_usd + report.impression.cost_usd, 6)
-    summary.simulated = summary.simulated or report.simulated
-    summary.fetched_bytes += report.fetched_bytes
-    summary.fetched_bytes_by_study[report.study_instance_uid] = report.fetched_bytes
-    count_published(summary, report)
+    token = progress_hook.set(count if hook else None)
+    try:
+        await asyncio.gather(*(one(i, keys) for i, keys in enumerate(shards)))
+    finally:
+        progress_hook.reset(token)

@@ -37,7 +37,7 @@ from tasks.core.errors import ConfigError, LabelError
 from tasks.core.schema import ModelReading, Report
 from tasks.evaluation.metrics import find_regressions, parse_labels
 from tasks.evaluation.outputs import REGRESSION_EVENT
-from tests.conftest import KEY_ENV, TEST_KEY, child_env
+from tests.conftest import KEY_ENV, TEST_KEY, child_env, sim_config
 
 N_STUDIES = 60
 N_REGRESSION = 20  # the forced-regression run reads the first 20 again
@@ -330,3 +330,57 @@ def test_regressions_only_beyond_the_margin():
     found = find_regressions(before, after, 0.05)
     assert [(r.subject, r.metric) for r in found] == [("consensus", "specificity")]
     assert find_regressions(None, after, 0.0) == []
+
+
+@pytest.mark.e2e
+def test_cli_evaluates_on_s3_with_the_storage_settings(
+    prefect_harness, moto_server, simulator, tmp_path
+):
+    """LABELS, images and DEST on S3 (moto_server): every object the evaluation writes,
+    metrics.json and reliability.json included, carries the configured aws:kms key."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    for bucket in ("eval-labels", "eval-images", "eval-out"):
+        s3.create_bucket(Bucket=bucket)
+    rows = ["study_instance_uid,abnormal"]
+    for i in range(4):
+        uid = generate_uid(entropy_srcs=["radflow-eval-s3", str(i)])
+        path = synthetic_ct(
+            tmp_path / f"s{i}.dcm", lesion=i % 2 == 0, seed=8100 + i, size=64, study_uid=uid
+        )
+        s3.upload_file(str(path), "eval-images", f"in/s{i}.dcm")
+        rows.append(f"{uid},{int(i % 2 == 0)}")
+    s3.put_object(Bucket="eval-labels", Key="sets/labels.csv", Body="\n".join(rows).encode())
+    key_id = "alias/radflow-eval"
+    config = sim_config(
+        simulator,
+        tmp_path,
+        storage={"sse": "aws:kms", "kms_key_id": key_id},
+        evaluation={"bootstrap_resamples": 100, "seed": 3},
+        preprocess={"max_edge": 64},
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "evaluate", "s3://eval-labels/sets/labels.csv"]
+        + ["--images", "s3://eval-images/in", "--out", "s3://eval-out/ev"]
+        + ["--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=child_env(prefect_harness),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "metrics, reliability, plots → s3://eval-out/ev" in proc.stdout
+
+    metrics = json.loads(s3.get_object(Bucket="eval-out", Key="ev/metrics.json")["Body"].read())
+    assert metrics["consensus"]["n"] == 4 and metrics["missing"] == []
+    reliability = s3.get_object(Bucket="eval-out", Key="ev/reliability.json")["Body"].read()
+    assert set(json.loads(reliability)["models"]) == {"gpt-4o", "claude"}
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="eval-out", Prefix="ev/")
+    written = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert {"ev/metrics.json", "ev/reliability.json", "ev/summary.md", "ev/roc.png"} <= set(written)
+    assert len([k for k in written if k.endswith("/report.json")]) == 4
+    for key in written:  # the evaluation's files and the screening's alike
+        head = s3.head_object(Bucket="eval-out", Key=key)
+        assert head["ServerSideEncryption"] == "aws:kms", key
+        assert head["SSEKMSKeyId"].endswith(key_id), key

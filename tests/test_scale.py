@@ -1,5 +1,5 @@
-"""Scale-out: shard planning and summary merging (pure), the sharded screening path as child
-flow runs on a real Prefect API, and preprocessing in a process pool."""
+"""Scale-out: the sharded screening path as child flow runs on a real Prefect API (shard
+planning and merging: test_summary.py), and preprocessing in a process pool."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -22,73 +21,15 @@ from simulator.samples import synthetic_ct
 from tasks.core.config import RunnerConfig, Settings, StorageConfig
 from tasks.core.errors import ConfigError, WorkerCrashed
 from tasks.core.schema import RunSummary
-from tasks.ingest.discover import Instance, Study
 from tasks.screening.pool import (
     POOL_MIN_CPUS,
     POOL_MIN_STUDIES,
-    merge_summary,
     off_loop,
-    plan_shards,
     resolve_runner,
     shutdown_pools,
 )
-from tasks.storage import LocalStore, ObjectRef
+from tasks.storage import LocalStore
 from tests.conftest import child_env, read_reports, sim_calls, sim_config
-
-
-def _study(uid: str, n: int) -> Study:
-    instances = [
-        Instance(
-            ObjectRef(f"/d/{uid}/{i}.dcm", f"{uid}/{i}.dcm", 1, "1"),
-            uid,
-            uid + ".1",
-            f"{uid}.1.{i}",
-            "CT",
-            i,
-            1,
-            {},
-        )
-        for i in range(n)
-    ]
-    return Study(uid, instances)
-
-
-def test_plan_shards_covers_every_object_once():
-    studies = [_study(f"1.{i}", i % 3 + 1) for i in range(10)]
-    shards = plan_shards(studies, 4)
-    assert [len(s) for s in shards] == [7, 8, 4]  # 4 + 4 + 2 studies, 1-3 instances each
-    keys = [k for shard in shards for k in shard]
-    assert sorted(keys) == sorted(i.ref.key for s in studies for i in s.instances)
-    assert len(keys) == len(set(keys))
-    # a study's instances never straddle two shards
-    assert {k.split("/")[0] for k in shards[0]} == {"1.0", "1.1", "1.2", "1.3"}
-    with pytest.raises(ValueError, match="shard size must be >= 1, got 0"):
-        plan_shards(studies, 0)
-
-
-def test_merge_summary_adds_counts_but_not_studies_or_kappa():
-    now = datetime.now(UTC)
-    parent = RunSummary(run_id="p", source="s", dest="d", studies=10, skipped=2, started_at=now)
-    for i in range(2):
-        child = RunSummary(
-            run_id=f"c{i}",
-            source="s",
-            dest="d",
-            studies=4,
-            reported=4,
-            degraded=1,
-            model_calls=8,
-            input_tokens=100,
-            cost_usd=0.1,
-            simulated=True,
-            fleiss_kappa=0.5,
-            kappa_studies=4,
-            started_at=now,
-        )
-        merge_summary(parent, child)
-    assert (parent.studies, parent.skipped, parent.reported, parent.degraded) == (10, 2, 8, 2)
-    assert (parent.model_calls, parent.input_tokens, parent.cost_usd) == (16, 200, 0.2)
-    assert parent.simulated and parent.fleiss_kappa is None and parent.run_id == "p"
 
 
 def test_runner_config_rejects_bad_values():

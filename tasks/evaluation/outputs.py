@@ -23,6 +23,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
 
 from tasks.consensus.reliability import split_uri
+from tasks.core.config import StorageConfig
 from tasks.core.errors import LabelError
 from tasks.core.schema import Report
 from tasks.evaluation.metrics import METRICS, Label, Regression, parse_labels, predictions
@@ -38,6 +39,7 @@ __all__ = [
     "load_labels",
     "metric_rows",
     "publish_artifacts",
+    "read_labels",
     "roc_png",
     "summary_markdown",
     "write_outputs",
@@ -165,17 +167,17 @@ def summary_markdown(
     return "\n".join(lines) + "\n"
 
 
-@task(name="load-labels", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])
-def load_labels(uri: str) -> list[Label]:
-    """The labels CSV at ``uri`` (local path or s3 uri), parsed and validated; or, for
-    ``reviews:DEST``, the review verdicts stored under DEST (tasks/review/export.py)."""
+def read_labels(uri: str, storage: StorageConfig | None = None) -> list[Label]:
+    """The labels CSV at ``uri`` (local path or s3 uri, read with ``storage``), parsed and
+    validated; or, for ``reviews:DEST``, the review verdicts stored under DEST
+    (tasks/review/export.py)."""
     if uri.startswith("reviews:"):
         from tasks.review.export import review_labels
 
-        return parse_labels(review_labels(uri), uri)
+        return parse_labels(review_labels(uri, storage), uri)
     parent, name = split_uri(uri)
     try:
-        raw = open_store(parent).read_bytes(name)
+        raw = open_store(parent, storage).read_bytes(name)
     except FileNotFoundError as exc:
         raise LabelError(f'labels "{uri}" do not exist') from exc
     try:
@@ -183,6 +185,11 @@ def load_labels(uri: str) -> list[Label]:
     except UnicodeDecodeError as exc:
         raise LabelError(f'labels "{uri}" are not UTF-8 text: {exc.reason}') from exc
     return parse_labels(text, uri)
+
+
+load_labels = task(
+    name="load-labels", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10]
+)(read_labels)
 
 
 @task(name="collect-reports", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10])

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PublishTarget",
     "check_pacs_settings",
-    "count_published",
     "needs_publishing",
     "pacs_line",
     "publish_sr",
@@ -123,16 +122,6 @@ def unpublished(target: PublishTarget, report: Report, reason: str) -> Published
         version=report_version(report),
         error=reason,
     )
-
-
-def count_published(summary: RunSummary, report: Report) -> None:
-    """Add a study's publishing outcome to the run summary."""
-    if report.published is None:
-        return
-    if report.published.state == "failed":
-        summary.publish_failed.append(report.study_instance_uid)
-    else:
-        summary.published += 1
 
 
 def _earlier(client: PacsClient, url: str, study: str, series: str) -> list[pydicom.Dataset]:

@@ -1,1 +1,1 @@
-"""A screening run's parts: the per-study composition, the process pool, shards, the run's accounting and UI."""
+"""A screening run's parts: one study (study), the screen-studies task and its batches (batches), what a run reads and its shards (plan, shards), the process pool (pool), the run's accounting (summary), claims, and what the UI shows (monitor)."""

@@ -1,6 +1,6 @@
 """How a run uses the machine: the CPU-bound work of a study (preprocessing, the SR and FHIR
-reports) in threads or a process pool, shard planning and merging shard summaries (pure
-functions; the flows in ``flows/shards.py`` compose them)."""
+reports) in threads or a process pool. Pool workers import this module: it imports neither
+Prefect nor a model SDK."""
 
 from __future__ import annotations
 
@@ -11,19 +11,13 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from tasks.core.config import RunnerConfig, StorageConfig
 from tasks.core.errors import WorkerCrashed
-from tasks.core.schema import RunSummary
 from tasks.storage import Store, open_store
 
-if TYPE_CHECKING:  # not at run time: pool workers import this module, and discover imports Prefect
-    from tasks.ingest.discover import Study
-
 __all__ = [
-    "merge_summary",
-    "plan_shards",
     "POOL_MIN_CPUS",
     "POOL_MIN_STUDIES",
     "off_loop",
@@ -38,10 +32,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Fields of a shard's summary that are not added into the parent's: the parent counted its
-# studies and skips at discovery, and a kappa is not additive (each shard's summary keeps its own).
-_NOT_SUMMED = frozenset({"studies", "skipped", "fleiss_kappa", "kappa_studies"})
 
 _pools: dict[int, ProcessPoolExecutor] = {}
 _starting: set[int] = set()  # pool sizes whose processes warm_pool is still starting
@@ -161,33 +151,3 @@ async def off_loop(
             if broken is pool:
                 del _pools[size]
         raise WorkerCrashed(f"{getattr(fn, '__name__', fn)} lost its pool process: {exc}") from None
-
-
-def plan_shards(studies: Sequence[Study], size: int) -> list[list[str]]:
-    """Split studies into shards of at most ``size`` studies; each shard is the sorted object
-    keys of its studies (copies of an instance included: what a child run is given, so its
-    parameters stay small)."""
-    if size < 1:
-        raise ValueError(f"shard size must be >= 1, got {size}")
-    return [
-        sorted(ref.key for study in studies[i : i + size] for ref in study.objects)
-        for i in range(0, len(studies), size)
-    ]
-
-
-def merge_summary(parent: RunSummary, shard: RunSummary) -> None:
-    """Add a shard's counts, costs and review queue into the parent's summary."""
-    for name, value in shard:
-        if name in _NOT_SUMMED:
-            continue
-        current = getattr(parent, name)
-        if isinstance(value, bool):
-            setattr(parent, name, current or value)
-        elif isinstance(value, int):
-            setattr(parent, name, current + value)
-        elif isinstance(value, float):
-            setattr(parent, name, round(current + value, 6))
-        elif isinstance(value, list):
-            current.extend(value)
-        elif isinstance(value, dict):
-            current.update(value)

@@ -1,28 +1,25 @@
-"""Screen one study: key images → panel readings → consensus → report; and the coarse Prefect
-task of the screening flow, one task run per batch of studies (model calls are plain async
-calls inside it, see DESIGN.md for why)."""
+"""Screen one study: key images → panel readings → consensus → report (the ``screen-studies``
+task of tasks/screening/batches.py runs it for each study of its batch)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
 import tasks
 from tasks.consensus.reliability import model_weights
 from tasks.consensus.vote import build_consensus
 from tasks.core.config import Settings
-from tasks.core.errors import StudiesFailed, SymlinkEscape, is_transient, retry_if_transient
+from tasks.core.errors import SymlinkEscape
 from tasks.core.privacy import LogNames, log_names
-from tasks.core.schema import ErrorRecord, ImageInfo, ModelProvenance, Provenance, Report
+from tasks.core.schema import ImageInfo, ModelProvenance, Provenance, Report
 from tasks.imaging.budget import DecodeBudget, decode_budget, decode_claim
 from tasks.imaging.studyimages import prepare_study
 from tasks.ingest.context import deidentify, vocabularies
@@ -34,27 +31,10 @@ from tasks.pacs.publish import PublishTarget, publish_target
 from tasks.reports.write import publish_report, reported, study_errors, write_error, write_errors
 from tasks.screening.claims import Claim, Lease, kept, take
 from tasks.screening.pool import off_loop
+from tasks.screening.summary import StudyOutcome, study_cost
 from tasks.storage import Store
 
-__all__ = [
-    "Batch",
-    "Screening",
-    "StudyOutcome",
-    "read_study",
-    "screen_studies",
-    "screen_study",
-]
-
-
-@dataclass
-class StudyOutcome:
-    """What the flow needs to know about a screened study (the report itself is in DEST)."""
-
-    study_instance_uid: str
-    report: Report | None
-    errors: list[ErrorRecord] = field(default_factory=list)
-    log_id: str = ""  # how logs and artifacts name the study (tasks.core.privacy)
-    elsewhere: str | None = None  # why another run has the study: not read here
+__all__ = ["Screening", "read_study", "screen_study"]
 
 
 @dataclass(frozen=True)
@@ -105,59 +85,6 @@ class Screening:
             since=since,
             publish=publish_target(settings, source.uri),
         )
-
-
-@dataclass
-class Batch:
-    """Consecutive studies of a run, screened by one task run. ``done`` and ``failed`` (the
-    last reason per study) outlive the task run's attempts: a retry skips what is done."""
-
-    label: str
-    studies: list[Study]
-    done: set[str] = field(default_factory=set)
-    failed: dict[str, str] = field(default_factory=dict)
-
-
-@task(
-    name="screen-studies",
-    task_run_name="studies-{batch.label}",
-    retries=2,
-    retry_delay_seconds=[5, 30],
-    retry_condition_fn=retry_if_transient,  # only when a study failed in a transient way
-    timeout_seconds=1800,
-    cache_policy=NO_CACHE,
-    # no tags: a tagged task run asks the API for tag concurrency slots as it starts
-)
-async def screen_studies(
-    batch: Batch, run: Screening, finished: Callable[[StudyOutcome], None]
-) -> int:
-    """Screen the studies of ``batch`` not done yet, each as soon as ``run.window`` has room,
-    calling ``finished`` with each outcome as it comes. One task run per batch rather than
-    per study: each task run costs the event loop and the Prefect API 10-40 ms (DESIGN.md).
-    A study that raises fails the task run once the others have finished; when one of them
-    failed in a transient way (``is_transient``), Prefect's retries then screen the ones left;
-    otherwise they end as error records at once (the same input would fail again)."""
-    todo = [s for s in batch.studies if s.study_instance_uid not in batch.done]
-
-    async def one(study: Study) -> None:
-        async with run.window:
-            outcome = await screen_study(study, run)
-        batch.done.add(study.study_instance_uid)
-        batch.failed.pop(study.study_instance_uid, None)
-        finished(outcome)
-
-    results = await asyncio.gather(*(one(s) for s in todo), return_exceptions=True)
-    raised = [r for r in results if isinstance(r, BaseException)]
-    for study, result in zip(todo, results, strict=True):
-        if isinstance(result, BaseException):
-            batch.failed[study.study_instance_uid] = f"{type(result).__name__}: {result}"
-    if batch.failed:
-        raise StudiesFailed(
-            f"{len(batch.failed)} of {len(todo)} studies failed: "
-            + "; ".join(f"{run.names.study(uid)}: {why}" for uid, why in batch.failed.items()),
-            transient=any(is_transient(r) for r in raised),
-        )
-    return len(todo)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -266,9 +193,7 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
         inputs_fingerprint=study.fingerprint,
         fetched_bytes=sum(img.source_bytes for _, img in prepared),
         prompt_version=prompt.version,
-        cost_usd=round(
-            sum(r.cost_usd for r in readings) + (impression.cost_usd if impression else 0), 6
-        ),
+        cost_usd=study_cost(readings, impression),
         simulated=any(r.simulated for r in readings),
         radflow_version=tasks.__version__,
         run_id=run.run_id,
