@@ -187,7 +187,13 @@ def _rows(
         if nested and get_origin(field.annotation) is not list:
             yield from _rows(nested[0], key, (*parents, nested[0]))
             continue
-        yield Row(key, _type_name(field.annotation), _default(field), _bounds(field), description)
+        yield _row(key, field)
+
+
+def _row(key: str, field: FieldInfo) -> Row:
+    return Row(
+        key, _type_name(field.annotation), _default(field), _bounds(field), field.description or ""
+    )
 
 
 def _sections() -> list[tuple[str, type[BaseModel]]]:
@@ -210,14 +216,8 @@ def settings_rows() -> list[tuple[str, type[BaseModel], list[Row]]]:
     """Per section (its key, its model) the rows of the keys under it."""
     out = []
     for key, model in _sections():
-        if model is Settings:
-            fields = {
-                n: f for n, f in Settings.model_fields.items() if not _models_in(f.annotation)
-            }
-            rows = [
-                Row(n, _type_name(f.annotation), _default(f), _bounds(f), f.description or "")
-                for n, f in fields.items()
-            ]
+        if model is Settings:  # the top level: its scalar keys (the sections follow)
+            rows = [_row(n, f) for n, f in _fields(Settings) if not _models_in(f.annotation)]
         else:
             rows = list(_rows(model, key, (model,)))
         out.append((key, model, rows))
