@@ -14,7 +14,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-import annotated_types as at
 import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -112,20 +111,27 @@ def _choices(annotation: Any) -> list[str]:
     return [c for arg in get_args(annotation) for c in _choices(arg)]
 
 
+_SIGNS = (
+    ("ge", "≥"),
+    ("gt", ">"),
+    ("le", "≤"),
+    ("lt", "<"),
+    ("min_length", "length ≥"),
+    ("max_length", "length ≤"),
+    ("pattern", "matches"),
+)
+
+
 def _bounds(field: FieldInfo) -> str:
     choices = _choices(field.annotation)
     parts = [f"one of {', '.join(f'`{c}`' for c in choices)}"] if choices else []
-    signs = ((at.Ge, "ge", "≥"), (at.Gt, "gt", ">"), (at.Le, "le", "≤"), (at.Lt, "lt", "<"))
-    for meta in field.metadata:
-        for kind, attr, sign in signs:
-            if isinstance(meta, kind):
-                parts.append(f"{sign} {_number(getattr(meta, attr))}")
-        if isinstance(meta, at.MinLen):
-            parts.append(f"length ≥ {meta.min_length}")
-        if isinstance(meta, at.MaxLen):
-            parts.append(f"length ≤ {meta.max_length}")
-        if getattr(meta, "pattern", None):
-            parts.append(f"matches `{meta.pattern}`")
+    for meta in field.metadata:  # annotated-types constraints and pydantic's own metadata
+        for attr, sign in _SIGNS:
+            if getattr(meta, attr, None) is not None:
+                value = getattr(meta, attr)
+                parts.append(
+                    f"{sign} `{value}`" if attr == "pattern" else f"{sign} {_number(value)}"
+                )
     return ", ".join(parts)
 
 
