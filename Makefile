@@ -8,7 +8,7 @@ export UV_LINK_MODE := copy
 # openai, pydicom... from source again: `import flows.screen` took 8.5 s instead of 4.2 s.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability bench-pacs orthanc clean help schema
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability bench-pacs orthanc clean help schema config-doc
 .DEFAULT_GOAL := help
 
 help:
@@ -16,6 +16,7 @@ help:
 	@echo "make test    run the whole test suite (starts and stops its own servers)"
 	@echo "make lint    ruff lint + format check"
 	@echo "make schema  regenerate schemas/report.schema.json (report.json's published schema)"
+	@echo "make config-doc  regenerate docs/config.md (every config key) from the settings"
 	@echo "make bench-screen  flow vs plain asyncio, 200 studies x 2 models, 1 s latency"
 	@echo "make bench-preprocess  preprocessing vs decode floor vs naive float64, pydicom-data"
 	@echo "make bench-scale  1, 200, 2000 tiny studies: marginal time per study, peak RSS"
@@ -70,6 +71,9 @@ format: .venv/.synced
 
 schema: .venv/.compiled  ## regenerate schemas/report.schema.json from the pydantic Report model
 	.venv/bin/python -c "from tasks.reports.write import write_schema_file; print(write_schema_file())"
+
+config-doc: .venv/.compiled  ## regenerate docs/config.md from the settings' Field descriptions
+	.venv/bin/python -c "from tasks.core.settings_doc import write_config_doc; print(write_config_doc())"
 
 bench-screen: .venv/.compiled  ## throughput of the screening flow vs a plain-asyncio loop
 	.venv/bin/python -m benchmarks.screen --studies 200 --latency 1 --concurrency 32

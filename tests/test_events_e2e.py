@@ -31,7 +31,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# The server settings of README "Three ways to run": persist events and task runs within ~1 s
+# The server settings of docs/deploy.md ("Prefect server settings"): persist events and task runs within ~1 s
 # so the UI and the checks below see them promptly.
 SERVER_SETTINGS = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",

@@ -76,7 +76,12 @@ class Price(_Strict):
 
 class _Endpoint(_Strict):
     base_url: str | None = Field(None, description="OpenAI-/Anthropic-compatible endpoint URL")
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    api_key_env: str | None = Field(
+        None,
+        description="environment variable holding the API key; its value is sent to the "
+        "endpoint as a bearer token (a name without KEY or TOKEN, or a cloud credential such "
+        "as AWS_*, logs a warning at config load)",
+    )
     api_key_block: str | None = Field(None, description="name of a Prefect Secret block")
 
 
@@ -89,12 +94,26 @@ class ModelConfig(_Endpoint):
     provider: Provider = Field(..., description="wire protocol: openai | anthropic")
     model: str = Field(..., min_length=1, description="model id sent to the API")
     max_concurrency: int = Field(8, ge=1, le=512, description="in-flight calls for this model")
-    weight: float = Field(1.0, ge=0, le=100, description="consensus weight")
+    weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="consensus weight (a `reliability` file naming the model replaces it)",
+    )
     price: Price = Field(default_factory=Price, description="USD per million tokens")
-    timeout_seconds: float = Field(120.0, gt=0, le=3600, description="per-call timeout")
+    timeout_seconds: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="timeout of each HTTP attempt (a timed-out one is retried)",
+    )
     max_retries: int = Field(2, ge=0, le=10, description="SDK retries on 429/5xx/timeouts")
     max_output_tokens: int = Field(1024, ge=64, le=32768, description="answer token budget")
-    extra_headers: dict[str, str] = Field(default_factory=dict, description="sent on every call")
+    extra_headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="sent on every call (gateways that need them); the values are treated as "
+        "secrets, redacted from every error, log line and output",
+    )
     requests_per_minute: float | None = Field(
         None, gt=0, le=100_000, description="request rate limit for this model (retries count)"
     )
@@ -147,13 +166,18 @@ class ModelConfig(_Endpoint):
 
 class PreprocessConfig(_Strict):
     max_edge: int = Field(1024, ge=0, le=8192, description="long edge in px; 0 = no resize")
-    window: WindowName = Field(WindowName.AUTO, description="grey-level window")
+    window: WindowName = Field(
+        WindowName.AUTO,
+        description="grey-level window: auto = the header window, else the VOI LUT, else "
+        "mediastinum for CT, else the full range; header = refuse a file without one; a preset "
+        "(W/L) for CT",
+    )
     burned_in: Literal["refuse", "refuse_unknown", "allow"] = Field(
         "refuse",
         description="BurnedInAnnotation policy (see tasks.imaging.preprocess.burned_in_flag): refuse = "
         "an error record when it says YES; refuse_unknown = also when it is missing or neither "
         "YES nor NO; allow = send the pixels anyway. The report's images[].burned_in records "
-        "yes | no | unknown",
+        "yes | no | unknown. Text in the pixels without the flag is not detected",
     )
     max_images_per_study: int = Field(
         4, ge=1, le=32, description="key images sent per study (one per series, middle slice)"
@@ -242,9 +266,16 @@ class StorageConfig(_Strict):
         "AES256", description="server-side encryption of every object written to S3"
     )
     kms_key_id: str | None = Field(
-        None, min_length=1, description="KMS key id or ARN for sse: aws:kms (else the AWS key)"
+        None,
+        min_length=1,
+        description="KMS key id, ARN or alias for sse: aws:kms (else the account's AWS-managed key)",
     )
-    max_concurrency: int = Field(16, ge=1, le=256, description="S3 GETs in flight at once")
+    max_concurrency: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="S3 GETs in flight (header reads, downloads) and error-record writers",
+    )
     retry_mode: Literal["standard", "adaptive"] = Field(
         "adaptive", description="botocore retry mode for throttling, 5xx and connection resets"
     )
@@ -300,7 +331,7 @@ def _default_models() -> list[ModelConfig]:
 
 class RunnerConfig(_Strict):
     """How a screening run uses machines: preprocessing in threads or processes, and shards
-    (child flow runs) for large runs. See "Scaling out" in the README."""
+    (child flow runs) for large runs. See docs/scaling.md."""
 
     preprocess: Literal["auto", "thread", "process"] = Field(
         "auto",
@@ -308,7 +339,7 @@ class RunnerConfig(_Strict):
         "or a process pool; auto = the pool for runs of 50 or more studies on 2 or more CPUs",
     )
     workers: int | None = Field(
-        None, ge=1, le=256, description="process-pool size (None = one per CPU)"
+        None, ge=1, le=256, description="process-pool size (null = one per CPU)"
     )
     decode_memory_mib: int | None = Field(
         None,
@@ -345,20 +376,38 @@ class Settings(_Strict):
     language: Language = Field(Language.KO, description="report and prompt language")
     source: str | None = Field(None, description="default SOURCE for scheduled runs")
     output: str | None = Field(None, description="default DEST for scheduled runs")
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    gateway: Gateway | None = Field(None, description="shared endpoint for all models")
-    models: list[ModelConfig] = Field(default_factory=_default_models, min_length=1)
-    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    preprocess: PreprocessConfig = Field(
+        default_factory=PreprocessConfig,
+        description="how a study's key images are chosen and rendered (what the models see)",
+    )
+    gateway: Gateway | None = Field(
+        None, description="one relay and one key for every model; each model may override"
+    )
+    models: list[ModelConfig] = Field(
+        default_factory=_default_models,
+        min_length=1,
+        description="the panel: every model reads every study; names must be unique",
+    )
+    review: ReviewConfig = Field(
+        default_factory=ReviewConfig,
+        description="which studies are flagged for a radiologist, and the review runs that ask",
+    )
     synthesis: SynthesisConfig | None = Field(
         None, description="optional model-written impression; null = none"
     )
-    storage: StorageConfig = Field(default_factory=StorageConfig, description="S3 access")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig,
+        description="S3 access: encryption of every write, retries, timeouts, concurrency",
+    )
     reliability: str | None = Field(
         None,
         description="reliability.json (path or s3 uri) written by `radflow evaluate`: its "
         "measured weights replace the configured ones of the models it names",
     )
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    evaluation: EvaluationConfig = Field(
+        default_factory=EvaluationConfig,
+        description="`radflow evaluate`: bootstrap intervals and the regression alert",
+    )
     max_studies_in_flight: int = Field(
         64, ge=1, le=4096, description="studies being read at once (bounds memory)"
     )

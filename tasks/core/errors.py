@@ -56,7 +56,7 @@ class RadflowError(Exception):
 
 class ConfigError(RadflowError):
     default = "the configuration is invalid"
-    hint = "check the YAML against the Config section of the README"
+    hint = "check the YAML against docs/config.md (every key, its bounds and choices)"
 
 
 class LabelError(RadflowError):
@@ -71,7 +71,7 @@ class EvaluationRegression(RadflowError):
 
 class AnnotationError(RadflowError):
     default = "the annotation is invalid"
-    hint = "fix the line in the annotations file (see the README's fine-tune dataset section)"
+    hint = "fix the line in the annotations file (see docs/datasets.md)"
 
 
 class DatasetError(RadflowError):

@@ -1,5 +1,5 @@
 """The records radflow produces: the model's structured reading, the consensus, report.json,
-error records and run summaries (the binding contract of DESIGN.md, extended)."""
+error records and run summaries (the binding contract of docs/design.md, extended)."""
 
 from __future__ import annotations
 
