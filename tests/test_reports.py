@@ -17,13 +17,11 @@ from pydicom.data import get_testdata_file
 
 from flows.screen import screen
 from simulator.process import running_simulator
-from tasks.consensus.vote import build_consensus
-from tasks.core.config import ReviewConfig, SynthesisConfig
+from tasks.core.config import SynthesisConfig
 from tasks.core.errors import ReportError
 from tasks.core.schema import (
     ImageInfo,
     Impression,
-    ModelReading,
     Report,
     RunSummary,
     Urgency,
@@ -40,44 +38,17 @@ from tasks.reports.write import (
     write_run_summary,
 )
 from tasks.storage import LocalStore
-from tests.conftest import sim_config
+from tests.helpers import make_report, panel_readings, sim_config
 
 SCHEMA_FILE = Path(__file__).parent.parent / "schemas" / "report.schema.json"
 
 
-def _readings(disagree: bool = True) -> list[ModelReading]:
-    return [
-        ModelReading(
-            model="gpt-4o",
-            provider="openai",
-            model_id="gpt-4o",
-            ok=True,
-            abnormal=True,
-            urgency=Urgency.FOLLOW_UP,
-            findings=["Nodule in the right upper lobe"],
-            recommended_exams=["CT follow-up in 3 months"],
-            response_model="gpt-4o-2024-08-06",
-        ),
-        ModelReading(
-            model="claude",
-            provider="anthropic",
-            model_id="claude-sonnet-4-6",
-            ok=True,
-            abnormal=not disagree,
-            urgency=Urgency.NORMAL if disagree else Urgency.FOLLOW_UP,
-            findings=[] if disagree else ["nodule in the right upper lobe"],
-        ),
-    ]
-
-
 def _report(ds: pydicom.Dataset, language: str = "en", disagree: bool = True, **extra) -> Report:
-    readings = _readings(disagree)
-    return Report(
-        study_instance_uid=ds.StudyInstanceUID,
-        status="complete",
+    """The panel's report of ``ds``, its one key image from ``ds``."""
+    return make_report(
+        ds.StudyInstanceUID,
+        panel_readings(disagree),
         language=language,
-        consensus=build_consensus(readings, {}, ReviewConfig()),
-        readings=readings,
         images=[
             ImageInfo(
                 sop_instance_uid=ds.SOPInstanceUID,
@@ -91,9 +62,6 @@ def _report(ds: pydicom.Dataset, language: str = "en", disagree: bool = True, **
                 modality="CT",
             )
         ],
-        inputs_fingerprint="f" * 64,
-        prompt_version="v1-test",
-        radflow_version="0.1.0",
         **extra,
     )
 
@@ -362,6 +330,7 @@ def test_synthesis_model_must_be_a_panel_model(tmp_path):
         load_settings(path)
 
 
+@pytest.mark.e2e
 def test_synthesis_writes_from_structured_readings_and_fails_softly(simulator, ct, tmp_path):
     from tasks.core.config import load_settings
     from tasks.models.synthesis import synthesis_input, synthesize
