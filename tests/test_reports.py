@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -161,6 +162,15 @@ def test_sr_needs_the_key_images_among_its_evidence(ct):
     del other.SOPClassUID
     with pytest.raises(Exception, match='"mr.dcm" has no SOPClassUID'):
         evidence_dataset(other, "mr.dcm")
+
+
+def test_sr_keeps_a_one_component_patient_name_without_a_warning(ct):
+    ct.PatientName = "CQ500-CT-310"  # as in pydicom-data's 693_J2KR.dcm
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sr = build_sr(_report(ct), [evidence_dataset(ct, "ct.dcm")])
+    assert sr.PatientName == "CQ500-CT-310"  # copied as it is
+    assert [str(w.message)[:60] for w in caught] == []
 
 
 def test_fhir_diagnostic_report_round_trips_as_r4(ct):
