@@ -1,4 +1,8 @@
-"""``radflow demo``: sample studies → simulator → screening flow → a summary table."""
+"""``radflow demo``: sample studies → simulator → screening flow → a summary table.
+
+Its console says only what radflow means to: the sample folder, the simulator, the progress
+bar, the table and where the files are. Prefect is imported when the demo runs, after
+``PREFECT_ENV`` is in the environment (a value the user set stays)."""
 
 from __future__ import annotations
 
@@ -11,14 +15,22 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from flows.progress import run_with_progress
-from flows.screen import screen
 from simulator.process import panel_config, running_simulator
 from simulator.samples import build_sample_folder
 
-__all__ = ["run_demo"]
+__all__ = ["PREFECT_ENV", "run_demo"]
 
 DEMO_KEY_ENV = "RADFLOW_DEMO_KEY"
+PREFECT_ENV = {
+    # Prefect's console shows warnings and errors only: its INFO lines ("Starting temporary
+    # server", each task's "Finished in state Completed()") still reach the API and the UI
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+    # the demo's temporary server sends no telemetry heartbeat: offline it logs an error, and
+    # its write to the server's SQLite can fail with "database is locked" (a traceback)
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # nor does this process (Prefect's SDK telemetry, and its first-run notice on a terminal)
+    "DO_NOT_TRACK": "1",
+}
 
 
 def demo_config(base_url: str, language: str) -> dict:
@@ -61,6 +73,12 @@ def summary_table(dest: Path) -> Table:
 
 
 def run_demo(out: Path, *, synthetic: int, latency: float, language: str) -> None:
+    """Build the sample folder, start the simulator, screen the samples, print the table."""
+    for name, value in PREFECT_ENV.items():
+        os.environ.setdefault(name, value)
+    from flows.progress import run_with_progress  # imports Prefect: after PREFECT_ENV is set
+    from flows.screen import screen
+
     console = Console()
     samples, dest = out / "samples", out / "reports"
     made = build_sample_folder(samples, synthetic=synthetic)

@@ -1,28 +1,106 @@
-"""Shared fixtures: one Prefect harness, one simulator process and one sample folder per session."""
+"""Fixtures: one Prefect harness, one simulator process, one moto_server and one sample folder
+per session, an Orthanc per module; and the guard that keeps the e2e mark honest (helpers the
+tests share are in tests/helpers.py).
+
+The guard: a test not marked ``e2e`` may neither use a server fixture (it fails at set-up) nor
+start a process (a program, a process pool's worker) or listen on a TCP/UDP port while it runs
+(the attempt raises ``ServerOutsideE2E``), so ``make test-unit`` (``-m "not e2e"``) starts no
+server and no subprocess. It watches the audit events of PEP 578; multiprocessing starts its
+spawn and forkserver processes without one, so ``multiprocessing.util.spawnv_passfds`` is
+wrapped to raise one first (it does nothing else)."""
 
 from __future__ import annotations
 
-import os
+import functools
+import multiprocessing.util
+import sys
 from pathlib import Path
 
 import pytest
 
-from simulator.process import panel_config, running_simulator
+from simulator.process import running_simulator
 from simulator.samples import build_sample_folder
+from tests.helpers import KEY_ENV, TEST_KEY
 
-KEY_ENV = "RADFLOW_TEST_KEY"
-TEST_KEY = "test-key-0123456789abcdef-never-logged"
+# fixtures that start a server process; a test using one (directly or through another
+# fixture) must be marked e2e
+SERVER_FIXTURES = frozenset({"prefect_harness", "simulator", "moto_server", "orthanc"})
+# audit events (PEP 578) of starting a process ("multiprocessing.spawn" is raised by the
+# wrapper below); socket.bind with an address tuple is a TCP/UDP server (an AF_UNIX bind,
+# e.g. multiprocessing's, names a path)
+_SPAWN_EVENTS = frozenset(
+    {"subprocess.Popen", "os.system", "os.posix_spawn", "os.exec", "os.spawn", "os.fork"}
+    | {"multiprocessing.spawn"}
+)
+_unmarked: str | None = None  # the running test's node id while it is not marked e2e
+
+
+class ServerOutsideE2E(RuntimeError):
+    """A test not marked e2e started a process or a server."""
+
+
+def _guard(event: str, args: tuple) -> None:
+    if _unmarked is None:
+        return
+    if event in _SPAWN_EVENTS:
+        what = f"starts a process ({event} {args!r:.120})"
+    elif event == "socket.bind" and isinstance(args[1], tuple):
+        what = f"listens on {args[1]!r}"
+    else:
+        return
+    raise ServerOutsideE2E(
+        f"{_unmarked} {what} but is not marked e2e: mark it @pytest.mark.e2e "
+        "(`make test-unit` starts no server and no subprocess)"
+    )
+
+
+def _audited(spawnv_passfds):
+    @functools.wraps(spawnv_passfds)
+    def spawn(path, args, passfds):
+        sys.audit("multiprocessing.spawn", path, args)
+        return spawnv_passfds(path, args, passfds)
+
+    return spawn
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    sys.addaudithook(_guard)  # cannot be removed: it is idle whenever no unmarked test runs
+    multiprocessing.util.spawnv_passfds = _audited(multiprocessing.util.spawnv_passfds)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    global _unmarked
+    _unmarked = None if item.get_closest_marker("e2e") else item.nodeid
+    try:
+        return (yield)
+    finally:
+        _unmarked = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    servers = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    if servers and item.get_closest_marker("e2e") is None:
+        pytest.fail(
+            f"{item.nodeid} uses {', '.join(sorted(servers))} but is not marked e2e: "
+            "mark it @pytest.mark.e2e",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """A real Prefect API (the test harness runs a server on loopback with a temp database)."""
+    """A real Prefect API (the test harness runs a server on loopback with a temp database).
+    Its telemetry is off: no heartbeat to the internet, no write competing for the SQLite."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        from prefect.settings import PREFECT_API_URL
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with prefect_test_harness(server_startup_timeout=120):
+            from prefect.settings import PREFECT_API_URL
 
-        yield PREFECT_API_URL.value()
+            yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +114,6 @@ def simulator():
 def moto_server():
     """A real S3 wire protocol: ``moto_server`` as its own process on a free loopback port.
     boto3 reaches it through AWS_ENDPOINT_URL with fake credentials for the whole session."""
-    import sys
-
     from simulator.process import free_port, serving
 
     port = free_port()
@@ -82,40 +158,3 @@ def samples(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _test_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, TEST_KEY)
-
-
-def sim_config(sim, tmp_path: Path, language: str = "en", **extra) -> Path:
-    """A config pointing an OpenAI and an Anthropic model at the simulator."""
-    import yaml
-
-    config = {
-        "language": language,
-        "models": panel_config(sim.url, KEY_ENV),
-        **extra,
-    }
-    path = tmp_path / "radflow.yaml"
-    path.write_text(yaml.safe_dump(config, allow_unicode=True))
-    return path
-
-
-def child_env(api_url: str) -> dict[str, str]:
-    """Environment for a `radflow` subprocess using the harness's Prefect API."""
-    env = dict(os.environ)
-    env["PREFECT_API_URL"] = api_url
-    env[KEY_ENV] = TEST_KEY
-    return env
-
-
-def read_reports(dest: Path) -> dict:
-    """Every report.json under a local DEST, by StudyInstanceUID."""
-    from tasks.core.schema import Report
-
-    return {
-        p.parent.name: Report.model_validate_json(p.read_text())
-        for p in dest.glob("studies/*/report.json")
-    }
-
-
-def sim_calls(sim) -> int:
-    """Requests the simulator has received so far, all models together."""
-    return sum(sim.stats()["requests"].values())

@@ -21,7 +21,7 @@ from tasks.imaging.budget import DECODE_FACTOR, DecodeBudget, decode_claim, defa
 from tasks.imaging.preprocess import MAX_FRAME_BYTES
 from tasks.ingest.discover import Instance, Study
 from tasks.storage import ObjectRef
-from tests.conftest import child_env, read_reports, sim_config
+from tests.helpers import RADFLOW, ROOT, child_env, read_reports, sim_config
 
 
 async def _holder(budget: DecodeBudget, nbytes: int, log: list, release: asyncio.Event) -> None:
@@ -209,14 +209,14 @@ print(json.dumps({"exit": child.returncode, "largest_mib": largest, "tree_mib": 
 
 
 def _screen_peak(source: Path, dest: Path, config: Path, api_url: str) -> dict:
-    cmd = [sys.executable, "-m", "flows.cli", "screen", str(source), "--out", str(dest)]
+    cmd = [*RADFLOW, "screen", str(source), "--out", str(dest), "--config", str(config)]
     run = subprocess.run(
-        [sys.executable, "-c", _TREE_PEAK, *cmd, "--config", str(config)],
+        [sys.executable, "-c", _TREE_PEAK, *cmd],
         env=child_env(api_url),
         capture_output=True,
         text=True,
         timeout=900,
-        cwd=Path(__file__).parents[1],
+        cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     peak = json.loads(run.stdout)

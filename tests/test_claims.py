@@ -9,7 +9,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -21,9 +20,8 @@ import pytest
 
 from simulator.process import running_simulator
 from simulator.samples import build_sample_folder
-from tests.conftest import child_env, sim_calls, sim_config
+from tests.helpers import RADFLOW, child_env, run_screen, sim_calls, sim_config
 
-RADFLOW = [sys.executable, "-m", "flows.cli"]
 N = 8  # studies
 
 
@@ -274,9 +272,7 @@ def test_claims_of_a_crashed_run_are_taken_over_and_a_live_runs_are_left(
         out.write_bytes(f"claims/{uid}.json", data)
     config = sim_config(simulator, tmp_path)
     before = sim_calls(simulator)
-    cmd = [*RADFLOW, "screen", source, "--out", dest, "--config", str(config)]
-    first = subprocess.run(cmd, env=child_env(prefect_harness), capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+    first = run_screen(source, dest, config, api_url=prefect_harness)
     assert first.returncode == 0, first.stderr[-3000:]
     files = _files(dest)
     (summary,) = _summaries(files)
@@ -293,8 +289,7 @@ def test_claims_of_a_crashed_run_are_taken_over_and_a_live_runs_are_left(
 
     # the live run dies and its lease runs out: the next run reads the study it held
     out.write_bytes(f"claims/{uids[2]}.json", _lease("other-run", -1))
-    second = subprocess.run(cmd, env=child_env(prefect_harness), capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    second = run_screen(source, dest, config, api_url=prefect_harness)
     assert second.returncode == 0, second.stderr[-3000:]
     files = _files(dest)
     assert len(_runs_per_study(files)) == N and not [k for k in files if "claims/" in k]

@@ -6,30 +6,10 @@ import pytest
 
 from tasks.consensus.vote import build_consensus, merge_items, panel_kappa
 from tasks.core.config import ReviewConfig
-from tasks.core.schema import ModelReading, Urgency
+from tasks.core.schema import Urgency
+from tests.helpers import reading
 
 REVIEW = ReviewConfig()
-
-
-def reading(
-    model: str,
-    abnormal: bool | None,
-    urgency: str | None = None,
-    ok: bool = True,
-    findings: list[str] | None = None,
-) -> ModelReading:
-    if ok and urgency is None:
-        urgency = "follow_up" if abnormal else "normal"
-    return ModelReading(
-        model=model,
-        provider="openai",
-        model_id=model,
-        ok=ok,
-        abnormal=abnormal,
-        urgency=Urgency(urgency) if urgency else None,
-        findings=findings or [],
-        error=None if ok else "boom",
-    )
 
 
 def test_agreeing_normal_readings_need_no_review():

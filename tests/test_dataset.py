@@ -10,8 +10,6 @@ import csv
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import openai
@@ -34,7 +32,7 @@ from tasks.finetune.examples import (
 )
 from tasks.models.panel import load_prompt
 from tasks.storage import LocalStore
-from tests.conftest import TEST_KEY, child_env, sim_config
+from tests.helpers import TEST_KEY, run_radflow, sim_config
 
 PATIENTS = 14
 PHI_VALUES = ("SYNTHETIC^PATIENT", "SYN-00", "19700101", "ACC00", "Synthetic General Hospital")
@@ -258,6 +256,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_flow_builds_a_checked_patient_split_dataset(prefect_harness, annotated, tmp_path):
     annotations, images = annotated
     config = tmp_path / "radflow.yaml"
@@ -320,6 +319,7 @@ def test_flow_builds_a_checked_patient_split_dataset(prefect_harness, annotated,
     assert again["train"]["sha256"] == manifest["train"]["sha256"]  # seeded and deterministic
 
 
+@pytest.mark.e2e
 def test_flow_fails_with_fewer_than_ten_training_examples(prefect_harness, annotated, tmp_path):
     annotations, images = annotated
     rows = list(csv.DictReader(annotations.open(newline="")))
@@ -337,34 +337,16 @@ def test_flow_fails_with_fewer_than_ten_training_examples(prefect_harness, annot
 # --- upload ------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_cli_build_and_upload_to_the_simulator(prefect_harness, simulator, annotated, tmp_path):
     annotations, images = annotated
     config = sim_config(simulator, tmp_path, preprocess={"max_edge": 64})
     out = tmp_path / "uploaded"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "build-dataset",
-            str(annotations),
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--config",
-            str(config),
-            "--upload",
-            "--epochs",
-            "2",
-            "--suffix",
-            "radflow-test",
-        ],
-        env=child_env(prefect_harness),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_radflow(
+        "build-dataset", str(annotations), "--images", str(images), "--out", str(out),
+        "--config", str(config), "--upload", "--epochs", "2", "--suffix", "radflow-test",
+        api_url=prefect_harness, timeout=300,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     upload = manifest["upload"]
@@ -382,6 +364,7 @@ def test_cli_build_and_upload_to_the_simulator(prefect_harness, simulator, annot
     assert uploaded.bytes == manifest["train"]["bytes"] and uploaded.purpose == "fine-tune"
 
 
+@pytest.mark.e2e
 def test_simulator_rejects_a_file_that_is_not_chat_jsonl(simulator):
     client = openai.OpenAI(api_key=TEST_KEY, base_url=simulator.openai_base_url, max_retries=0)
     bad = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
@@ -400,6 +383,7 @@ def test_annotations_location_splits_into_store_and_key():
     assert _split_uri("s3://bucket/ft/labels.jsonl") == ("s3://bucket/ft", "labels.jsonl")
 
 
+@pytest.mark.e2e
 def test_create_job_without_validation_file_or_suffix(simulator, good_example):
     from tasks.finetune.upload import Hyperparameters, create_job
 
@@ -421,6 +405,7 @@ def test_create_job_without_validation_file_or_suffix(simulator, good_example):
     assert client.files.retrieve(job.training_file).bytes == len(train)
 
 
+@pytest.mark.e2e
 def test_flow_reads_and_writes_s3(prefect_harness, moto_server, annotated, tmp_path):
     """Annotations, images and DEST in S3 (moto_server on loopback), same storage layer as
     screening: every output object is written with server-side encryption."""

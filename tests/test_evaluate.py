@@ -8,8 +8,6 @@ import asyncio
 import io
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +32,10 @@ from tasks.consensus.reliability import load_reliability, log_odds_weight, model
 from tasks.consensus.vote import build_consensus
 from tasks.core.config import ReviewConfig, Settings
 from tasks.core.errors import ConfigError, LabelError
-from tasks.core.schema import ModelReading, Report
+from tasks.core.schema import Report
 from tasks.evaluation.metrics import find_regressions, parse_labels
 from tasks.evaluation.outputs import REGRESSION_EVENT
-from tests.conftest import KEY_ENV, TEST_KEY, child_env, sim_config
+from tests.helpers import KEY_ENV, TEST_KEY, reading, run_radflow, sim_config
 
 N_STUDIES = 60
 N_REGRESSION = 20  # the forced-regression run reads the first 20 again
@@ -108,6 +106,7 @@ def evaluated(prefect_harness, sim, labelled, tmp_path_factory) -> tuple[Path, d
     return dest, metrics
 
 
+@pytest.mark.e2e
 def test_recovers_known_sensitivity_and_specificity_within_cis(evaluated):
     dest, metrics = evaluated
     on_disk = json.loads((dest / "metrics.json").read_text())
@@ -132,6 +131,7 @@ def test_recovers_known_sensitivity_and_specificity_within_cis(evaluated):
         )
 
 
+@pytest.mark.e2e
 def test_reported_numbers_equal_scikit_learn_on_the_case_table(evaluated):
     _, metrics = evaluated
     cases = metrics["cases"]
@@ -164,6 +164,7 @@ def test_reported_numbers_equal_scikit_learn_on_the_case_table(evaluated):
     assert lesion["specificity"] == pytest.approx(recall_score(y, said, pos_label=0), abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_consensus_beats_the_best_single_model_with_independent_errors(evaluated):
     _, metrics = evaluated
     best = max(m["accuracy"] for m in metrics["models"].values())
@@ -175,6 +176,7 @@ def test_consensus_beats_the_best_single_model_with_independent_errors(evaluated
     assert metrics["consensus"]["accuracy"] >= 0.85
 
 
+@pytest.mark.e2e
 def test_plots_summary_and_artifacts(evaluated, prefect_harness):
     dest, metrics = evaluated
     for name in ("roc.png", "calibration.png"):
@@ -223,6 +225,7 @@ def _read_events(flow_run_id) -> list:
     return asyncio.run(read())
 
 
+@pytest.mark.e2e
 def test_forced_regression_emits_event_fails_run_and_uses_measured_weights(
     evaluated, labelled, prefect_harness, tmp_path
 ):
@@ -276,30 +279,21 @@ def test_labels_are_validated_with_one_clear_error():
     assert labels[0].findings == ("effusion", "nodule") and labels[1].abnormal == 0
 
 
+@pytest.mark.e2e
 def test_cli_rejects_bad_labels_before_any_run(tmp_path, prefect_harness):
     bad = tmp_path / "labels.csv"
     bad.write_text("uid,abnormal\n1.2,1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "evaluate", str(bad), "--images", str(tmp_path)]
-        + ["--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        env=child_env(prefect_harness),
-        timeout=120,
-    )
+    proc = run_radflow("evaluate", str(bad), "--images", str(tmp_path), "--out",
+                       str(tmp_path / "out"), api_url=prefect_harness, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "lack the column(s) study_instance_uid" in proc.stderr and str(bad) in proc.stderr
-
-
-def _reading(model: str, abnormal: bool) -> ModelReading:
-    return ModelReading(model=model, provider="openai", model_id=model, ok=True, abnormal=abnormal)
 
 
 def test_measured_weights_change_the_vote(tmp_path):
     strong, weak = log_odds_weight(0.95, 0.95), log_odds_weight(0.65, 0.65)
     assert strong == pytest.approx(np.log(0.95**2 / 0.05**2), abs=1e-4)
     assert log_odds_weight(0.5, 0.5) == 0 and log_odds_weight(0.3, 0.4) == 0
-    readings = [_reading("a", True), _reading("b", False), _reading("c", False)]
+    readings = [reading("a", True), reading("b", False), reading("c", False)]
     review = ReviewConfig()
     assert build_consensus(readings, {}, review).abnormal is False  # one vote each: 1 vs 2
     weighted = build_consensus(readings, {"a": strong, "b": weak, "c": weak}, review)
@@ -360,15 +354,10 @@ def test_cli_evaluates_on_s3_with_the_storage_settings(
         evaluation={"bootstrap_resamples": 100, "seed": 3},
         preprocess={"max_edge": 64},
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "evaluate", "s3://eval-labels/sets/labels.csv"]
-        + ["--images", "s3://eval-images/in", "--out", "s3://eval-out/ev"]
-        + ["--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=child_env(prefect_harness),
-        timeout=600,
-    )
+    proc = run_radflow(
+        "evaluate", "s3://eval-labels/sets/labels.csv", "--images", "s3://eval-images/in",
+        "--out", "s3://eval-out/ev", "--config", str(config), api_url=prefect_harness,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "metrics, reliability, plots → s3://eval-out/ev" in proc.stdout
 

@@ -6,102 +6,36 @@ monitoring artifacts on the server and visible in the UI (headless Chromium)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import boto3
-import httpx
 import pytest
 
-from simulator.process import free_port, running_simulator, stop
+from simulator.process import running_simulator
 from simulator.samples import synthetic_ct
 from tasks.screening.monitor import PROGRESS_KEY, RESULTS_KEY, SUMMARY_KEY
 from tests.browser import CHROMIUM_FLAGS, chromium
-from tests.conftest import KEY_ENV, TEST_KEY, sim_config
+from tests.helpers import (
+    BIN,
+    KEY_ENV,
+    ROOT,
+    TEST_KEY,
+    prefect_api,
+    prefect_server_process,
+    process,
+    sim_config,
+    tail,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-# The server settings of docs/deploy.md ("Prefect server settings"): persist events and task runs within ~1 s
-# so the UI and the checks below see them promptly.
-SERVER_SETTINGS = {
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "50",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-    # not exercised here: fewer loops competing for the CPU
-    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
-}
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy (external state, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(every)
-
-
-@contextlib.contextmanager
-def process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            stop(proc)
-
-
-def tail(path: Path, n: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
-
-
-@contextlib.contextmanager
-def prefect_server_process(
-    home: Path, settings: dict[str, str] = SERVER_SETTINGS
-) -> Iterator[dict[str, str]]:
-    """`prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite);
-    yields the environment of a client of it."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env |= settings | {
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_API_URL": api,
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    log = home / "server.log"
-    with process([str(BIN / "prefect"), "server", "start"], env, log) as proc:
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: {tail(log)}")
-            try:
-                return httpx.get(api + "/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("prefect server /api/health", healthy, timeout=240, every=0.3)
-        yield env
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +57,13 @@ def _prefect(env: dict[str, str], *args: str) -> str:
     return proc.stdout
 
 
-def _api(env: dict[str, str], method: str, path: str, **kw: Any) -> Any:
-    """One API call; a 503 (the server's SQLite busy under load) is retried with back-off, as
-    Prefect's own client does."""
-    for attempt in range(5):
-        answer = httpx.request(method, env["PREFECT_API_URL"] + path, timeout=30, **kw)
-        if answer.status_code != 503 or attempt == 4:
-            break
-        time.sleep(0.5 * 2**attempt)
-    answer.raise_for_status()
-    return answer.json() if answer.content else None
-
-
 def _flow_runs(env: dict[str, str], deployment_id: str) -> list[dict]:
     body = {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "START_TIME_ASC"}
-    return _api(env, "POST", "/flow_runs/filter", json=body)
+    return prefect_api(env, "POST", "/flow_runs/filter", json=body)
 
 
 def _deployment(env: dict[str, str], name: str) -> dict:
-    return _api(env, "GET", f"/deployments/name/screen/{name}")
+    return prefect_api(env, "GET", f"/deployments/name/screen/{name}")
 
 
 def _timeline(env: dict[str, str], run: dict, uploaded: float) -> str:
@@ -149,7 +71,7 @@ def _timeline(env: dict[str, str], run: dict, uploaded: float) -> str:
     the run went through."""
     from datetime import datetime
 
-    states = _api(env, "GET", "/flow_run_states/", params={"flow_run_id": run["id"]})
+    states = prefect_api(env, "GET", "/flow_run_states/", params={"flow_run_id": run["id"]})
     steps = [("created", run["created"])]
     steps += [(s["name"], s["timestamp"]) for s in sorted(states, key=lambda s: s["timestamp"])]
     return ", ".join(
@@ -230,9 +152,11 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert nightly["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     assert nightly["job_variables"]["env"]["RADFLOW_CONFIG"] == "/etc/radflow/radflow.yaml"
-    assert _api(env, "GET", "/deployments/name/evaluate-accuracy/weekly-evaluation")["schedules"]
-    assert _api(env, "GET", "/deployments/name/build-finetune-dataset/build-dataset")
-    automations = _api(env, "POST", "/automations/filter", json={})
+    assert prefect_api(env, "GET", "/deployments/name/evaluate-accuracy/weekly-evaluation")[
+        "schedules"
+    ]
+    assert prefect_api(env, "GET", "/deployments/name/build-finetune-dataset/build-dataset")
+    automations = prefect_api(env, "POST", "/automations/filter", json={})
     (on_upload,) = [a for a in automations if "on-upload" in a["name"]]
     assert on_upload["trigger"]["expect"] == ["radflow.study.ready"]
 
@@ -295,7 +219,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
                         found = s3.list_objects_v2(Bucket="ev-reports", Prefix=key)
                         return found.get("KeyCount", 0) > 0
 
-                    wait_for(f"report of {prefix}", reported, timeout=600)
+                    wait_for(f"report of {prefix}", reported, timeout=600, every=0.2)
                     latencies[prefix] = time.time() - uploaded
                     phase(f"report of {prefix} ({latencies[prefix]:.1f} s after upload)")
 
@@ -309,7 +233,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
                     )["Attributes"]
                     return all(v == "0" for v in attrs.values())
 
-                wait_for("the bridge deletes every message", drained, timeout=120)
+                wait_for("the bridge deletes every message", drained, timeout=120, every=0.2)
 
                 def finished() -> list[dict]:
                     runs = _flow_runs(env, deployment["id"])
@@ -357,7 +281,7 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
 
     # the monitoring artifacts of each run, on the server
     for run in runs:
-        artifacts = _api(
+        artifacts = prefect_api(
             env,
             "POST",
             "/artifacts/filter",

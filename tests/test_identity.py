@@ -28,8 +28,7 @@ from tasks.imaging.preprocess import prepare_all
 from tasks.imaging.studyimages import prepare_study
 from tasks.ingest.discover import discover_studies
 from tasks.storage import LocalStore
-from tests.conftest import read_reports, sim_config
-from tests.test_reliability import _errors, _screen_cli
+from tests.helpers import read_errors, read_reports, run_screen, sim_config
 
 _PNG = re.compile(r'(?:data:image/png;base64,|"data":\s*")([A-Za-z0-9+/=]+)')
 
@@ -165,12 +164,12 @@ def test_identity_conflicts_are_error_records_and_no_request_mixes_patients(
     source, dest = tmp_path / "in", tmp_path / "out"
     made = build_identity_folder(source)
     with running_simulator("--seed", "15", "--record-bodies") as sim:
-        run = _screen_cli(source, dest, sim_config(sim, tmp_path), prefect_harness)
+        run = run_screen(source, dest, sim_config(sim, tmp_path), api_url=prefect_harness)
         requests = _sent_images(sim.bodies())
     assert run.returncode == 0, run.stderr[-3000:]
 
     # every file ends in exactly one report's sources or exactly one error record
-    reports, errors = read_reports(dest), _errors(dest)
+    reports, errors = read_reports(dest), read_errors(dest)
     by_file = {rel: [e for e in errors if e["source"] == str(source / rel)] for rel in made}
     reported = Counter(s for r in reports.values() for s in r.sources)
     for rel, expected in made.items():

@@ -273,6 +273,7 @@ def test_prefect_yaml_entrypoints_exist_and_import():
 # -- infra/bootstrap.py against real servers --------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_bootstrap_wires_bucket_notifications_to_the_queue(moto_server):
     import boto3
 
@@ -289,6 +290,7 @@ def test_bootstrap_wires_bucket_notifications_to_the_queue(moto_server):
     assert s3.head_bucket(Bucket="reports")["ResponseMetadata"]["HTTPStatusCode"] == 200
 
 
+@pytest.mark.e2e
 def test_bootstrap_saves_model_keys_as_secret_blocks(prefect_harness, monkeypatch, capsys):
     from prefect.blocks.system import Secret
 

@@ -19,7 +19,7 @@ from tasks.core.schema import ModelReading, Report, RunSummary
 from tasks.models.cache import ReadingCache, reading_key
 from tasks.models.panel import Panel, load_prompt
 from tasks.storage import LocalStore
-from tests.conftest import KEY_ENV, TEST_KEY, read_reports
+from tests.helpers import KEY_ENV, TEST_KEY, read_reports
 
 PROMPT = load_prompt("en")
 CONTEXT = {"modality": "CT"}
@@ -99,6 +99,7 @@ def test_cache_stores_successes_only_and_marks_hits(tmp_path):
 # ---- against the simulator process -------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_concurrency_limit_holds_and_is_reached():
     with running_simulator("--latency", "0.2", "--seed", "1") as sim:
         settings = _settings(
@@ -111,6 +112,7 @@ def test_concurrency_limit_holds_and_is_reached():
     assert stats["requests"] == {"gpt-4o": 24, "claude-sonnet-4-6": 24}
 
 
+@pytest.mark.e2e
 def test_requests_per_minute_spaces_requests():
     with running_simulator("--seed", "1") as sim:
         settings = _settings(_model(sim, "openai", requests_per_minute=120))  # 2 per second
@@ -122,6 +124,7 @@ def test_requests_per_minute_spaces_requests():
     assert elapsed >= 2.4
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_429_is_retried_honouring_retry_after(provider):
     with running_simulator("--faults", "429:1", "--retry-after", "1.5") as sim:
@@ -134,6 +137,7 @@ def test_429_is_retried_honouring_retry_after(provider):
     assert elapsed >= 3.0
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_timeout_is_per_call_and_retried(provider):
     with running_simulator("--faults", "timeout:1") as sim:
@@ -147,6 +151,7 @@ def test_timeout_is_per_call_and_retried(provider):
     assert elapsed < 30  # the simulator would hang 60 s; the client gave up after 0.5 s twice
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_malformed_answer_is_asked_again_once_with_the_error(provider):
     with running_simulator("--faults", "malformed:1", "--record-bodies") as sim:
@@ -159,6 +164,7 @@ def test_malformed_answer_is_asked_again_once_with_the_error(provider):
     assert "failed validation" not in first and "failed validation" in second
 
 
+@pytest.mark.e2e
 def test_malformed_answers_recover_on_the_reask():
     with running_simulator("--faults", "malformed:0.5", "--seed", "5") as sim:
         settings = _settings(_model(sim, "openai"), _model(sim, "anthropic"))
@@ -169,6 +175,7 @@ def test_malformed_answers_recover_on_the_reask():
     assert all(r.requests == 1 + r.reasked for r in flat)
 
 
+@pytest.mark.e2e
 def test_refusal_is_recorded_and_the_fallback_answers(simulator):
     with running_simulator("--faults", "refusal:1") as sim:
         alone = _settings(_model(sim, "anthropic"))
@@ -188,6 +195,7 @@ def test_refusal_is_recorded_and_the_fallback_answers(simulator):
     )
 
 
+@pytest.mark.e2e
 def test_cache_makes_a_second_read_free(simulator, tmp_path):
     cache = ReadingCache(LocalStore(tmp_path))
     settings = _settings(_model(simulator, "openai"), _model(simulator, "anthropic"))
@@ -207,6 +215,7 @@ def test_cache_makes_a_second_read_free(simulator, tmp_path):
     assert len(list(tmp_path.glob("cache/readings/*/*.json"))) == 6
 
 
+@pytest.mark.e2e
 def test_gateway_serves_both_sdks_and_a_model_may_override(simulator):
     gateway = {"base_url": simulator.url, "api_key_env": KEY_ENV}
     headers = {"x-relay-route": "radflow-test"}
@@ -227,6 +236,7 @@ def test_gateway_serves_both_sdks_and_a_model_may_override(simulator):
     assert "own" not in stats["requests"]
 
 
+@pytest.mark.e2e
 def test_key_from_a_prefect_secret_block(prefect_harness, simulator, monkeypatch):
     from prefect.blocks.system import Secret
 
@@ -242,6 +252,7 @@ def test_key_from_a_prefect_secret_block(prefect_harness, simulator, monkeypatch
 FAULTS = "429:0.1,500:0.08,malformed:0.04,timeout:0.01,refusal:0.02"  # 25 % of requests
 
 
+@pytest.mark.e2e
 def test_screen_with_25_percent_faults_reports_everything_once(
     prefect_harness, simulator, tmp_path
 ):
@@ -306,6 +317,7 @@ def test_screen_with_25_percent_faults_reports_everything_once(
     )
 
 
+@pytest.mark.e2e
 def test_fallback_gets_images_sized_for_its_own_provider():
     import base64
 

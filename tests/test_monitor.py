@@ -13,30 +13,21 @@ from tasks.screening.monitor import (
     run_tags,
     summary_markdown,
 )
+from tests.helpers import make_report
 
 PLAIN = LogNames()
 
 
 def _report(uid: str, urgency: Urgency, review: bool, agreement: float = 1.0) -> Report:
-    return Report(
-        study_instance_uid=uid,
-        status="complete",
-        language="en",
-        consensus=Consensus(
-            abnormal=urgency != Urgency.NORMAL,
-            urgency=urgency,
-            score=0.5,
-            agreement=agreement,
-            needs_review=review,
-            review_reasons=["models disagree | split"] if review else [],
-        ),
-        readings=[],
-        images=[],
-        inputs_fingerprint="f",
-        prompt_version="v1",
-        cost_usd=0.0123456789,
-        radflow_version="0",
+    consensus = Consensus(
+        abnormal=urgency != Urgency.NORMAL,
+        urgency=urgency,
+        score=0.5,
+        agreement=agreement,
+        needs_review=review,
+        review_reasons=["models disagree | split"] if review else [],
     )
+    return make_report(uid, consensus=consensus, cost_usd=0.0123456789)
 
 
 def test_run_name_and_tags():

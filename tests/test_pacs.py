@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 import yaml
-from dicomweb_client import DICOMwebClient
 from pydicom.data import get_testdata_file
 
 from flows.screen import screen
@@ -24,10 +22,18 @@ from tasks.pacs.dicomweb import parse_dicomweb_uri
 from tasks.pacs.settings import PublishConfig
 from tasks.pacs.store import DicomWebStore, header_bytes
 from tasks.reports.sr import sr_series_uid
-from tests.conftest import child_env, read_reports, sim_calls, sim_config
+from tests.helpers import (
+    PASSWORD_ENV,
+    USER_ENV,
+    dicomweb_client,
+    pacs_config,
+    read_reports,
+    run_screen,
+    sim_calls,
+    sr_instances,
+)
 from tests.pacs_proxy import FaultProxy
 
-USER_ENV, PASSWORD_ENV = "RADFLOW_TEST_PACS_USER", "RADFLOW_TEST_PACS_PASSWORD"
 SLICES = 40  # the multi-slice synthetic CT: the model sees its middle slice only
 CT_UID = "1.2.826.0.1.3680043.10.555.40"
 PLAIN_UID = "1.2.826.0.1.3680043.10.555.1"
@@ -84,27 +90,12 @@ def test_hostile_metadata_fails_as_one_clear_error():
 # -- e2e against Orthanc ----------------------------------------------------------------------
 
 
-def _client(orthanc) -> DICOMwebClient:
-    session = requests.Session()
-    session.auth = (orthanc.user, orthanc.password)
-    return DICOMwebClient(orthanc.url + "/dicom-web", session=session)
-
-
-def _sr_instances(orthanc, study: str) -> list[pydicom.Dataset]:
-    """radflow's SR instances of the study in Orthanc, retrieved whole."""
-    web = _client(orthanc)
-    series = sr_series_uid(study)
-    found = web.search_for_instances(study, series)
-    sops = sorted(item["00080018"]["Value"][0] for item in found)
-    return [web.retrieve_instance(study, series, sop) for sop in sops]
-
-
 @pytest.fixture(scope="module")
 def pacs(orthanc, tmp_path_factory):
     """The five kinds of study of the issue, uploaded by STOW-RS: four pydicom-data files (CT
     J2K, MR, MONOCHROME1 CR, colour US) and a 40-slice synthetic CT; plus one single-slice
     synthetic CT. Returns {StudyInstanceUID: bytes of each instance uploaded}."""
-    web = _client(orthanc)
+    web = dicomweb_client(orthanc)
     uploaded: dict[str, dict[str, int]] = {}
     paths = [Path(get_testdata_file(name, download=False)) for name in REAL_SAMPLES]
     tmp = tmp_path_factory.mktemp("pacs-studies")
@@ -137,18 +128,12 @@ def pacs_env(orthanc, monkeypatch):
     monkeypatch.setenv(PASSWORD_ENV, orthanc.password)
 
 
-def _config(sim, tmp_path: Path, **extra) -> str:
-    auth = {"auth": "basic", "username_env": USER_ENV, "password_env": PASSWORD_ENV}
-    extra.setdefault("dicomweb", {}).update(auth | {"retry_wait_ms": 50})
-    return str(sim_config(sim, tmp_path, **extra))
-
-
 @pytest.mark.e2e
 def test_screen_a_pacs_publish_back_and_rerun(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path, capsys
 ):
     dest = tmp_path / "out"
-    config = _config(simulator, tmp_path, publish={"dicomweb": "same"})
+    config = pacs_config(simulator, tmp_path, publish={"dicomweb": "same"})
     proxy = FaultProxy(orthanc.url)  # no faults: it only counts what is asked
     with proxy:
         _screen_publish_rerun(proxy, simulator, orthanc, pacs, dest, config, tmp_path, capsys)
@@ -195,7 +180,7 @@ def _screen_publish_rerun(proxy, simulator, orthanc, pacs, dest, config, tmp_pat
     assert summary.published == 6 and not summary.publish_failed
     for uid, report in reports.items():
         assert report.published.state == "stored" and report.published.attempts == 1
-        (sr,) = _sr_instances(orthanc, uid)
+        (sr,) = sr_instances(orthanc, uid)
         assert sr.SOPInstanceUID == report.published.sop_instance_uid
         assert sr.StudyInstanceUID == uid and sr.Modality == "SR"
         assert sr.SeriesInstanceUID == sr_series_uid(uid) != report.images[0].series_instance_uid
@@ -215,23 +200,23 @@ def _screen_publish_rerun(proxy, simulator, orthanc, pacs, dest, config, tmp_pat
     calls = sim_calls(simulator)
     again = asyncio.run(screen(source, str(dest), config))
     assert again.skipped == 6 and again.reported == 0 and sim_calls(simulator) == calls
-    assert all(len(_sr_instances(orthanc, uid)) == 1 for uid in pacs)
+    assert all(len(sr_instances(orthanc, uid)) == 1 for uid in pacs)
 
     # --force: the same readings (from the reading cache) make the same report version: the
     # SR is already there, nothing is added
     forced = asyncio.run(screen(source, str(dest), config, force=True))
     assert forced.reported == 6 and forced.published == 6 and sim_calls(simulator) == calls
     assert {r.published.state for r in read_reports(dest).values()} == {"already_stored"}
-    assert all(len(_sr_instances(orthanc, uid)) == 1 for uid in pacs)
+    assert all(len(sr_instances(orthanc, uid)) == 1 for uid in pacs)
 
     # --force after what the report says changed (here: its language) supersedes: a second
     # instance of the SR series, numbered 2, naming the first as its predecessor
     (tmp_path / "ko").mkdir()
-    korean = _config(simulator, tmp_path / "ko", language="ko", publish={"dicomweb": "same"})
+    korean = pacs_config(simulator, tmp_path / "ko", language="ko", publish={"dicomweb": "same"})
     one = f"{source}?StudyInstanceUID={PLAIN_UID}"
     new = asyncio.run(screen(one, str(dest), korean, force=True))
     assert new.reported == 1 and new.published == 1
-    first, second = sorted(_sr_instances(orthanc, PLAIN_UID), key=lambda ds: ds.InstanceNumber)
+    first, second = sorted(sr_instances(orthanc, PLAIN_UID), key=lambda ds: ds.InstanceNumber)
     assert (first.InstanceNumber, second.InstanceNumber) == (1, 2)
     (pred,) = second.PredecessorDocumentsSequence
     assert pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
@@ -246,16 +231,10 @@ def test_a_date_filter_selects_a_subset(
     prefect_harness, simulator, orthanc, pacs, pacs_env, tmp_path
 ):
     """`radflow screen` as a command on a QIDO-RS date filter (and pages of one study)."""
-    import subprocess
-    import sys
-
     dest = tmp_path / "dated"
     source = f"{orthanc.dicomweb}?StudyDate=20260101-20261231&limit=1"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "screen", source, "--out", str(dest),
-         "--config", _config(simulator, tmp_path)],
-        env=child_env(prefect_harness), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    config = pacs_config(simulator, tmp_path)
+    proc = run_screen(source, dest, config, api_url=prefect_harness, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reported 2/2 studies" in proc.stdout
     assert "fetched 0.25 MiB of source instances (129 KiB per study read)" in proc.stdout
@@ -285,7 +264,7 @@ def test_bad_server_answers_become_error_records(
     dest = tmp_path / "faults"
     with FaultProxy(orthanc.url, rules) as proxy:
         source = f"dicomweb+{proxy.url}/dicom-web"
-        summary = asyncio.run(screen(source, str(dest), _config(simulator, tmp_path)))
+        summary = asyncio.run(screen(source, str(dest), pacs_config(simulator, tmp_path)))
     reports = read_reports(dest)
     assert set(reports) == {flaky, CT_UID, PLAIN_UID} and summary.reported == 3
     errors = {
@@ -311,19 +290,12 @@ def test_bad_server_answers_become_error_records(
 
 @pytest.mark.e2e
 def test_a_401_on_the_search_is_one_line_and_no_run(orthanc, pacs, tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
     monkeypatch.setenv(USER_ENV, orthanc.user)
     monkeypatch.setenv(PASSWORD_ENV, "wrong-password-never-logged")
     config = tmp_path / "radflow.yaml"
     auth = {"auth": "basic", "username_env": USER_ENV, "password_env": PASSWORD_ENV}
     config.write_text(yaml.safe_dump({"dicomweb": auth}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "screen", orthanc.dicomweb, "--out", str(tmp_path / "o"),
-         "--config", str(config)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_screen(orthanc.dicomweb, tmp_path / "o", config, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"401 from PACS at {orthanc.url}/dicom-web/studies" in proc.stderr
     assert f"check credentials in {USER_ENV} and {PASSWORD_ENV}" in proc.stderr
@@ -338,12 +310,12 @@ def test_failed_publishing_is_recorded_then_retried_by_the_next_run(
     path = synthetic_ct(
         tmp_path / "own.dcm", lesion=True, seed=99, study_uid=own, phi={"StudyDate": "20250101"}
     )
-    _client(orthanc).store_instances([pydicom.dcmread(path)])
+    dicomweb_client(orthanc).store_instances([pydicom.dcmread(path)])
     dest = tmp_path / "stow"
     target = {"publish": {"dicomweb": "same"}, "dicomweb": {"max_attempts": 3}}
     one = f"?StudyInstanceUID={own}"
     with FaultProxy(orthanc.url, [("POST", "/dicom-web/studies", 503, 99)]) as proxy:
-        config = _config(simulator, tmp_path, **target)
+        config = pacs_config(simulator, tmp_path, **target)
         failed = asyncio.run(screen(f"dicomweb+{proxy.url}/dicom-web{one}", str(dest), config))
         assert proxy.hits[0] == 3  # the configured attempts, no more
     assert failed.reported == 1 and failed.publish_failed == [own] and failed.published == 0
@@ -357,7 +329,7 @@ def test_failed_publishing_is_recorded_then_retried_by_the_next_run(
     done = asyncio.run(screen(f"{orthanc.dicomweb}{one}", str(dest), config))
     assert done.reported == 1 and sim_calls(simulator) == calls
     assert read_reports(dest)[own].published.state == "stored"
-    assert len(_sr_instances(orthanc, own)) == 1
+    assert len(sr_instances(orthanc, own)) == 1
 
 
 @pytest.mark.e2e

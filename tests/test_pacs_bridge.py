@@ -7,11 +7,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pydicom
@@ -20,20 +17,19 @@ import pytest
 from flows.serve import runner_deployments
 from simulator.process import stop
 from simulator.samples import synthetic_ct
-from tests.conftest import child_env, read_reports
-from tests.test_pacs import PASSWORD_ENV, USER_ENV, _client, _config, _sr_instances
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
-    """Poll external state (Orthanc, the Prefect API, a file) until ``check`` is truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.3)
-    return value
+from tests.helpers import (
+    PASSWORD_ENV,
+    RADFLOW,
+    ROOT,
+    USER_ENV,
+    child_env,
+    dicomweb_client,
+    pacs_config,
+    prefect_api,
+    read_reports,
+    sr_instances,
+    wait_for,
+)
 
 
 def _events(api: str) -> list[dict]:
@@ -48,7 +44,7 @@ def _of(api: str, uid: str) -> list[dict]:
 
 
 def _upload(orthanc, tmp: Path, uid: str, seed: int, slices: range) -> None:
-    web = _client(orthanc)
+    web = dicomweb_client(orthanc)
     for i in slices:
         path = synthetic_ct(
             tmp / f"{seed}-{i}.dcm",
@@ -95,15 +91,9 @@ def test_the_on_pacs_deployment_screens_the_event_source():
     assert trigger.parameters == {"source": "{{ event.payload.source }}"}
 
 
-def _api(api: str, method: str, path: str, **kw: Any) -> Any:
-    answer = httpx.request(method, api + path, timeout=30, **kw)
-    answer.raise_for_status()
-    return answer.json()
-
-
 def _runs(api: str, deployment_id: str) -> list[dict]:
     body = {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "START_TIME_ASC"}
-    return _api(api, "POST", "/flow_runs/filter", json=body)
+    return prefect_api(api, "POST", "/flow_runs/filter", json=body)
 
 
 @pytest.mark.e2e
@@ -118,13 +108,12 @@ def test_stable_studies_trigger_one_on_pacs_run_each_across_a_bridge_restart(
     monkeypatch.setenv(USER_ENV, orthanc.user)
     monkeypatch.setenv(PASSWORD_ENV, orthanc.password)
     dest = tmp_path / "out"
-    config = _config(simulator, tmp_path, publish={"dicomweb": "same"}, output=str(dest))
+    config = pacs_config(simulator, tmp_path, publish={"dicomweb": "same"}, output=str(dest))
     state = tmp_path / "state" / "bridge.json"
     env = child_env(prefect_harness) | {"RADFLOW_CONFIG": config}
-    cli = [sys.executable, "-m", "flows.cli"]
-    bridge_cmd = [*cli, "bridge", "--orthanc", orthanc.url, "--state", str(state),
+    bridge_cmd = [*RADFLOW, "bridge", "--orthanc", orthanc.url, "--state", str(state),
                   "--config", config, "--poll-seconds", "0.3"]  # fmt: skip
-    serve_cmd = [*cli, "serve", "--only", "on-pacs", "--poll-seconds", "1"]
+    serve_cmd = [*RADFLOW, "serve", "--only", "on-pacs", "--poll-seconds", "1"]
     logs: list = []
 
     def start(cmd: list[str], name: str) -> subprocess.Popen:
@@ -145,10 +134,10 @@ def test_stable_studies_trigger_one_on_pacs_run_each_across_a_bridge_restart(
 
         def registered() -> dict | None:
             assert serve.poll() is None, tail("serve")
-            automations = _api(prefect_harness, "POST", "/automations/filter", json={})
+            automations = prefect_api(prefect_harness, "POST", "/automations/filter", json={})
             if not any("on-pacs" in x["name"] for x in automations):
                 return None
-            return _api(prefect_harness, "GET", "/deployments/name/screen/on-pacs")
+            return prefect_api(prefect_harness, "GET", "/deployments/name/screen/on-pacs")
 
         deployment = wait_for("radflow serve registers on-pacs", registered, 600)
         bridge = start(bridge_cmd, "bridge")
@@ -188,7 +177,7 @@ def test_stable_studies_trigger_one_on_pacs_run_each_across_a_bridge_restart(
         # each SR went back once; it made its study stable again, which is no new event
         a_id = _orthanc_id(orthanc, a)
         for uid, oid in ((a, a_id), (b, b_id)):
-            assert len(_sr_instances(orthanc, uid)) == 1
+            assert len(sr_instances(orthanc, uid)) == 1
             again = wait_for(
                 f"{uid} stable after its SR", lambda o=oid: _stable_changes(orthanc, o)[1:]
             )

@@ -19,7 +19,7 @@ from tasks.ingest.discover import discover_studies
 from tasks.models.panel import Panel, load_prompt
 from tasks.screening.study import Screening, screen_study
 from tasks.storage import open_store
-from tests.conftest import sim_config
+from tests.helpers import sim_config
 
 pytestmark = pytest.mark.e2e
 

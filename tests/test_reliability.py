@@ -26,28 +26,18 @@ from simulator.process import running_simulator
 from simulator.samples import build_sample_folder, synthetic_ct
 from tasks.core.privacy import LogNames, find_studies, load_key
 from tasks.storage import LocalStore
-from tests.conftest import KEY_ENV, TEST_KEY, child_env, read_reports, sim_config
+from tests.helpers import (
+    KEY_ENV,
+    RADFLOW,
+    TEST_KEY,
+    child_env,
+    read_errors,
+    read_reports,
+    run_screen,
+    sim_config,
+)
 
 pytestmark = pytest.mark.e2e
-
-RADFLOW = [sys.executable, "-m", "flows.cli"]
-
-
-def _errors(dest: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(dest.glob("errors/*.json"))]
-
-
-def _screen_cli(
-    source: Path, dest: Path, config: Path, api_url: str
-) -> subprocess.CompletedProcess:
-    """``radflow screen`` as a user runs it, against the harness's Prefect API."""
-    return subprocess.run(
-        [*RADFLOW, "screen", str(source), "--out", str(dest), "--config", str(config)],
-        env=child_env(api_url),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 # ---- 1. hostile inputs ----------------------------------------------------------------------
@@ -59,9 +49,9 @@ def test_hostile_inputs_each_get_one_error_record_and_good_studies_are_reported(
     source, dest = tmp_path / "in", tmp_path / "out"
     made = build_hostile_folder(source, good=4)
     config = sim_config(simulator, tmp_path)
-    run = _screen_cli(source, dest, config, prefect_harness)
+    run = run_screen(source, dest, config, api_url=prefect_harness)
     assert run.returncode == 0, run.stderr[-3000:]
-    errors = _errors(dest)
+    errors = read_errors(dest)
     bad = {rel: e for rel, e in made.items() if e.kind != "report"}
     made_good_0 = next(rel for rel, e in made.items() if e.kind == "report")
     by_file = {rel: [r for r in errors if r["source"].endswith("/" + rel)] for rel in made}
@@ -138,11 +128,11 @@ def test_a_file_that_breaks_the_parser_fails_only_itself_and_is_never_retried(
         deep_nesting(good[0], source / name, seed, **options)
         stages[name] = stage
     started = time.monotonic()
-    run = _screen_cli(source, dest, sim_config(simulator, tmp_path), prefect_harness)
+    run = run_screen(source, dest, sim_config(simulator, tmp_path), api_url=prefect_harness)
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(read_reports(dest)) == len(good)
-    errors = _errors(dest)
+    errors = read_errors(dest)
     assert sorted(Path(e["source"]).name for e in errors) == sorted(stages)  # one each
     for record in errors:
         assert record["kind"] == "CorruptDicom", record
@@ -310,12 +300,12 @@ def test_sigkill_mid_run_then_resume_reports_each_study_once_and_asks_nothing_tw
         held = list((dest / "claims").glob("*.json"))  # the killed run's claims remain …
         assert held and all(json.loads(p.read_text())["pid"] == first.pid for p in held)
 
-        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        second = run_screen(source, dest, config, env=env)
         assert second.returncode == 0, second.stderr[-3000:]
         answered_after = sum(_settled(sim)["answered"].values())
 
     reports = read_reports(dest)
-    assert len(reports) == n and not _errors(dest)
+    assert len(reports) == n and not read_errors(dest)
     # … taken over at once (its PID is gone); left only where it had written the report (the
     # kill fell between report.json and the release): stale, and the study is done
     left = {p.stem for p in (dest / "claims").glob("*.json")}
@@ -457,7 +447,7 @@ def test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs(
                 }
             )
             config.write_text(yaml.safe_dump(data))
-            run = _screen_cli(source, dest, config, prefect_harness)
+            run = run_screen(source, dest, config, api_url=prefect_harness)
             bodies = json.dumps(sim.bodies(), ensure_ascii=False)
     finally:
         echo.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -17,13 +18,11 @@ from pydicom.data import get_testdata_file
 
 from flows.screen import screen
 from simulator.process import panel_config, running_simulator
-from tasks.consensus.vote import build_consensus
-from tasks.core.config import ReviewConfig, SynthesisConfig
+from tasks.core.config import SynthesisConfig
 from tasks.core.errors import ReportError
 from tasks.core.schema import (
     ImageInfo,
     Impression,
-    ModelReading,
     Report,
     RunSummary,
     Urgency,
@@ -40,44 +39,17 @@ from tasks.reports.write import (
     write_run_summary,
 )
 from tasks.storage import LocalStore
-from tests.conftest import KEY_ENV, read_reports, sim_config
+from tests.helpers import KEY_ENV, make_report, panel_readings, read_reports, sim_config
 
 SCHEMA_FILE = Path(__file__).parent.parent / "schemas" / "report.schema.json"
 
 
-def _readings(disagree: bool = True) -> list[ModelReading]:
-    return [
-        ModelReading(
-            model="gpt-4o",
-            provider="openai",
-            model_id="gpt-4o",
-            ok=True,
-            abnormal=True,
-            urgency=Urgency.FOLLOW_UP,
-            findings=["Nodule in the right upper lobe"],
-            recommended_exams=["CT follow-up in 3 months"],
-            response_model="gpt-4o-2024-08-06",
-        ),
-        ModelReading(
-            model="claude",
-            provider="anthropic",
-            model_id="claude-sonnet-4-6",
-            ok=True,
-            abnormal=not disagree,
-            urgency=Urgency.NORMAL if disagree else Urgency.FOLLOW_UP,
-            findings=[] if disagree else ["nodule in the right upper lobe"],
-        ),
-    ]
-
-
 def _report(ds: pydicom.Dataset, language: str = "en", disagree: bool = True, **extra) -> Report:
-    readings = _readings(disagree)
-    return Report(
-        study_instance_uid=ds.StudyInstanceUID,
-        status="complete",
+    """The panel's report of ``ds``, its one key image from ``ds``."""
+    return make_report(
+        ds.StudyInstanceUID,
+        panel_readings(disagree),
         language=language,
-        consensus=build_consensus(readings, {}, ReviewConfig()),
-        readings=readings,
         images=[
             ImageInfo(
                 sop_instance_uid=ds.SOPInstanceUID,
@@ -91,9 +63,6 @@ def _report(ds: pydicom.Dataset, language: str = "en", disagree: bool = True, **
                 modality="CT",
             )
         ],
-        inputs_fingerprint="f" * 64,
-        prompt_version="v1-test",
-        radflow_version="0.1.0",
         **extra,
     )
 
@@ -193,6 +162,15 @@ def test_sr_needs_the_key_images_among_its_evidence(ct):
     del other.SOPClassUID
     with pytest.raises(Exception, match='"mr.dcm" has no SOPClassUID'):
         evidence_dataset(other, "mr.dcm")
+
+
+def test_sr_keeps_a_one_component_patient_name_without_a_warning(ct):
+    ct.PatientName = "CQ500-CT-310"  # as in pydicom-data's 693_J2KR.dcm
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sr = build_sr(_report(ct), [evidence_dataset(ct, "ct.dcm")])
+    assert sr.PatientName == "CQ500-CT-310"  # copied as it is
+    assert [str(w.message)[:60] for w in caught] == []
 
 
 def test_fhir_diagnostic_report_round_trips_as_r4(ct):

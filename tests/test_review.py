@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import json
-import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -54,18 +53,22 @@ from tasks.review.verdicts import (
 )
 from tasks.storage import LocalStore, Store, open_store
 from tests.browser import chromium, open_browser
-from tests.conftest import KEY_ENV, TEST_KEY, read_reports
-from tests.test_events_e2e import (
-    BIN,
-    ROOT,
+from tests.helpers import (
+    KEY_ENV,
+    RADFLOW,
     SERVER_SETTINGS,
-    _api,
+    TEST_KEY,
+    make_report,
+    panel_readings,
+    prefect_api,
     prefect_server_process,
     process,
+    read_reports,
+    run_radflow,
+    run_screen,
     tail,
     wait_for,
 )
-from tests.test_reports import _readings
 
 UID = "1.2.826.0.1.3680043.10.999.424242"
 
@@ -81,26 +84,26 @@ def _report(uid: str = UID, abnormal: bool | None = True, source: str = "/src/a.
     png = _png()
     sha = hashlib.sha256(png).hexdigest()
     urgency = None if abnormal is None else Urgency.FOLLOW_UP if abnormal else Urgency.NORMAL
-    gpt, claude = _readings()  # the report tests' panel: a failed model, hostile text
+    gpt, claude = panel_readings()  # the report tests' panel: a failed model, hostile text
     readings = [
         gpt.model_copy(
             update={"findings": ["nodule | <script>alert(1)</script>"], "rationale": "a\nb"}
         ),
         claude.model_copy(update={"ok": False, "abnormal": None, "urgency": None, "error": "boom"}),
     ]
-    return Report(
-        study_instance_uid=uid,
+    consensus = Consensus(
+        abnormal=abnormal,
+        urgency=urgency,
+        score=0.5,
+        agreement=0.5,
+        needs_review=True,
+        review_reasons=["models disagree on abnormal"],
+    )
+    return make_report(
+        uid,
+        readings,
+        consensus,
         status="degraded",
-        language="en",
-        consensus=Consensus(
-            abnormal=abnormal,
-            urgency=urgency,
-            score=0.5,
-            agreement=0.5,
-            needs_review=True,
-            review_reasons=["models disagree on abnormal"],
-        ),
-        readings=readings,
         images=[
             ImageInfo(
                 sop_instance_uid="1.2.3.4",
@@ -114,9 +117,6 @@ def _report(uid: str = UID, abnormal: bool | None = True, source: str = "/src/a.
             )
         ],
         context={"modality": "CT", "age_band": "60-69"},
-        inputs_fingerprint="f" * 64,
-        prompt_version="v1-test",
-        radflow_version="0.1.0",
     )
 
 
@@ -410,27 +410,20 @@ ANSWERS = [
 ]
 
 
-def _radflow(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "radflow"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-        timeout=900,
-    )  # fmt: skip
-
-
 def _review_runs(env: dict[str, str], deployment_id: str) -> list[dict]:
     body = {"deployments": {"id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
-    return _api(env, "POST", "/flow_runs/filter", json=body)
+    return prefect_api(env, "POST", "/flow_runs/filter", json=body)
 
 
 def _artifacts(env: dict[str, str], run_id: str) -> dict[str, str]:
     body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
-    return {a["key"]: a["data"] for a in _api(env, "POST", "/artifacts/filter", json=body)}
+    return {a["key"]: a["data"] for a in prefect_api(env, "POST", "/artifacts/filter", json=body)}
 
 
 def _timeline(env: dict[str, str], run: dict) -> str:
     """Seconds from the run's creation to its page waiting (Suspended), and from the form's
     submission (Resuming) to the stored verdict (Completed), from the server's state history."""
-    states = _api(env, "GET", "/flow_run_states/", params={"flow_run_id": run["id"]})
+    states = prefect_api(env, "GET", "/flow_run_states/", params={"flow_run_id": run["id"]})
     at = {s["name"]: datetime.fromisoformat(s["timestamp"]) for s in states}
     created = datetime.fromisoformat(run["created"])
     waited = (at["Suspended"] - created).total_seconds()
@@ -505,7 +498,7 @@ def test_screening_review_evaluation_loop(tmp_path, capsys):
             "reliability": str(evaluation / "reliability.json"),
         }))  # fmt: skip
         serve_log = tmp_path / "serve.log"
-        serve_cmd = [str(BIN / "radflow"), "serve", "--only", "flagged", "--poll-seconds", "1"]
+        serve_cmd = [*RADFLOW, "serve", "--only", "flagged", "--poll-seconds", "1"]
         with process(serve_cmd, env, serve_log) as serve:
             try:
                 _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, phase)
@@ -524,7 +517,7 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     phase("review deployment served")
 
     # 1. screening flags studies and asks for their reviews
-    run = _radflow(env, "screen", str(src), "--out", str(dest), "--config", str(config))
+    run = run_screen(src, dest, config, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     reports = read_reports(dest)
     flagged = sorted(uid for uid, r in reports.items() if r.consensus.needs_review)
@@ -560,7 +553,7 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
         assert page.count("](data:image/png;base64,") == len(reports[uid].images)
         assert "Readings side by side" in page and "SIMULATED" in page and uid not in page
         keyset = r["state"]["state_details"]["run_input_keyset"]
-        form = _api(env, "GET", f"/flow_runs/{r['id']}/input/{keyset['description']}")
+        form = prefect_api(env, "GET", f"/flow_runs/{r['id']}/input/{keyset['description']}")
         assert "data:image/png;base64," in form and uid not in form  # text above the form
     pending = CliRunner().invoke(app, ["reviews", "list", str(dest), "--status", "pending"])
     assert pending.exit_code == 0 and f"{len(flagged)} pending" in pending.output, pending.output
@@ -569,7 +562,7 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     if chromium() is not None:
         uid = flagged[0]
         body = {"artifacts": {"key": {"any_": [f"review-{ids[uid]}"]}}}
-        (artifact,) = _api(env, "POST", "/artifacts/filter", json=body)
+        (artifact,) = prefect_api(env, "POST", "/artifacts/filter", json=body)
         text = _screenshots(env, by_uid[uid], artifact["id"], tmp_path)
         for field in ("Abnormal", "Urgency", "Findings", "Reviewer initials", "Not assessable"):
             assert field in text, text
@@ -582,13 +575,13 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
 
     # 4. submitting through the API, as the UI does: a contradiction is refused, answers resume
     first = by_uid[flagged[0]]["id"]
-    refused = _api(env, "POST", f"/flow_runs/{first}/resume", json={
+    refused = prefect_api(env, "POST", f"/flow_runs/{first}/resume", json={
         "run_input": {"abnormal": "no", "urgency": "immediate", "reviewer": "KJH"}
     })  # fmt: skip
     assert refused["status"] == "REJECT" and "urgency" in refused["details"]["reason"]
     answers = dict(zip(flagged, ANSWERS, strict=False))
     for uid, answer in answers.items():
-        done = _api(
+        done = prefect_api(
             env, "POST", f"/flow_runs/{by_uid[uid]['id']}/resume", json={"run_input": answer}
         )
         assert done["status"] == "ACCEPT", done
@@ -622,8 +615,8 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     exported = CliRunner().invoke(app, ["reviews", "export", str(dest), "--out", str(labels)])
     assert exported.exit_code == 0, exported.output
     assert load_labels.fn(f"reviews:{dest}") == parse_labels(labels.read_text(), str(labels))
-    run = _radflow(env, "evaluate", str(labels), "--images", str(src), "--out",
-                   str(evaluation), "--config", str(config))  # fmt: skip
+    run = run_radflow("evaluate", str(labels), "--images", str(src), "--out", str(evaluation),
+                      "--config", str(config), env=env, timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert sorted(c["study_instance_uid"] for c in metrics["cases"]) == sorted(labelled)
@@ -635,7 +628,7 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     phase("evaluated on the exported review verdicts")
 
     # 6. an unanswered review expires (review.timeout_hours)...
-    run = _radflow(env, "screen", str(src_b), "--out", str(dest), "--config", str(config2))
+    run = run_screen(src_b, dest, config2, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     (late,) = [u for u in read_reports(dest) if u not in reports]
     late_id = review_names(LocalStore(dest)).study(late)
@@ -655,7 +648,7 @@ def _loop(env, src, src_b, dest, evaluation, config, config2, serve, tmp_path, p
     # 7. ... and the next screening asks again (on_timeout: reopen); reviewed studies are not
     # asked twice; the consensus now votes with the measured weights
     before = _review_runs(env, deployment["id"])
-    run = _radflow(env, "screen", str(src), "--out", str(dest), "--config", str(config2), "--force")
+    run = run_screen(src, dest, config2, "--force", env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     after = _review_runs(env, deployment["id"])
     (new,) = [r for r in after if r["id"] not in {b["id"] for b in before}]

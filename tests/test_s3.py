@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from tasks.core.schema import Report, RunSummary
 from tasks.ingest.discover import read_header
 from tasks.storage import open_store
 from tasks.storage.s3 import S3Store, parse_s3_uri, storage_error
-from tests.conftest import child_env, sim_calls, sim_config
+from tests.helpers import run_screen, sim_calls, sim_config
 
 JUNK = 1050  # tiny non-DICOM objects: more than one list_objects_v2 page (1,000 keys)
 ODD_KEY = "synthetic/환자 00/lesion slice 100% (a+b) #1.dcm"
@@ -93,6 +91,7 @@ def test_storage_config_rejects_a_kms_key_without_kms():
     assert StorageConfig(sse="aws:kms", kms_key_id="alias/x").kms_key_id == "alias/x"
 
 
+@pytest.mark.e2e
 def test_listing_pages_past_1000_keys_with_odd_names(scans):
     store = open_store("s3://scans/in")
     refs = list(store.list())
@@ -106,6 +105,7 @@ def test_listing_pages_past_1000_keys_with_odd_names(scans):
     assert big.version.endswith("-2")  # a multipart ETag: two parts
 
 
+@pytest.mark.e2e
 def test_header_read_fetches_only_the_header_and_grows_the_range(scans):
     store = open_store("s3://scans/in")
     ref = next(r for r in store.list() if r.key == "big/ct 2048.dcm")
@@ -119,6 +119,7 @@ def test_header_read_fetches_only_the_header_and_grows_the_range(scans):
     assert inst.study_instance_uid == ds.StudyInstanceUID and inst.ref.uri.endswith("2048.dcm")
 
 
+@pytest.mark.e2e
 def test_full_read_streams_to_a_temp_file_and_matches(scans, samples):
     store = S3Store("s3://scans/in", StorageConfig(multipart_threshold_mib=5))
     with store.open_read("big/ct 2048.dcm") as fh:
@@ -133,6 +134,7 @@ def test_full_read_streams_to_a_temp_file_and_matches(scans, samples):
     assert not store.exists("no such key.json")
 
 
+@pytest.mark.e2e
 def test_writes_are_encrypted_single_and_multipart(moto_server):
     s3 = _s3()
     s3.create_bucket(Bucket="enc")
@@ -152,6 +154,7 @@ def test_writes_are_encrypted_single_and_multipart(moto_server):
     assert aes.exists("small.json") and aes.read_bytes("small.json") == b"{}"
 
 
+@pytest.mark.e2e
 def test_a_missing_bucket_is_one_clear_error(moto_server):
     with pytest.raises(StorageError) as info:
         open_store("s3://no-such-bucket/in")
@@ -245,20 +248,8 @@ def test_screen_s3_to_s3_reports_every_object_once_encrypted_and_reruns_free(
 
 @pytest.mark.e2e
 def test_cli_missing_bucket_stops_with_one_line(prefect_harness, moto_server, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "screen",
-            "s3://no-such-bucket/incoming",
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        env=child_env(prefect_harness),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_screen(
+        "s3://no-such-bucket/incoming", tmp_path / "out", api_url=prefect_harness, timeout=300
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -332,6 +323,7 @@ class _FlakyProxy:
         self.server.server_close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_transient_errors_are_retried_then_reported(moto_server, monkeypatch, mode):
     s3 = _s3()

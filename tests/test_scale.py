@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from uuid import UUID
@@ -29,7 +27,7 @@ from tasks.screening.pool import (
     shutdown_pools,
 )
 from tasks.storage import LocalStore
-from tests.conftest import child_env, read_reports, sim_calls, sim_config
+from tests.helpers import RADFLOW, child_env, process, read_reports, sim_calls, sim_config
 
 
 def test_runner_config_rejects_bad_values():
@@ -59,6 +57,7 @@ def _where(store) -> str:
     return store.uri
 
 
+@pytest.mark.e2e
 def test_a_dead_pool_worker_fails_its_study_and_the_next_call_gets_a_new_pool(tmp_path):
     runner = RunnerConfig(preprocess="process", workers=1)
     store = LocalStore(tmp_path)
@@ -153,16 +152,9 @@ def test_shards_run_as_deployment_runs_on_a_served_deployment(prefect_harness, s
         runner={"shard_size": 2, "shards_in_flight": 2, "shard_deployment": "screen/shard"},
     )
     dest = tmp_path / "out"
-    radflow = str(Path(sys.executable).with_name("radflow"))
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        serve = subprocess.Popen(
-            [radflow, "serve", "--only", "shard", "--poll-seconds", "1"],
-            env=child_env(prefect_harness),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    serve_cmd = [*RADFLOW, "serve", "--only", "shard", "--poll-seconds", "1"]
+    with process(serve_cmd, child_env(prefect_harness), log) as serve:
 
         async def registered() -> bool:
             async with get_client() as client:
@@ -179,9 +171,6 @@ def test_shards_run_as_deployment_runs_on_a_served_deployment(prefect_harness, s
             time.sleep(0.5)
 
         summary = asyncio.run(screen(str(source), str(dest), str(config)))
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
 
     assert summary.reported == 4 == len(read_reports(dest)) and summary.errors == 0
     assert len(summary.shards) == 2 and summary.model_calls == 8

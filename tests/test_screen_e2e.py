@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from flows.screen import screen
 from tasks.core.schema import RunSummary
-from tests.conftest import TEST_KEY, child_env, read_reports, sim_calls, sim_config
+from tests.helpers import TEST_KEY, read_reports, run_radflow, run_screen, sim_calls, sim_config
 
 pytestmark = pytest.mark.e2e
 
@@ -99,23 +97,7 @@ def test_korean_reports_and_a_failing_model_degrade(prefect_harness, simulator, 
 def test_cli_screen_against_a_compatible_server(prefect_harness, simulator, samples, tmp_path):
     config = sim_config(simulator, tmp_path)
     dest = tmp_path / "cli out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "screen",
-            str(samples),
-            "--out",
-            str(dest),
-            "--config",
-            str(config),
-        ],
-        env=child_env(prefect_harness),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_screen(samples, dest, config, api_url=prefect_harness, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reported 8/8 studies" in proc.stdout
     assert len(read_reports(dest)) == 8
@@ -123,9 +105,9 @@ def test_cli_screen_against_a_compatible_server(prefect_harness, simulator, samp
 
 
 def test_cli_help_lists_the_commands():
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    proc = run_radflow("--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
     for command in ("screen", "preprocess", "simulator"):
         assert command in out
 
@@ -134,22 +116,8 @@ def test_cli_preprocess_names_bad_inputs_and_writes_the_rest(samples, tmp_path):
     bad = tmp_path / "broken.dcm"
     bad.write_bytes(b"DICM" * 10)
     good = samples / "real" / "RG1_J2KI.dcm"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "preprocess",
-            str(bad),
-            str(good),
-            "--out",
-            str(tmp_path / "png"),
-            "--max-edge",
-            "512",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_radflow("preprocess", str(bad), str(good), "--out", str(tmp_path / "png"),
+                       "--max-edge", "512")  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "broken.dcm" in proc.stderr
     assert (tmp_path / "png" / "RG1_J2KI.png").is_file()
@@ -159,22 +127,7 @@ def test_cli_preprocess_names_bad_inputs_and_writes_the_rest(samples, tmp_path):
 def test_cli_config_error_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("language: fr\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "screen",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "o"),
-            "--config",
-            str(bad),
-        ],
-        capture_output=True,
-        text=True,
-        env=child_env("http://127.0.0.1:9/api"),
-    )
+    proc = run_screen(tmp_path, tmp_path / "o", bad, api_url="http://127.0.0.1:9/api")
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "language" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import subprocess
-import sys
 from urllib.parse import quote
 
 import pytest
@@ -23,9 +22,8 @@ from simulator.samples import synthetic_ct
 from tasks.core.config import load_settings
 from tasks.core.errors import ConfigError
 from tasks.finetune.examples import parse_annotations
-from tests.conftest import KEY_ENV, TEST_KEY, child_env
+from tests.helpers import KEY_ENV, TEST_KEY, run_radflow
 
-RADFLOW = [sys.executable, "-m", "flows.cli"]
 HEADER = "X-Gateway-Token"
 TOKEN = "gw-token-5f1c9e7a2b8d4c36-never-logged"  # an extra_headers value (a gateway token)
 
@@ -222,8 +220,10 @@ def _model(name: str, provider: str, base_url: str, **extra) -> dict:
 
 
 def _run(*args: str, api_url: str) -> subprocess.CompletedProcess:
-    env = child_env(api_url) | {"OPENAI_LOG": "debug", "ANTHROPIC_LOG": "debug"}
-    return subprocess.run([*RADFLOW, *args], env=env, capture_output=True, text=True, timeout=600)
+    """``radflow ARGS`` with the SDKs' debug logs on (what they log must be redacted too)."""
+    return run_radflow(
+        *args, api_url=api_url, env={"OPENAI_LOG": "debug", "ANTHROPIC_LOG": "debug"}
+    )
 
 
 @pytest.mark.e2e

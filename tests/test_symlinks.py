@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulator.samples import synthetic_ct
-from tests.conftest import child_env, read_reports, sim_calls, sim_config
+from tests.helpers import read_reports, run_screen, sim_calls, sim_config
 
-RADFLOW = [sys.executable, "-m", "flows.cli"]
 UID = "1.2.826.0.1.3680043.8.498.1"
 
 
@@ -117,12 +115,10 @@ def test_screen_refuses_symlinks_out_of_source_and_dest(prefect_harness, simulat
     (dest / "studies").mkdir(parents=True)  # one study's DEST folder leads out of DEST
     (dest / "studies" / UID).symlink_to(outside / "other", target_is_directory=True)
     config = sim_config(simulator, tmp_path)
-    env = child_env(prefect_harness)
     before = sim_calls(simulator)
 
     def screen(dest: Path) -> subprocess.CompletedProcess:
-        cmd = [*RADFLOW, "screen", str(source), "--out", str(dest), "--config", str(config)]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        return run_screen(source, dest, config, api_url=prefect_harness)
 
     run = screen(dest)
     assert run.returncode == 0, run.stderr[-3000:]

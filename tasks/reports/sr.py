@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,8 @@ LANGUAGES = {
     "en": hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)"),
     "ko": hd.sr.CodedConcept("ko-KR", "RFC5646", "Korean (Republic of Korea)"),
 }
+# highdicom's warning (highdicom/valuerep.py check_person_name) about a one-component name
+_ONE_COMPONENT_NAME = r'The string ".*" is unlikely to represent the intended person name'
 # Type 2 attributes highdicom copies from the first evidence dataset: present, maybe empty.
 _TYPE2 = (
     "PatientID",
@@ -232,23 +235,29 @@ def build_sr(
         items.append(_section(codes.DCM.Recommendations, recs))
     root.ContentSequence = items
     series_uid, sop_uid = sr_uids(report)
-    return hd.sr.ComprehensiveSR(
-        evidence=list(evidence),
-        content=root,
-        series_instance_uid=series_uid,
-        series_number=990,
-        sop_instance_uid=sop_uid,
-        instance_number=instance_number,
-        previous_versions=list(previous) or None,
-        manufacturer="radflow",
-        manufacturer_model_name="radflow",
-        software_versions=report.radflow_version,
-        series_description="radflow AI screening (preliminary)",
-        is_complete=False,
-        is_final=False,
-        is_verified=False,
-        specific_character_set="ISO_IR 192",
-    )
+    with warnings.catch_warnings():
+        # The Patient module is copied from the evidence as it is: highdicom warns about a
+        # PatientName of one component ("CQ500-CT-310" in pydicom-data), and its warning
+        # would print the name on the console. Only that warning, only while the SR is built
+        # (in threads at once, a race of catch_warnings can only keep or drop this filter).
+        warnings.filterwarnings("ignore", _ONE_COMPONENT_NAME, UserWarning, r"highdicom\.")
+        return hd.sr.ComprehensiveSR(
+            evidence=list(evidence),
+            content=root,
+            series_instance_uid=series_uid,
+            series_number=990,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            previous_versions=list(previous) or None,
+            manufacturer="radflow",
+            manufacturer_model_name="radflow",
+            software_versions=report.radflow_version,
+            series_description="radflow AI screening (preliminary)",
+            is_complete=False,
+            is_final=False,
+            is_verified=False,
+            specific_character_set="ISO_IR 192",
+        )
 
 
 def sr_bytes(sr: pydicom.Dataset) -> bytes:

@@ -1,5 +1,5 @@
 """The screening flow's coarse Prefect task, ``screen-studies``: one task run per batch of
-studies (model calls are plain async calls inside it, see DESIGN.md for why), and the
+studies (model calls are plain async calls inside it, see docs/design.md for why), and the
 run's batches, whose outcomes come back as each study ends."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ async def screen_studies(
 ) -> int:
     """Screen the studies of ``batch`` not done yet, each as soon as ``run.window`` has room,
     calling ``finished`` with each outcome as it comes. One task run per batch rather than
-    per study: each task run costs the event loop and the Prefect API 10-40 ms (DESIGN.md).
+    per study: each task run costs the event loop and the Prefect API 10-40 ms (docs/design.md).
     A study that raises fails the task run once the others have finished; when one of them
     failed in a transient way (``is_transient``), Prefect's retries then screen the ones left;
     otherwise they end as error records at once (the same input would fail again)."""

@@ -1,0 +1,34 @@
+"""`radflow demo` as a newcomer runs it (no Prefect API configured: a temporary server): the
+console shows radflow's own lines and the table, no traceback, warning or Prefect chatter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import run_radflow
+
+
+@pytest.mark.e2e
+def test_demo_prints_only_radflows_lines_and_the_table(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # a first run: a new database
+    out = tmp_path / "demo"
+    # the real samples only (one has a one-component PatientName), no simulated latency
+    run = run_radflow(
+        "demo", "--out", str(out), "--synthetic", "0", "--latency", "0", "--language", "en",
+        env=env, timeout=600,
+    )  # fmt: skip
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text[-3000:]
+    for unwanted in ("Traceback", "Warning", "WARNING", "ERROR", "| INFO", "telemetry"):
+        assert unwanted not in text, (unwanted, text[-3000:])
+    assert run.stderr == ""
+    assert "radflow demo — SIMULATED readings" in run.stdout
+    header = ("input", "modality", "consensus", "urgency", "agree", "review", "tokens", "cost $")
+    (line,) = [x for x in run.stdout.splitlines() if x.split()[:1] == ["input"]]
+    assert line.split() == [w for h in header for w in h.split()]
+    rows = [x for x in run.stdout.splitlines() if x.split()[:1] in (["693_J2KR"], ["MR2_J2KI"])]
+    assert len(rows) == 2 and "4 reports, 1 error records, 8 model calls" in run.stdout
+    assert len(list(out.glob("reports/studies/*/report.sr.dcm"))) == 4
