@@ -17,6 +17,7 @@ from rich.table import Table
 
 from simulator.process import panel_config, running_simulator
 from simulator.samples import build_sample_folder
+from tasks.core.words import short_result, urgency_word, yes_no
 
 __all__ = ["PREFECT_ENV", "run_demo"]
 
@@ -57,15 +58,15 @@ def summary_table(dest: Path) -> Table:
         r = json.loads(path.read_text())
         c = r["consensus"]
         modality = ", ".join(sorted({i["modality"] or "?" for i in r["images"]}))
-        verdict = {True: "[red]abnormal", False: "[green]normal", None: "no reading"}[c["abnormal"]]
+        colour = {True: "[red]", False: "[green]", None: ""}[c["abnormal"]]
         tokens = sum(x["input_tokens"] + x["output_tokens"] for x in r["readings"])
         table.add_row(
             Path(r["sources"][0]).stem[:14] if r["sources"] else r["study_instance_uid"][-14:],
             modality,
-            verdict,
-            (c["urgency"] or "-").replace("_", "-"),
+            colour + short_result(c["abnormal"]),
+            urgency_word(c["urgency"]) if c["urgency"] else "-",
             f"{c['agreement']:.0%}",
-            "yes" if c["needs_review"] else "no",
+            yes_no(c["needs_review"]),
             str(tokens),
             f"{r['cost_usd']:.4f}",
         )

@@ -374,15 +374,6 @@ def test_simulator_rejects_a_file_that_is_not_chat_jsonl(simulator):
         client.fine_tuning.jobs.create(model="gpt-4o-2024-08-06", training_file="file-nope")
 
 
-def test_annotations_location_splits_into_store_and_key():
-    from tasks.finetune.build import _split_uri
-
-    assert _split_uri("/data/labels.csv") == ("/data", "labels.csv")
-    assert _split_uri("/labels.csv") == ("/", "labels.csv")
-    assert _split_uri("labels.csv") == (".", "labels.csv")
-    assert _split_uri("s3://bucket/ft/labels.jsonl") == ("s3://bucket/ft", "labels.jsonl")
-
-
 @pytest.mark.e2e
 def test_create_job_without_validation_file_or_suffix(simulator, good_example):
     from tasks.finetune.upload import Hyperparameters, create_job

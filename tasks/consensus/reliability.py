@@ -8,7 +8,7 @@ import math
 
 from tasks.core.config import Settings
 from tasks.core.errors import ConfigError, RadflowError
-from tasks.storage import open_store
+from tasks.storage import open_store, split_uri
 
 __all__ = [
     "MAX_WEIGHT",
@@ -16,7 +16,6 @@ __all__ = [
     "load_reliability",
     "log_odds_weight",
     "model_weights",
-    "split_uri",
 ]
 
 METHOD = "log-diagnostic-odds-v1"
@@ -41,18 +40,10 @@ def log_odds_weight(sensitivity: float, specificity: float) -> float:
     return round(min(max(w, 0.0), MAX_WEIGHT), 4)
 
 
-def split_uri(uri: str) -> tuple[str, str]:
-    """("s3://bucket/prefix" or a folder, file name) of a file URI or path."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    if not name:
-        raise ConfigError(f'"{uri}" names no file')
-    return parent or ".", name
-
-
 def load_reliability(uri: str) -> dict[str, float]:
     """{model: weight} from a reliability.json (local path or s3 uri)."""
-    parent, name = split_uri(uri)
     try:
+        parent, name = split_uri(uri)
         data = json.loads(open_store(parent).read_bytes(name))
         weights = {str(m): float(v["weight"]) for m, v in data["models"].items()}
     except FileNotFoundError as exc:

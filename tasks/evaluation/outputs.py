@@ -22,13 +22,12 @@ from prefect.events import emit_event
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_curve
 
-from tasks.consensus.reliability import split_uri
 from tasks.core.config import StorageConfig
 from tasks.core.errors import LabelError
 from tasks.core.schema import Report
 from tasks.evaluation.metrics import METRICS, Label, Regression, parse_labels, predictions
 from tasks.reports.write import report_key
-from tasks.storage import Store, open_store, read_json
+from tasks.storage import Store, open_store, read_json, split_uri
 
 __all__ = [
     "REGRESSION_EVENT",

@@ -27,7 +27,7 @@ from tasks.finetune.examples import (
     to_jsonl,
 )
 from tasks.models.prompts import load_prompt
-from tasks.storage import Store, open_store
+from tasks.storage import Store, open_store, split_uri
 
 __all__ = [
     "Dataset",
@@ -50,20 +50,12 @@ class Dataset:
     manifest: dict
 
 
-def _split_uri(uri: str) -> tuple[str, str]:
-    """``s3://b/p/a.csv`` or ``dir/a.csv`` → (store URI of the folder, key)."""
-    head, sep, key = uri.rstrip("/").rpartition("/")
-    if not sep:
-        return ".", key
-    return (head + "/" if head.endswith(":/") or not head else head), key
-
-
 @task(name="read-annotations", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
 def read_annotations(
     uri: str, storage: StorageConfig | None = None
 ) -> tuple[list[Annotation], list[Rejected], str]:
     """Parse the annotations file at ``uri`` (local or S3); returns its sha256 too."""
-    folder, key = _split_uri(uri)
+    folder, key = split_uri(uri)
     store = open_store(folder, storage)
     if not store.exists(key):
         raise DatasetError(f'annotations file "{uri}" does not exist')

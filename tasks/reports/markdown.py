@@ -1,4 +1,5 @@
-"""report.md: the study's report in its language (ko/en) for the reviewing radiologist."""
+"""report.md: the study's report in its language (ko/en) for the reviewing radiologist; the
+result and urgency words come from tasks.core.words."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 
 from tasks.core.config import Language
 from tasks.core.schema import MergedItem, Report, ReviewReason
+from tasks.core.words import result, urgency_word, yes_no
 
 __all__ = ["image_name", "render_markdown", "review_reason"]
 
@@ -18,14 +20,9 @@ _TEXT = {
         "Not a diagnosis.",
         "status": "Status",
         "result": "Consensus",
-        "abnormal": "abnormal",
-        "normal": "no abnormality",
-        "unknown": "no reading",
         "urgency": "Urgency",
         "agreement": "Agreement",
         "review": "Needs review",
-        "yes": "yes",
-        "no": "no",
         "findings": "Findings",
         "differentials": "Differentials",
         "exams": "Recommended exams",
@@ -35,7 +32,6 @@ _TEXT = {
         "images": "Images read",
         "cost": "Cost",
         "context": "Context sent to the models",
-        "urgencies": {"immediate": "immediate", "follow_up": "follow-up", "normal": "normal"},
         "score": "score",
         "impression": "Impression",
         "model_written": "Written by the model {model} ({model_id}) from the structured "
@@ -58,14 +54,9 @@ _TEXT = {
         "진단이 아닙니다.",
         "status": "상태",
         "result": "합의 결과",
-        "abnormal": "이상 소견 있음",
-        "normal": "이상 소견 없음",
-        "unknown": "판독 없음",
         "urgency": "긴급도",
         "agreement": "일치도",
         "review": "검토 필요",
-        "yes": "예",
-        "no": "아니오",
         "findings": "소견",
         "differentials": "감별 진단",
         "exams": "권장 검사",
@@ -75,7 +66,6 @@ _TEXT = {
         "images": "판독한 영상",
         "cost": "비용",
         "context": "모델에 보낸 임상 정보",
-        "urgencies": {"immediate": "즉시 치료", "follow_up": "추적 검사", "normal": "정상"},
         "score": "점수",
         "impression": "인상",
         "model_written": "모델 {model} ({model_id})이(가) 구조화된 판독만으로 작성한 글이며, "
@@ -128,10 +118,11 @@ def _impression(report: Report, t: dict) -> list[str]:
 def render_markdown(report: Report) -> str:
     """report.md in the report's language: consensus, findings with supporting models, the
     per-model table, cost, the key images, and the AI disclaimer."""
-    t = _TEXT[Language(report.language)]
+    language = Language(report.language)
+    t = _TEXT[language]
     c = report.consensus
-    result = t["unknown"] if c.abnormal is None else t["abnormal" if c.abnormal else "normal"]
-    urgency = t["urgencies"][c.urgency.value] if c.urgency else t["unknown"]
+    none = result(None, language)
+    urgency = urgency_word(c.urgency, language) if c.urgency else none
     reasons = [review_reason(d, report.language) for d in c.review_details]
     lines = [f"# {t['title']}: {report.study_instance_uid}", ""]
     if report.simulated:
@@ -140,11 +131,11 @@ def render_markdown(report: Report) -> str:
         f"> {t['disclaimer']}",
         "",
         f"- {t['status']}: {report.status}",
-        f"- {t['result']}: **{result}**"
+        f"- {t['result']}: **{result(c.abnormal, language)}**"
         + (f" ({t['score']} {c.score:.2f})" if c.score is not None else ""),
         f"- {t['urgency']}: **{urgency}**",
         f"- {t['agreement']}: {c.agreement:.0%}",
-        f"- {t['review']}: {t['yes'] if c.needs_review else t['no']}"
+        f"- {t['review']}: {yes_no(c.needs_review, language)}"
         + (f" — {'; '.join(reasons)}" if reasons else ""),
         f"- {t['cost']}: ${report.cost_usd:.4f}",
         "",
@@ -164,11 +155,9 @@ def render_markdown(report: Report) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in report.readings:
-        if r.ok:
-            res = t["abnormal" if r.abnormal else "normal"]
-        else:
-            res = f"{t['unknown']}: {r.error}".replace("|", "/")
-        urg = t["urgencies"][r.urgency.value] if r.urgency else "—"
+        failed = f"{none}: {r.error}".replace("|", "/")
+        res = result(bool(r.abnormal), language) if r.ok else failed
+        urg = urgency_word(r.urgency, language) if r.urgency else "—"
         lines.append(
             f"| {r.model} | {res} | {urg} | {r.input_tokens}/{r.output_tokens} "
             f"| {r.cost_usd:.4f} | {r.latency_ms:.0f} |"

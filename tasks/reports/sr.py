@@ -17,7 +17,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from tasks.core.errors import CorruptDicom, RadflowError, parser_error
-from tasks.core.schema import Report, Urgency
+from tasks.core.schema import Report
+from tasks.core.words import ABNORMAL_CODES, LANGUAGE_TAGS, URGENCY_MEANINGS, YES_NO_CODES
 from tasks.pacs.version import report_version
 
 if TYPE_CHECKING:  # annotations only: no import cycle with tasks.storage
@@ -40,19 +41,17 @@ logger = logging.getLogger(__name__)
 # standard code names: urgency levels and the review flag.
 SCHEME = "99RADFLOW"
 URGENCY = Code("urgency", SCHEME, "Urgency")
-URGENCY_CODES = {
-    Urgency.IMMEDIATE: Code("immediate", SCHEME, "Immediate treatment"),
-    Urgency.FOLLOW_UP: Code("follow_up", SCHEME, "Follow-up"),
-    Urgency.NORMAL: Code("normal", SCHEME, "Normal"),
-}
+URGENCY_CODES = {u: Code(u.value, SCHEME, meaning) for u, meaning in URGENCY_MEANINGS.items()}
 NEEDS_REVIEW = Code("needs_review", SCHEME, "Needs review")
 AGREEMENT = Code("agreement", SCHEME, "Panel agreement")
 SCORE = Code("abnormal_score", SCHEME, "Weighted abnormal vote share")
 NO_UNITS = Code("1", "UCUM", "no units")
-YES, NO = codes.SCT.Yes, codes.SCT.No
+# SNOMED CT (tasks.core.words): the conclusion abnormal/normal and the review flag's yes/no.
+ABNORMAL = {flag: Code(code, "SCT", meaning) for flag, (code, meaning) in ABNORMAL_CODES.items()}
+YES_NO = {flag: Code(code, "SCT", meaning) for flag, (code, meaning) in YES_NO_CODES.items()}
 LANGUAGES = {
-    "en": hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)"),
-    "ko": hd.sr.CodedConcept("ko-KR", "RFC5646", "Korean (Republic of Korea)"),
+    language.value: hd.sr.CodedConcept(tag, "RFC5646", name)
+    for language, (tag, name) in LANGUAGE_TAGS.items()
 }
 # highdicom's warning (highdicom/valuerep.py check_person_name) about a one-component name
 _ONE_COMPONENT_NAME = r'The string ".*" is unlikely to represent the intended person name'
@@ -194,7 +193,7 @@ def build_sr(
         conclusions.append(
             hd.sr.CodeContentItem(
                 name=codes.DCM.Conclusion,
-                value=codes.SCT.Abnormal if c.abnormal else codes.SCT.Normal,
+                value=ABNORMAL[c.abnormal],
                 relationship_type="CONTAINS",
             )
         )
@@ -206,7 +205,7 @@ def build_sr(
         )
     conclusions.append(
         hd.sr.CodeContentItem(
-            name=NEEDS_REVIEW, value=YES if c.needs_review else NO, relationship_type="CONTAINS"
+            name=NEEDS_REVIEW, value=YES_NO[c.needs_review], relationship_type="CONTAINS"
         )
     )
     for reason in c.review_reasons:

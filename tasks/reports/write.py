@@ -19,6 +19,7 @@ import pydicom
 
 from tasks.core.errors import RadflowError, ReportError, StorageError
 from tasks.core.schema import ErrorRecord, Published, Report, ReviewEntry, RunSummary
+from tasks.core.words import short_result
 from tasks.pacs.publish import PublishTarget, publish_sr, unpublished
 from tasks.reports.fhir import build_fhir, fhir_json
 from tasks.reports.markdown import image_name, render_markdown
@@ -295,9 +296,8 @@ def render_review_table(summary: RunSummary) -> str:
         "|---|---|---|---|---|---|",
     ]
     for e in rows:
-        result = {None: "no reading", True: "abnormal", False: "normal"}[e.abnormal]
         lines.append(
-            f"| {e.study_instance_uid} | {result} | {e.urgency.value if e.urgency else '—'} "
+            f"| {e.study_instance_uid} | {short_result(e.abnormal)} | {e.urgency.value if e.urgency else '—'} "
             f"| {e.agreement:.0%} | {'; '.join(e.reasons).replace('|', '/')} | {e.report} |"
         )
     return "\n".join(lines) + "\n"

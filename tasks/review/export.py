@@ -18,6 +18,7 @@ from pathlib import Path
 from tasks.core.config import StorageConfig
 from tasks.core.errors import LabelError, RadflowError
 from tasks.core.schema import Report
+from tasks.core.words import result, short_result
 from tasks.reports.write import report_key, review_key
 from tasks.review.verdicts import Verdict, load_report, read_verdict
 from tasks.storage import Store, open_store, read_json
@@ -162,7 +163,7 @@ def annotations_jsonl(rows: Sequence[ReviewRow], images: str) -> tuple[str, list
         if not r.patient_id:
             skipped.append(f"{r.uid}: no patient_id (report.fhir.json names none)")
             continue
-        normal = "no abnormality"
+        normal = result(False)
         record = {
             "image": keys,
             "patient_id": r.patient_id,
@@ -214,14 +215,13 @@ def row_cells(row: ReviewRow) -> dict[str, str]:
     if report is None:
         return cells | {"ai": "—", "when": "—", "verdict": row.problem or "—", "run": "—"}
     c = report.consensus
-    ai = {True: "abnormal", False: "normal", None: "no reading"}[c.abnormal]
-    cells["ai"] = f"{ai}, {c.urgency.value if c.urgency else '—'}"
+    cells["ai"] = f"{short_result(c.abnormal)}, {c.urgency.value if c.urgency else '—'}"
     state = report.review
     if verdict is not None:
         said = (
             "not assessable"
             if verdict.not_assessable
-            else (f"{'abnormal' if verdict.abnormal else 'normal'}, {verdict.urgency.value}")
+            else f"{short_result(bool(verdict.abnormal))}, {verdict.urgency.value}"
         )
         cells["when"] = f"reviewed {verdict.reviewed_at:%Y-%m-%d %H:%M}"
         cells["verdict"] = f"{said} ({verdict.reviewer})"

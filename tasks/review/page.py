@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from tasks.core.schema import ImageInfo, MergedItem, ModelReading, Report, ReviewState
+from tasks.core.words import short_result
 from tasks.reports.markdown import image_name
 from tasks.reports.write import report_key
 from tasks.review.verdicts import Verdict
@@ -100,7 +101,8 @@ def _items(items: Sequence[str | MergedItem]) -> str:
 
 
 def _yes_no(abnormal: bool | None) -> str:
-    return {True: "**abnormal**", False: "normal", None: "no reading"}[abnormal]
+    text = short_result(abnormal)
+    return f"**{text}**" if abnormal else text
 
 
 def _reading_cells(r: ModelReading) -> list[str]:

@@ -13,6 +13,7 @@ from uuid import UUID
 
 from tasks.core.privacy import LogNames
 from tasks.core.schema import Report, RunSummary
+from tasks.core.words import yes_no
 
 __all__ = [
     "PROGRESS_KEY",
@@ -62,10 +63,10 @@ def result_row(report: Report, dest: str, names: LogNames) -> dict[str, Any]:
     return {
         "study": study,
         "status": report.status,
-        "abnormal": {True: "yes", False: "no", None: "-"}[c.abnormal],
+        "abnormal": "-" if c.abnormal is None else yes_no(c.abnormal),
         "urgency": c.urgency.value if c.urgency else "-",
         "agreement": round(c.agreement, 2),
-        "review": "yes" if c.needs_review else "no",
+        "review": yes_no(c.needs_review),
         "reasons": "; ".join(c.review_reasons),
         "cost_usd": round(report.cost_usd, 6),
         "report": report_location(dest, uid) if names.plain else f"radflow lookup {dest} {study}",

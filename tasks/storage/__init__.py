@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tasks.storage.base import ObjectRef, Store, read_json
+from tasks.storage.base import ObjectRef, Store, read_json, split_uri
 from tasks.storage.local import LocalStore
 
 if TYPE_CHECKING:
     from tasks.core.config import StorageConfig
 
-__all__ = ["LocalStore", "ObjectRef", "Store", "open_store", "read_json"]
+__all__ = ["LocalStore", "ObjectRef", "Store", "open_store", "read_json", "split_uri"]
 
 
 def open_store(uri: str, config: StorageConfig | None = None) -> Store:

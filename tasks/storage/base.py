@@ -1,14 +1,20 @@
-"""The Store protocol every source and destination implements, and what is shared by all."""
+"""The Store protocol every source and destination implements, and what is shared by all:
+reading a JSON object, and splitting a file's URI into its store and key."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-__all__ = ["ObjectRef", "Store", "read_json"]
+from tasks.core.errors import StorageError
+
+__all__ = ["ObjectRef", "Store", "read_json", "split_uri"]
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -70,3 +76,29 @@ def read_json(store: Store, key: str) -> dict | None:
     if not store.exists(key):
         return None
     return json.loads(store.read_bytes(key))
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(store root, key) of one file, for ``open_store(root).read_bytes(key)``:
+
+    - ``s3://bucket/a/b.csv`` → ("s3://bucket/a", "b.csv"); ``s3://bucket/b.csv`` →
+      ("s3://bucket", "b.csv");
+    - ``/data/b.csv`` → ("/data", "b.csv"); ``/b.csv`` → ("/", "b.csv"); ``b.csv`` →
+      (".", "b.csv"); ``dir/b.csv`` → ("dir", "b.csv");
+    - trailing slashes are dropped: ``dir/b.csv/`` is ``dir/b.csv``.
+
+    A URI that names no file (``""``, ``/``, ``s3://bucket``, a last part ``.`` or ``..``) or
+    has another scheme (a PACS holds no such files) is a :class:`StorageError` naming it."""
+    path = uri.rstrip("/")
+    scheme = _SCHEME.match(path)
+    if scheme and scheme.group() != "s3://":
+        raise StorageError(
+            f'"{uri}" is neither an s3:// URI nor a local path',
+            hint="give s3://bucket/key or the path of a file",
+        )
+    head, sep, name = path.rpartition("/")
+    if name in ("", ".", "..") or (scheme and len(head) <= len("s3://")):
+        raise StorageError(f'"{uri}" names no file', hint="give s3://bucket/key or a file's path")
+    if not sep:
+        return ".", name
+    return head or "/", name
