@@ -22,13 +22,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # flows/screen.py; tests/helpers.py: shared test helpers; tests/test_layout.py: the layout's
 # rules). Allowed to be missing until those branches are merged; once one exists, drop it here
 # so the check below covers it.
-PENDING = {
-    "tasks/models/client.py",
-    "tasks/screening/plan.py",
-    "tasks/screening/summary.py",
-    "tests/helpers.py",
-    "tests/test_layout.py",
-}
+PENDING: set[str] = set()  # paths the docs name before they land
 
 _FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 _PATH = re.compile(

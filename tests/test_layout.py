@@ -9,6 +9,8 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from simulator.samples import build_sample_folder
 from tasks.core.config import PreprocessConfig, StorageConfig
 from tasks.ingest.discover import discover_studies
@@ -96,6 +98,7 @@ def test_no_import_cycle_between_radflow_modules():
     assert find_cycle(graph) is None, f"import cycle: {' → '.join(find_cycle(graph))}"
 
 
+@pytest.mark.e2e
 def test_a_pool_worker_loads_neither_prefect_nor_a_model_sdk(tmp_path):
     """A real spawn worker, as tasks.screening.pool starts them: warmed, then rendering a
     study's key images through ``_in_worker``, then asked what it has imported."""
