@@ -36,9 +36,17 @@ def screen(
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="screen at most N studies")] = None,
     force: Annotated[bool, typer.Option(help="re-read studies that are already reported")] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            help="discover and preprocess only: print each model's tokens and cost; no model "
+            "is called, no report is written"
+        ),
+    ] = False,
 ) -> None:
     """Screen every study under SOURCE and write reports under DEST."""
     from flows.progress import run_with_progress
+    from flows.runs_cli import print_comparison, print_estimate
     from flows.screen import screen as screen_flow
     from tasks.core.config import load_settings
     from tasks.core.errors import PacsError
@@ -50,6 +58,11 @@ def screen(
         check_pacs_settings(settings, source, out)
         for uri in (source, out):
             open_store(uri, settings.storage)  # a missing bucket or a 401: one line, no run
+        if estimate:
+            from tasks.screening.estimate import estimate_run
+
+            print_estimate(estimate_run(source, out, settings, limit, force))
+            return
         summary = run_with_progress(
             screen_flow(
                 source=source,
@@ -72,6 +85,7 @@ def screen(
         + ("  [SIMULATED readings]" if summary.simulated else ""),
         highlight=False,
     )
+    print_comparison(summary)
     if summary.fetched_bytes or summary.discovery_bytes:
         Console().print(pacs_line(summary), highlight=False)
     if summary.publish_failed:
@@ -461,8 +475,10 @@ def serve(
 
 
 from flows.review_cli import reviews  # noqa: E402 — `radflow reviews list|export`
+from flows.runs_cli import runs  # noqa: E402 — `radflow runs compare`
 
 app.add_typer(reviews, name="reviews")
+app.add_typer(runs, name="runs")
 
 if __name__ == "__main__":
     sys.exit(app())

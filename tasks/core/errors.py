@@ -23,6 +23,7 @@ __all__ = [
     "RadflowError",
     "ReportError",
     "ReviewError",
+    "RunSummaryError",
     "StorageError",
     "StorageUnavailable",
     "StudiesFailed",
@@ -128,6 +129,11 @@ class ReviewError(RadflowError):
         "the study needs studies/<uid>/report.json under DEST; deploy the review deployment "
         "(deployments/prefect.yaml) and serve it (`radflow serve` or a worker)"
     )
+
+
+class RunSummaryError(RadflowError):
+    default = "the run summary cannot be read"
+    hint = "pass DEST/runs/<run id>.json files written by `radflow screen` (a folder or s3://)"
 
 
 class ProviderError(RadflowError):

@@ -17,6 +17,7 @@ __all__ = [
     "Impression",
     "MergedItem",
     "ModelReading",
+    "ModelStats",
     "Provenance",
     "Published",
     "Reading",
@@ -77,6 +78,9 @@ class ModelReading(BaseModel):
     input_tokens: int = 0
     estimated_input_tokens: int = Field(
         0, description="input tokens estimated before the call (published image formulas)"
+    )
+    estimated_image_tokens: int = Field(
+        0, description="of estimated_input_tokens, the images' (the provider's published rule)"
     )
     output_tokens: int = 0
     cost_usd: float = 0.0
@@ -298,6 +302,35 @@ class ReviewEntry(BaseModel):
     report: str = Field(description="key of report.json under DEST")
 
 
+class ModelStats(BaseModel):
+    """One panel model's readings in a run (the provider comparison: tasks/screening/compare.py).
+    Every field adds up across shards; latencies are kept as counts per logarithmic bucket."""
+
+    provider: str = ""
+    model_id: str = ""
+    endpoint_host: str | None = None
+    readings: int = Field(0, description="readings of this model in reports, cached ones too")
+    cached: int = Field(0, description="readings served from the cache (no call)")
+    calls: int = Field(0, description="readings that called the model (readings - cached)")
+    answered: int = Field(0, description="calls that ended in a valid reading")
+    failed: int = Field(0, description="calls that ended without a reading, refusals apart")
+    refused: int = Field(0, description="calls the model refused")
+    fallback: int = Field(0, description="calls answered by the configured fallback model")
+    requests: int = Field(0, description="HTTP requests of the calls (retries, re-asks)")
+    retried: int = Field(0, description="requests beyond one per call: requests - calls")
+    input_tokens: int = 0
+    output_tokens: int = 0
+    image_tokens: int = Field(0, description="estimated image input tokens of the calls")
+    cost_usd: float = Field(0.0, description="cost of the calls")
+    compared: int = Field(0, description="studies with this model's reading and a consensus")
+    agreed: int = Field(0, description="of those, readings whose abnormal matches the consensus")
+    latency_max_ms: float = 0.0
+    latency_buckets: dict[int, int] = Field(
+        default_factory=dict,
+        description="calls per latency bucket k: [1.1^k, 1.1^(k+1)) ms (mergeable; bounded)",
+    )
+
+
 class RunSummary(BaseModel):
     run_id: str
     source: str
@@ -346,3 +379,6 @@ class RunSummary(BaseModel):
         default_factory=list, description="studies whose SR could not be published"
     )
     reviews_requested: int = Field(0, description="review flow runs created (review.requests)")
+    models: dict[str, ModelStats] = Field(
+        default_factory=dict, description="the provider comparison: per panel model name"
+    )

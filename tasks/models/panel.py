@@ -19,7 +19,7 @@ from tasks.core.config import Language, ModelConfig, Provider, Settings
 from tasks.core.errors import ConfigError
 from tasks.core.redact import redact
 from tasks.core.schema import ModelReading, Reading, Urgency
-from tasks.imaging.sizing import estimate_input_tokens
+from tasks.imaging.sizing import estimate_input_tokens, image_tokens, png_size
 from tasks.models.cache import ReadingCache, reading_key
 from tasks.models.client import API_ERRORS, ModelClient, is_simulated
 from tasks.models.prompts import Prompt, load_prompt
@@ -303,7 +303,10 @@ class Panel:
             reading = await reader.read(pngs, context, prompt)
             text = prompt.text + user_text(context, len(images), prompt.language)
             estimate = estimate_input_tokens(provider, images, text)
-            return reading.model_copy(update={"estimated_input_tokens": estimate})
+            pixels = image_tokens(provider, (png_size(p) for p in images))
+            return reading.model_copy(
+                update={"estimated_input_tokens": estimate, "estimated_image_tokens": pixels}
+            )
 
         return list(await asyncio.gather(*(one(r) for r in self.readers)))
 

@@ -14,8 +14,10 @@ from uuid import UUID
 from tasks.core.privacy import LogNames
 from tasks.core.schema import Report, RunSummary
 from tasks.core.words import yes_no
+from tasks.screening.compare import comparison_rows
 
 __all__ = [
+    "MODELS_KEY",
     "PROGRESS_KEY",
     "RESULTS_KEY",
     "SUMMARY_KEY",
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_KEY = "screen-progress"
 RESULTS_KEY = "screen-results"
 SUMMARY_KEY = "screen-summary"
+MODELS_KEY = "screen-models"
 _MAX_TAG = 100
 
 
@@ -176,6 +179,13 @@ class RunMonitor:
         if rows:
             await acreate_table_artifact(
                 table=rows, key=RESULTS_KEY, description="Results per study (this run)"
+            )
+        if summary.models:
+            await acreate_table_artifact(
+                table=comparison_rows(summary.models),
+                key=MODELS_KEY,
+                description="Provider comparison per model: calls, latency, tokens, cost, "
+                "agreement with the consensus" + (" (SIMULATED)" if summary.simulated else ""),
             )
         await acreate_markdown_artifact(
             markdown=summary_markdown(summary, rows, summary_key, self.names),

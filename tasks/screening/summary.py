@@ -13,6 +13,7 @@ from tasks.consensus.vote import panel_kappa
 from tasks.core.privacy import LogNames
 from tasks.core.schema import ErrorRecord, Impression, ModelReading, Report, RunSummary
 from tasks.reports.write import review_entry
+from tasks.screening.compare import add_report, merge_models
 from tasks.screening.monitor import result_row
 
 __all__ = ["StudyOutcome", "Tally", "study_cost"]
@@ -21,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 # Fields of a shard's summary that are not added into the parent's: the parent counted its
 # studies and skips at discovery, a kappa is not additive (each shard's summary keeps its
-# own), and the parent lists its shards itself.
-_NOT_SUMMED = frozenset({"studies", "skipped", "fleiss_kappa", "kappa_studies", "shards"})
+# own), and the parent lists its shards itself. The provider comparison (``models``) merges
+# by its own rule (tasks.screening.compare.merge_models).
+_NOT_SUMMED = frozenset({"studies", "skipped", "fleiss_kappa", "kappa_studies", "shards", "models"})
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Tally:
                 s.publish_failed.append(report.study_instance_uid)
             else:
                 s.published += 1
+        add_report(s.models, report)
         self._votes.append([r.abnormal if r.ok else None for r in report.readings])
         self.rows.append(result_row(report, s.dest, self.names))
 
@@ -113,6 +116,7 @@ class Tally:
                 current.extend(value)
             elif isinstance(value, dict):
                 current.update(value)
+        merge_models(s.models, shard.models)
         s.shards.append(shard.run_id)
 
     def add_unread(self, records: int) -> None:
