@@ -100,6 +100,8 @@ def test_cli_screen_against_a_compatible_server(prefect_harness, simulator, samp
     proc = run_screen(samples, dest, config, api_url=prefect_harness, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reported 8/8 studies" in proc.stdout
+    assert "provider comparison (SIMULATED readings)" in proc.stdout
+    assert "claude-sonnet-4-6" in proc.stdout and "p95 ms" in proc.stdout
     assert len(read_reports(dest)) == 8
     assert TEST_KEY not in proc.stdout + proc.stderr
 
