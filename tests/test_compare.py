@@ -214,3 +214,17 @@ def test_estimate_calls_no_model_and_is_within_five_percent_of_the_usage(
         assert cost == pytest.approx(stats.input_tokens * price / 1e6, rel=0.05, abs=1e-4)
     total = sum(s.input_tokens for s in run.models.values())
     assert estimated["total"][1] == pytest.approx(total, rel=0.05)
+
+    # the same comparison as the run's table artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def artifacts():
+        async with get_client() as client:
+            flow_run = ArtifactFilterFlowRunId(any_=[summary.run_id])
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=flow_run))
+
+    table = next(a for a in asyncio.run(artifacts()) if a.key == "screen-models")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert rows == comparison_rows(run.models)
+    assert "SIMULATED" in (table.description or "")
