@@ -140,6 +140,9 @@ def comparison_rows(
 
 
 def latency_samples(stats: ModelStats) -> Iterable[tuple[float, int]]:
-    """(bucket middle in ms, calls) per non-empty bucket, in order: for plots."""
-    for k in sorted(stats.latency_buckets):
-        yield (BUCKET_RATIO ** (k + 0.5) if k else 1.0), stats.latency_buckets[k]
+    """(bucket middle in ms, calls) per bucket from the fastest call's to the slowest's
+    (empty ones as 0), in order: for plots."""
+    if not stats.latency_buckets:
+        return
+    for k in range(min(stats.latency_buckets), max(stats.latency_buckets) + 1):
+        yield (BUCKET_RATIO ** (k + 0.5) if k else 1.0), stats.latency_buckets.get(k, 0)
