@@ -101,16 +101,16 @@ def print_estimate(estimate: RunEstimate) -> None:
         table.add_column(heading, justify="right")
     for m in estimate.models:
         table.add_row(
-            m.name,
-            m.provider,
-            m.model_id,
+            m.cfg.name,
+            m.cfg.provider.value,
+            m.cfg.model,
             str(m.calls),
             str(m.images),
             str(m.image_tokens),
             str(m.text_tokens),
             str(m.input_tokens),
             f"{m.input_cost_usd:.4f}",
-            str(m.calls * m.max_output_tokens),
+            str(m.max_output_tokens),
             f"{m.max_cost_usd:.4f}",
         )
     models = estimate.models
@@ -124,7 +124,7 @@ def print_estimate(estimate: RunEstimate) -> None:
         str(sum(m.text_tokens for m in models)),
         str(sum(m.input_tokens for m in models)),
         f"{sum(m.input_cost_usd for m in models):.4f}",
-        str(sum(m.calls * m.max_output_tokens for m in models)),
+        str(sum(m.max_output_tokens for m in models)),
         f"{sum(m.max_cost_usd for m in models):.4f}",
         end_section=True,
     )

@@ -215,6 +215,17 @@ def test_estimate_calls_no_model_and_is_within_five_percent_of_the_usage(
     total = sum(s.input_tokens for s in run.models.values())
     assert estimated["total"][1] == pytest.approx(total, rel=0.05)
 
+    # after the run: nothing left to read, unless forced
+    from tasks.core.config import load_settings
+    from tasks.screening.estimate import estimate_run
+
+    settings = load_settings(config)
+    again = estimate_run(str(samples), str(dest), settings)
+    assert again.to_read == 0 and [m.calls for m in again.models] == [0, 0]
+    forced = estimate_run(str(samples), str(dest), settings, force=True)
+    assert forced.to_read == 8 and [m.calls for m in forced.models] == [8, 8]
+    assert sim_calls(simulator) == before + 16
+
     # the same comparison as the run's table artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -228,3 +239,25 @@ def test_estimate_calls_no_model_and_is_within_five_percent_of_the_usage(
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows == comparison_rows(run.models)
     assert "SIMULATED" in (table.description or "")
+
+
+def test_estimate_counts_each_models_request(samples, tmp_path):
+    from tasks.core.config import Settings
+    from tasks.imaging.sizing import anthropic_image_tokens, openai_image_tokens
+    from tasks.screening.estimate import estimate_run
+
+    settings = Settings()  # the built-in panel: gpt-4o and claude-sonnet-4-6, no key needed
+    estimate = estimate_run(str(samples), str(tmp_path / "out"), settings, limit=3)
+    assert (estimate.studies, estimate.to_read, estimate.unreadable) == (3, 3, 0)
+    gpt, claude = estimate.models
+    assert gpt.cfg.provider.value == "openai" and claude.cfg.provider.value == "anthropic"
+    assert gpt.calls == claude.calls == 3 and gpt.images == claude.images >= 3
+    # per image at least the provider's smallest charge; the two rules differ
+    assert gpt.image_tokens >= gpt.images * openai_image_tokens(1, 1)
+    assert claude.image_tokens >= claude.images * anthropic_image_tokens(1, 1)
+    assert gpt.image_tokens != claude.image_tokens
+    assert gpt.text_tokens > 100 * gpt.calls  # the system prompt, once per request
+    assert gpt.input_cost_usd == pytest.approx(gpt.input_tokens * 2.5 / 1e6)
+    assert claude.max_cost_usd == pytest.approx(
+        (claude.input_tokens * 3.0 + 3 * claude.cfg.max_output_tokens * 15.0) / 1e6
+    )

@@ -29,12 +29,7 @@ logger = logging.getLogger(__name__)
 class ModelEstimate:
     """One panel model's share of the run: its reading requests' tokens and their price."""
 
-    name: str
-    provider: str
-    model_id: str
-    max_output_tokens: int
-    input_per_mtok: float
-    output_per_mtok: float
+    cfg: ModelConfig
     calls: int = 0
     images: int = 0
     image_tokens: int = 0
@@ -46,14 +41,16 @@ class ModelEstimate:
 
     @property
     def input_cost_usd(self) -> float:
-        return self.input_tokens * self.input_per_mtok / 1e6
+        return self.cfg.price.cost(self.input_tokens, 0)
+
+    @property
+    def max_output_tokens(self) -> int:
+        """Every answer at its ``max_output_tokens`` budget: the most the answers can be."""
+        return self.calls * self.cfg.max_output_tokens
 
     @property
     def max_cost_usd(self) -> float:
-        """Input, plus every answer at its ``max_output_tokens`` budget: the most it can cost."""
-        return (
-            self.input_cost_usd + self.calls * self.max_output_tokens * self.output_per_mtok / 1e6
-        )
+        return self.cfg.price.cost(self.input_tokens, self.max_output_tokens)
 
 
 @dataclass
@@ -63,17 +60,6 @@ class RunEstimate:
     unreadable: int  # studies with no image that renders (no call would be made)
     errors: int  # error records the run would write (discovery and preprocessing)
     models: list[ModelEstimate] = field(default_factory=list)
-
-
-def _entry(cfg: ModelConfig) -> ModelEstimate:
-    return ModelEstimate(
-        name=cfg.name,
-        provider=cfg.provider.value,
-        model_id=cfg.model,
-        max_output_tokens=cfg.max_output_tokens,
-        input_per_mtok=cfg.price.input_per_mtok,
-        output_per_mtok=cfg.price.output_per_mtok,
-    )
 
 
 def estimate_run(
@@ -89,7 +75,7 @@ def estimate_run(
     providers = tuple(sorted({m.provider.value for m in settings.models}))
     prompt = load_prompt(settings.language)
     estimate = RunEstimate(len(studies), len(pending), 0, len(inventory.errors))
-    estimate.models = [_entry(cfg) for cfg in settings.models]
+    estimate.models = [ModelEstimate(cfg) for cfg in settings.models]
 
     def prepare(study: Study):
         return study, prepare_study(src, study, settings.preprocess, providers)
@@ -102,11 +88,12 @@ def estimate_run(
                 continue
             context = deidentify(i.header for i in study.instances).values
             for entry in estimate.models:
-                pngs = [img.for_provider(entry.provider) for _, img in prepared]
+                provider = entry.cfg.provider
+                pngs = [img.for_provider(provider) for _, img in prepared]
                 text = prompt.text + user_text(context, len(pngs), prompt.language)
                 entry.calls += 1
                 entry.images += len(pngs)
-                entry.image_tokens += image_tokens(entry.provider, map(png_size, pngs))
-                entry.text_tokens += text_tokens(text, entry.provider)
+                entry.image_tokens += image_tokens(provider, map(png_size, pngs))
+                entry.text_tokens += text_tokens(text, provider)
     logger.info("estimated %d studies over %d models", len(pending), len(estimate.models))
     return estimate
