@@ -261,3 +261,21 @@ def test_estimate_counts_each_models_request(samples, tmp_path):
     assert claude.max_cost_usd == pytest.approx(
         (claude.input_tokens * 3.0 + 3 * claude.cfg.max_output_tokens * 15.0) / 1e6
     )
+
+
+@pytest.mark.e2e
+def test_runs_compare_reads_summaries_on_s3(moto_server, tmp_path):
+    import boto3
+
+    local = _write_run(tmp_path / "runs" / "run-local.json", "run-local", 4)
+    remote = _write_run(tmp_path / "upload" / "run-s3.json", "run-s3", 5)
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="compare-runs")
+    s3.put_object(Bucket="compare-runs", Key="out/runs/run-s3.json", Body=remote.read_bytes())
+    uri = "s3://compare-runs/out/runs/run-s3.json"
+    result = CliRunner().invoke(app, ["runs", "compare", uri, str(local)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert sum("run-s3" in line for line in lines) == 2 == sum("run-local" in x for x in lines)
+    missing = CliRunner().invoke(app, ["runs", "compare", "s3://compare-runs/out/runs/x.json"])
+    assert missing.exit_code == 2 and "no such run summary" in missing.output
