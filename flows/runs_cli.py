@@ -95,7 +95,8 @@ def print_estimate(estimate: RunEstimate) -> None:
         "no model called",
         title_justify="left",
     )
-    for heading in ("model", "provider", "model id", "calls", "images", "img tok", "text tok"):
+    headings = ("model", "provider", "model id", "cached", "calls", "images", "img tok", "text tok")
+    for heading in headings:
         table.add_column(heading, justify="left" if heading[0] in "mp" else "right")
     for heading in ("in tok", "input $", "max out tok", "max total $"):
         table.add_column(heading, justify="right")
@@ -104,6 +105,7 @@ def print_estimate(estimate: RunEstimate) -> None:
             m.cfg.name,
             m.cfg.provider.value,
             m.cfg.model,
+            str(m.cached),
             str(m.calls),
             str(m.images),
             str(m.image_tokens),
@@ -118,6 +120,7 @@ def print_estimate(estimate: RunEstimate) -> None:
         "total",
         "",
         "",
+        str(sum(m.cached for m in models)),
         str(sum(m.calls for m in models)),
         str(sum(m.images for m in models)),
         str(sum(m.image_tokens for m in models)),

@@ -197,8 +197,8 @@ def test_estimate_calls_no_model_and_is_within_five_percent_of_the_usage(
     estimated = {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip("│ ").split("│")]
-        if len(cells) == 11 and cells[0] in ("gpt-4o", "claude", "total"):
-            estimated[cells[0]] = (int(cells[3]), int(cells[7]), float(cells[8]))
+        if len(cells) == 12 and cells[0] in ("gpt-4o", "claude", "total"):
+            estimated[cells[0]] = (int(cells[4]), int(cells[8]), float(cells[9]))
     assert set(estimated) == {"gpt-4o", "claude", "total"}, proc.stdout
 
     summary = asyncio.run(screen(str(samples), str(dest), str(config)))
@@ -222,8 +222,10 @@ def test_estimate_calls_no_model_and_is_within_five_percent_of_the_usage(
     settings = load_settings(config)
     again = estimate_run(str(samples), str(dest), settings)
     assert again.to_read == 0 and [m.calls for m in again.models] == [0, 0]
+    # forced: every study read again, every reading from the cache (as the run would)
     forced = estimate_run(str(samples), str(dest), settings, force=True)
-    assert forced.to_read == 8 and [m.calls for m in forced.models] == [8, 8]
+    assert forced.to_read == 8 and [(m.cached, m.calls) for m in forced.models] == [(8, 0)] * 2
+    assert sum(m.max_cost_usd for m in forced.models) == 0
     assert sim_calls(simulator) == before + 16
 
     # the same comparison as the run's table artifact

@@ -25,7 +25,15 @@ from tasks.models.client import API_ERRORS, ModelClient, is_simulated
 from tasks.models.prompts import Prompt, load_prompt
 
 # Prompt and load_prompt are the panel's too: ``Panel.read`` takes the reading prompt
-__all__ = ["Panel", "Prompt", "Reader", "load_prompt", "reask_text", "user_text"]
+__all__ = [
+    "Panel",
+    "Prompt",
+    "Reader",
+    "load_prompt",
+    "reask_text",
+    "request_key",
+    "user_text",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +84,22 @@ def _validation_text(exc: ValidationError) -> str:
     return "; ".join(parts)[:_MAX_ERROR_CHARS]
 
 
+def request_key(
+    cfg: ModelConfig, endpoint: str, pngs: list[bytes], text: str, prompt: Prompt
+) -> str:
+    """The reading cache's key of a reading request to ``cfg`` at ``endpoint`` (the run's
+    readers, and ``radflow screen --estimate`` to leave out what the cache would answer)."""
+    return reading_key(
+        [hashlib.sha256(p).hexdigest() for p in pngs],
+        prompt.version,
+        text,
+        cfg.provider.value,
+        cfg.model,
+        endpoint,
+        {"max_output_tokens": cfg.max_output_tokens, "schema": _SCHEMA_DIGEST, "detail": "high"},
+    )
+
+
 class Reader:
     """One panel entry: its model's client, the reading cache, and the entry asked instead
     when the model fails (``fallback``, with a client of its own)."""
@@ -89,19 +113,7 @@ class Reader:
         self.fallback = Reader(cfg.fallback, settings, cache) if cfg.fallback else None
 
     def cache_key(self, pngs: list[bytes], text: str, prompt: Prompt) -> str:
-        return reading_key(
-            [hashlib.sha256(p).hexdigest() for p in pngs],
-            prompt.version,
-            text,
-            self.cfg.provider.value,
-            self.cfg.model,
-            self.client.endpoint,
-            {
-                "max_output_tokens": self.cfg.max_output_tokens,
-                "schema": _SCHEMA_DIGEST,
-                "detail": "high",
-            },
-        )
+        return request_key(self.cfg, self.client.endpoint, pngs, text, prompt)
 
     async def read(
         self,

@@ -15,7 +15,9 @@ from tasks.imaging.sizing import image_tokens, png_size, text_tokens
 from tasks.imaging.studyimages import prepare_study
 from tasks.ingest.context import deidentify
 from tasks.ingest.discover import Study, discover_studies
-from tasks.models.panel import load_prompt, user_text
+from tasks.models.cache import ReadingCache
+from tasks.models.client import endpoint_url
+from tasks.models.panel import load_prompt, request_key, user_text
 from tasks.pacs.publish import publish_target
 from tasks.screening.plan import to_read
 from tasks.storage import open_store
@@ -31,6 +33,7 @@ class ModelEstimate:
 
     cfg: ModelConfig
     calls: int = 0
+    cached: int = 0  # studies whose reading the cache in DEST holds: no call, no cost
     images: int = 0
     image_tokens: int = 0
     text_tokens: int = 0
@@ -66,14 +69,17 @@ def estimate_run(
     source: str, out: str, settings: Settings, limit: int | None = None, force: bool = False
 ) -> RunEstimate:
     """The tokens and cost of screening ``source`` into ``out`` with ``settings``: the studies
-    the run would read, each model's first request per study (no re-ask, retry, fallback or
-    impression: those happen only when a call goes wrong, or are text-only and small)."""
+    the run would read, each model's first request per study unless the reading cache in
+    ``out`` holds its answer (no re-ask, retry, fallback or impression: those happen only when
+    a call goes wrong, or are text-only and small)."""
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
     inventory = discover_studies(src, settings.storage.max_concurrency)
     studies = inventory.studies[:limit] if limit else inventory.studies
     pending = to_read(dest, studies, force, publish_target(settings, source))
     providers = tuple(sorted({m.provider.value for m in settings.models}))
     prompt = load_prompt(settings.language)
+    cache = ReadingCache(dest)
+    endpoints = {m.name: endpoint_url(m, settings.gateway) for m in settings.models}
     estimate = RunEstimate(len(studies), len(pending), 0, len(inventory.errors))
     estimate.models = [ModelEstimate(cfg) for cfg in settings.models]
 
@@ -90,10 +96,14 @@ def estimate_run(
             for entry in estimate.models:
                 provider = entry.cfg.provider
                 pngs = [img.for_provider(provider) for _, img in prepared]
-                text = prompt.text + user_text(context, len(pngs), prompt.language)
+                user = user_text(context, len(pngs), prompt.language)
+                key = request_key(entry.cfg, endpoints[entry.cfg.name], pngs, user, prompt)
+                if cache.store.exists(cache.path(key)):
+                    entry.cached += 1
+                    continue
                 entry.calls += 1
                 entry.images += len(pngs)
                 entry.image_tokens += image_tokens(provider, map(png_size, pngs))
-                entry.text_tokens += text_tokens(text, provider)
+                entry.text_tokens += text_tokens(prompt.text + user, provider)
     logger.info("estimated %d studies over %d models", len(pending), len(estimate.models))
     return estimate
