@@ -80,6 +80,28 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _models_markdown(summary: RunSummary) -> list[str]:
+    """The provider comparison's main columns (the full table: the screen-models artifact)."""
+    if not summary.models:
+        return []
+    lines = [
+        "## Models",
+        "",
+        "| model | provider | host | calls | failed | refused | p50 ms | p95 ms | cost (USD)"
+        " | agreement |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in comparison_rows(summary.models):
+        cells = [r["p50_ms"], r["p95_ms"], r["agreement"]]
+        p50, p95, agreement = ("-" if c is None else f"{c:g}" for c in cells)
+        lines.append(
+            f"| {_md_escape(r['model'])} | {r['provider']} | {r['host']} | {r['calls']}"
+            f" | {r['failed']} | {r['refused']} | {p50} | {p95} | {r['cost_usd']:.4f}"
+            f" | {agreement} |"
+        )
+    return [*lines, ""]
+
+
 def summary_markdown(
     summary: RunSummary, rows: Sequence[dict[str, Any]], summary_key: str, names: LogNames
 ) -> str:
@@ -104,6 +126,7 @@ def summary_markdown(
         f" | {summary.needs_review} | {summary.errors} | {summary.model_calls}"
         f" | {summary.cost_usd:.4f} |",
         "",
+        *_models_markdown(summary),
         f"## Review queue ({len(queue)})",
         "",
     ]
