@@ -73,7 +73,7 @@ def comparison_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
 
 def _console() -> Console:
     """Every column also when the output is not a terminal (rich assumes 80 columns)."""
-    return Console(width=None if sys.stdout.isatty() else 220)
+    return Console(width=None if sys.stdout.isatty() else 260)
 
 
 def print_comparison(summary: RunSummary) -> None:
