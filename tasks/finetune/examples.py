@@ -122,6 +122,7 @@ def _urgency(value: object) -> object:
 
 _Items = Annotated[list[str], BeforeValidator(_items)]
 _Text = Annotated[str, BeforeValidator(_text)]
+_Share = Annotated[float, Field(ge=0, le=1)]
 
 
 class AnnotationRow(BaseModel):
@@ -138,11 +139,12 @@ class AnnotationRow(BaseModel):
         Field(min_length=1, max_length=MAX_IMAGES_PER_EXAMPLE),
     ]
     patient_id: Annotated[_Text, Field(min_length=1)]
-    abnormal: Annotated[bool | None, BeforeValidator(_abnormal)] = None
+    # (checked in this order: the first bad field is the line's reason)
     urgency: Annotated[Urgency | None, BeforeValidator(_urgency)] = None
+    abnormal: Annotated[bool | None, BeforeValidator(_abnormal)] = None
     diagnosis: _Text = ""
     image_description: _Text = ""
-    confidence: Annotated[float | None, BeforeValidator(_blank_none), Field(ge=0, le=1)] = None
+    confidence: Annotated[_Share | None, BeforeValidator(_blank_none)] = None
     findings: _Items = []
     recommendation: _Items = []
 
