@@ -1,8 +1,11 @@
 """Exception types of radflow, each with a default message and a hint of what to do; which of
-them are worth retrying; and what an exception from the DICOM parser says about its input."""
+them are worth retrying; and what an exception from the DICOM parser (or from pydicom reading
+a header value) says about its input."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
@@ -12,6 +15,7 @@ __all__ = [
     "DatasetError",
     "DuplicateInstance",
     "EvaluationRegression",
+    "HEADER_ERRORS",
     "IdentityConflict",
     "LabelError",
     "NotDicom",
@@ -32,6 +36,7 @@ __all__ = [
     "WorkerCrashed",
     "is_transient",
     "parser_error",
+    "reading_header",
     "retry_if_transient",
 ]
 
@@ -259,3 +264,22 @@ def parser_error(exc: BaseException, what: str) -> RadflowError:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = "; ".join(lines) or type(exc).__name__
     return CorruptDicom(f"{what}: {reason}")
+
+
+# What pydicom raises when it converts an inconsistent header value on first use (a raw
+# element of the wrong length, a DS/IS that is not a number, a LUT descriptor of two values),
+# and what int()/float() of such a value raise.
+HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+@contextmanager
+def reading_header(what: str = "inconsistent header") -> Iterator[None]:
+    """Around pydicom reading header values of one object (``ds.Rows``, ``int(...)`` of a
+    value, pydicom's LUT functions): the :data:`HEADER_ERRORS` raised inside become that
+    object's CorruptDicom, ``what``: the reason (see :func:`parser_error`). Only such calls
+    go inside, never radflow's own logic: a bug of radflow's surfaces as the bug it is, not
+    as "inconsistent header" on every file."""
+    try:
+        yield
+    except HEADER_ERRORS as exc:
+        raise parser_error(exc, what) from exc

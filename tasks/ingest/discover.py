@@ -195,18 +195,19 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
         with store.open_header(ref.key) as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             at_end = ref.size > 0 and fh.tell() >= ref.size
-        _convert_all(ds, ref.uri)
-        tags = {k: str(ds.get(k, "") or "") for k in _READ}
-        uid = ds.get("SOPClassUID")
-        sop_class = str(getattr(uid, "name", tags["SOPClassUID"] or "unknown"))
-        elements, image = len(ds), "Rows" in ds and "Columns" in ds
+        _convert_all(ds, ref.uri)  # the parser's work, done now: see its docstring
         syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     except RadflowError:
-        raise  # the store's own (StorageError, ObjectMissing)
+        raise  # the store's own (StorageError, ObjectMissing), or nesting refused
     except InvalidDicomError as exc:
         raise NotDicom(f'"{ref.uri}" is not a DICOM file: no DICM preamble') from exc
     except Exception as exc:  # whatever the parser raises is this object's fault, never the run's
         raise parser_error(exc, f'"{ref.uri}" has an unreadable header') from exc
+    # Every value is converted: from here on it is radflow's code, and its errors are bugs.
+    tags = {k: str(ds.get(k, "") or "") for k in _READ}
+    uid = ds.get("SOPClassUID")
+    sop_class = str(getattr(uid, "name", tags["SOPClassUID"] or "unknown"))
+    elements, image = len(ds), "Rows" in ds and "Columns" in ds
     try:
         study = _uid(tags, "StudyInstanceUID", ref.uri)
         series = _uid(tags, "SeriesInstanceUID", ref.uri)
