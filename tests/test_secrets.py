@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import pytest
@@ -266,15 +267,18 @@ def test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every
 
     dest, evaluated, dataset = tmp_path / "out", tmp_path / "eval", tmp_path / "dataset"
     api = prefect_harness
-    runs = {
-        "screen": _run("screen", str(studies), "--out", str(dest), "--config", str(config),
-                       api_url=api),
-        "evaluate": _run("evaluate", str(labels), "--images", str(studies), "--out",
-                         str(evaluated), "--config", str(config), api_url=api),
-        "upload": _run("build-dataset", str(annotations), "--images", str(images), "--out",
-                       str(dataset), "--config", str(upload_config), "--val-fraction", "0",
-                       "--upload", api_url=api),
+    commands = {
+        "screen": ("screen", str(studies), "--out", str(dest), "--config", str(config)),
+        "evaluate": ("evaluate", str(labels), "--images", str(studies), "--out",
+                     str(evaluated), "--config", str(config)),
+        "upload": ("build-dataset", str(annotations), "--images", str(images), "--out",
+                   str(dataset), "--config", str(upload_config), "--val-fraction", "0",
+                   "--upload"),
     }  # fmt: skip
+    # independent runs (own outputs, one shared API and simulator): at once, not in turn
+    with ThreadPoolExecutor(len(commands)) as pool:
+        done = pool.map(lambda args: _run(*args, api_url=api), commands.values())
+        runs = dict(zip(commands, done, strict=True))
     assert runs["screen"].returncode == 0, runs["screen"].stderr[-3000:]
     assert runs["evaluate"].returncode == 0, runs["evaluate"].stderr[-3000:]
     assert runs["upload"].returncode == 2, runs["upload"].stderr[-3000:]
