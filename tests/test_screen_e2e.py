@@ -157,7 +157,7 @@ def test_a_failing_study_is_retried_alone_and_ends_as_error_records(
         (dest / "studies" / uids[name]).write_text("in the way")
     unblock = threading.Timer(2.0, (dest / "studies" / uids["flaky"]).unlink)  # before retry 1
     unblock.start()
-    config = sim_config(simulator, tmp_path)
+    config = sim_config(simulator, tmp_path, runner={"retry_delays": [3, 1]})
     before = sim_calls(simulator)
     try:
         summary = asyncio.run(screen(str(source), str(dest), str(config)))

@@ -9,7 +9,7 @@ import re
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -348,6 +348,12 @@ class RunnerConfig(_Strict):
         description="memory for decoding key images, across every study in flight, in MiB: "
         "a study waits until what its headers claim fits; null = a quarter of the machine's "
         "(or container's) memory, at most 8192",
+    )
+    retry_delays: list[Annotated[float, Field(ge=0, le=3600)]] = Field(
+        [5, 30],
+        max_length=10,
+        description="seconds before each retry of a screen-studies task run whose study failed "
+        "in a transient way (one retry per entry; [] = no retries)",
     )
     studies_per_task: int = Field(
         25,
