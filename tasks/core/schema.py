@@ -341,6 +341,11 @@ class RunSummary(BaseModel):
     discovery_bytes: int = Field(
         0, description="bytes a DICOMweb source sent to find the studies (searches, metadata)"
     )
+    header_reads: int = Field(
+        0,
+        description="object headers read to find the studies (a shard run reads none: its "
+        "parent's manifest lists them)",
+    )
     published: int = Field(0, description="SRs stored on the publish target (or already there)")
     publish_failed: list[str] = Field(
         default_factory=list, description="studies whose SR could not be published"
