@@ -97,9 +97,6 @@ def read_manifest(dest: Store, key: str, source: Store) -> list[Study]:
     if body.get("source") != source.uri:
         raise ConfigError(f"{where} lists the studies of another source, not {source.uri}")
     try:
-        return [
-            Study(s["uid"], [_from_dict(i) for i in s["instances"]])
-            for s in body["studies"]
-        ]
+        return [Study(s["uid"], [_from_dict(i) for i in s["instances"]]) for s in body["studies"]]
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{where} is malformed: {type(exc).__name__}: {exc}") from None
