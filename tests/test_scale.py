@@ -99,6 +99,12 @@ def test_sharded_run_reports_every_study_exactly_once(prefect_harness, simulator
         for run_id in summary.shards
     ]
     assert sorted(c.reported for c in children) == [1, 3, 3]
+    # the kappa is over the whole run: every shard's votes, not one shard's
+    assert summary.kappa_studies == 7 and sorted(c.kappa_studies for c in children) == [1, 3, 3]
+    assert len(summary.panel_votes) == 7
+    # every header read once, by the parent: each shard screens from its manifest
+    assert summary.header_reads == 7 and [c.header_reads for c in children] == [0, 0, 0]
+    assert len(list((dest / "shards" / summary.run_id).glob("*.json"))) == 3
     parent = json.loads((dest / "runs" / f"{summary.run_id}.json").read_text())
     assert parent["reported"] == 7 and sorted(parent["shards"]) == sorted(summary.shards)
     # the provider comparison adds the shards': counts, tokens, cost and latency buckets

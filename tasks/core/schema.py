@@ -363,6 +363,11 @@ class RunSummary(BaseModel):
         None, description="Fleiss' kappa of the panel on abnormal over the studies read"
     )
     kappa_studies: int = Field(0, description="studies every model read (kappa's subjects)")
+    panel_votes: list[list[bool | None]] = Field(
+        default_factory=list,
+        description="per study read, each model's abnormal (null: no reading): what a sharded "
+        "run's parent computes the kappa over the whole run from",
+    )
     review_queue: list[ReviewEntry] = Field(default_factory=list, description="needs_review")
     shards: list[str] = Field(
         default_factory=list, description="flow run ids of the child runs of a sharded run"
@@ -373,6 +378,11 @@ class RunSummary(BaseModel):
     )
     discovery_bytes: int = Field(
         0, description="bytes a DICOMweb source sent to find the studies (searches, metadata)"
+    )
+    header_reads: int = Field(
+        0,
+        description="object headers read to find the studies (a shard run reads none: its "
+        "parent's manifest lists them)",
     )
     published: int = Field(0, description="SRs stored on the publish target (or already there)")
     publish_failed: list[str] = Field(

@@ -143,6 +143,7 @@ class Study:
 class Inventory:
     studies: list[Study]
     errors: list[ErrorRecord]
+    header_reads: int = 0  # objects whose header was read (or tried) to find the studies
 
 
 def _uid(tags: dict[str, str], keyword: str, source: str) -> str:
@@ -381,8 +382,10 @@ def discover_studies(store: Store, workers: int = 16) -> Inventory:
     it as its ``discover-studies`` task."""
     instances: list[Instance] = []
     errors: list[ErrorRecord] = []
+    reads = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="header") as pool:
         for item in pool.map(lambda ref: _header_or_error(store, ref), store.list()):
+            reads += 1
             if isinstance(item, Instance):
                 instances.append(item)
             else:
@@ -394,4 +397,4 @@ def discover_studies(store: Store, workers: int = 16) -> Inventory:
         len(instances),
         len(errors) + len(conflicts),
     )
-    return Inventory(studies, errors + conflicts)
+    return Inventory(studies, errors + conflicts, reads)

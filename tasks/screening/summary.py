@@ -21,10 +21,12 @@ __all__ = ["StudyOutcome", "Tally", "study_cost"]
 logger = logging.getLogger(__name__)
 
 # Fields of a shard's summary that are not added into the parent's: the parent counted its
-# studies and skips at discovery, a kappa is not additive (each shard's summary keeps its
-# own), and the parent lists its shards itself. The provider comparison (``models``) merges
-# by its own rule (tasks.screening.compare.merge_models).
-_NOT_SUMMED = frozenset({"studies", "skipped", "fleiss_kappa", "kappa_studies", "shards", "models"})
+# studies and skips at discovery, a kappa is not additive (the parent's is computed over the
+# shards' votes, each shard's summary keeps its own), and the parent lists its shards itself.
+# The provider comparison (``models``) merges by its own rule (tasks.screening.compare).
+_NOT_SUMMED = frozenset(
+    {"studies", "skipped", "fleiss_kappa", "kappa_studies", "panel_votes", "shards", "models"}
+)
 
 
 @dataclass
@@ -100,8 +102,9 @@ class Tally:
         self.rows.append(result_row(report, s.dest, self.names))
 
     def merge(self, shard: RunSummary) -> None:
-        """Add a shard's counts, costs and review queue, and list the shard's run."""
+        """Add a shard's counts, costs, review queue and votes, and list the shard's run."""
         s = self.summary
+        self._votes.extend(shard.panel_votes)
         for name, value in shard:
             if name in _NOT_SUMMED:
                 continue
@@ -126,7 +129,8 @@ class Tally:
         self.summary.reported += records == 0
 
     def finish(self) -> RunSummary:
-        """The summary with the panel's Fleiss' kappa over the studies read here (a sharded
-        run's shards have their own)."""
+        """The summary with the panel's Fleiss' kappa over the studies read here or in its
+        shards (each shard's summary has its own too), and the votes it was computed from."""
         self.summary.fleiss_kappa, self.summary.kappa_studies = panel_kappa(self._votes)
+        self.summary.panel_votes = list(self._votes)
         return self.summary
