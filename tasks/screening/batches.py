@@ -102,9 +102,7 @@ async def _screen_batches(
         async with slots:
             # quote(): Prefect passes the objects as they are instead of walking them looking
             # for futures (≈25 ms of event-loop time per study otherwise)
-            state = await task_run(
-                quote(batch), quote(run), quote(finished), return_state=True
-            )
+            state = await task_run(quote(batch), quote(run), quote(finished), return_state=True)
         if state.is_completed():
             return
         for study in batch.studies:
