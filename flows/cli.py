@@ -464,19 +464,27 @@ def serve(
         ),
     ] = True,
 ) -> None:
-    """Serve the deployments of deployments/prefect.yaml in-process (no work pool)."""
+    """Serve the deployments of deployments/prefect.yaml in-process (no work pool); with
+    runner.limits: global, first create or update the models' limits (radflow limits sync)."""
+    from flows.limits_cli import sync_from_config
     from flows.serve import DEFAULT_PREFECT_FILE
     from flows.serve import serve as serve_deployments
+    from tasks.core.config import load_settings
 
     try:
+        settings = load_settings(None)  # $RADFLOW_CONFIG or ./radflow.yaml, as the runs load it
+        if settings.runner.limits == "global":  # the runs' limits exist before any run starts
+            Console().print(sync_from_config(settings))
         serve_deployments(prefect_file or DEFAULT_PREFECT_FILE, only, limit, poll_seconds, warm)
     except RadflowError as exc:
         raise fail(exc) from None
 
 
+from flows.limits_cli import limits  # noqa: E402 — `radflow limits sync`
 from flows.review_cli import reviews  # noqa: E402 — `radflow reviews list|export`
 from flows.runs_cli import runs  # noqa: E402 — `radflow runs compare`
 
+app.add_typer(limits, name="limits")
 app.add_typer(reviews, name="reviews")
 app.add_typer(runs, name="runs")
 

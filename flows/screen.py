@@ -20,6 +20,7 @@ from tasks.core.privacy import log_names, store_scheme
 from tasks.core.schema import RunSummary
 from tasks.ingest.discover import Inventory, Study, discover_studies
 from tasks.ingest.events import SelectedObjects
+from tasks.models.limits import check_limits
 from tasks.pacs.publish import publish_target
 from tasks.reports.write import write_errors, write_run_summary
 from tasks.review.requests import request_reviews
@@ -85,6 +86,8 @@ async def screen(
             "no SOURCE or DEST: pass them, or set `source` and `output` in the config"
         )
     publish = publish_target(settings, source)  # a bad target fails before any work
+    if settings.runner.limits == "global":
+        await check_limits(settings)  # a missing limit fails here, before any model call
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
     names = await asyncio.to_thread(log_names, dest, settings.privacy)
     if keys is not None:

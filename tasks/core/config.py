@@ -376,6 +376,13 @@ class RunnerConfig(_Strict):
         description='"flow-name/deployment-name" to run shards on a work pool with '
         "run_deployment; null = child flow runs in this process",
     )
+    limits: Literal["local", "global"] = Field(
+        "local",
+        description="where the models' max_concurrency and requests_per_minute hold: local = "
+        "within one process; global = also across every process and worker, as Prefect "
+        "global concurrency and rate limits (radflow-model-<name>, radflow-rpm-<name>; "
+        "create them with `radflow limits sync`); use global for shards on a work pool",
+    )
 
 
 class Settings(_Strict):

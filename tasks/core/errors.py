@@ -18,6 +18,7 @@ __all__ = [
     "HEADER_ERRORS",
     "IdentityConflict",
     "LabelError",
+    "LimitMissing",
     "NotDicom",
     "NotificationError",
     "ObjectMissing",
@@ -63,6 +64,14 @@ class RadflowError(Exception):
 class ConfigError(RadflowError):
     default = "the configuration is invalid"
     hint = "check the YAML against docs/config.md (every key, its bounds and choices)"
+
+
+class LimitMissing(ConfigError):
+    default = "a global model limit does not exist on the Prefect server"
+    hint = (
+        "create the limits from the config: `radflow limits sync --config FILE` "
+        "(docs/scaling.md#global-limits)"
+    )
 
 
 class LabelError(RadflowError):

@@ -1,6 +1,8 @@
 """The SDK client of one configured model, made once per run and shared by every call to that
 model (the panel's readings and the synthesis): its endpoint, key, in-flight bound, request
-rate and request counter; and the one construction path of the providers' SDK clients."""
+rate (per process, and with ``runner.limits: global`` also Prefect's global limits across
+processes: tasks/models/limits.py) and request counter; and the one construction path of the
+providers' SDK clients."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any
@@ -19,6 +22,7 @@ from aiolimiter import AsyncLimiter
 
 from tasks.core.config import Gateway, ModelConfig, Provider
 from tasks.core.redact import describe
+from tasks.models.limits import global_rate, global_slot
 
 __all__ = [
     "API_ERRORS",
@@ -89,10 +93,15 @@ class Call:
     """One logical call to a model (a reading with its re-ask, or an impression), as an async
     context manager: it waits for one of the model's ``max_concurrency`` slots and holds it
     throughout (SDK retries and their back-off included), counts the HTTP requests made
-    inside it, and times it from when the slot was taken."""
+    inside it, and times it from when the slot was taken. With ``shared`` (the model's slot
+    of a Prefect global concurrency limit), that slot is held too, taken after this
+    process's."""
 
-    def __init__(self, limit: asyncio.Semaphore) -> None:
+    def __init__(
+        self, limit: asyncio.Semaphore, shared: AbstractAsyncContextManager[None] | None = None
+    ) -> None:
         self._limit = limit
+        self._shared = shared
         self._token: Token[Call | None] | None = None
         self.requests = 0
         self.started = time.perf_counter()
@@ -103,6 +112,12 @@ class Call:
 
     async def __aenter__(self) -> Call:
         await self._limit.acquire()
+        if self._shared is not None:
+            try:
+                await self._shared.__aenter__()
+            except BaseException:
+                self._limit.release()
+                raise
         self._token = _current.set(self)
         self.started = time.perf_counter()
         return self
@@ -115,7 +130,11 @@ class Call:
     ) -> None:
         if self._token is not None:
             _current.reset(self._token)
-        self._limit.release()
+        try:
+            if self._shared is not None:
+                await self._shared.__aexit__(exc_type, exc, tb)
+        finally:
+            self._limit.release()
 
 
 class ModelClient:
@@ -123,11 +142,16 @@ class ModelClient:
 
     The bounds are asyncio primitives shared by every call of a flow run (one event loop):
     ``max_concurrency`` calls in flight (:meth:`call`) and ``requests_per_minute`` HTTP
-    requests (each retry counts, through an httpx request hook).
+    requests (each retry counts, through an httpx request hook). With ``global_limits``
+    (``runner.limits: global``) each call also holds a slot of the model's Prefect global
+    concurrency limit and each request takes a slot of its rate limit, both strict.
     """
 
-    def __init__(self, cfg: ModelConfig, gateway: Gateway | None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, gateway: Gateway | None, *, global_limits: bool = False
+    ) -> None:
         self.cfg = cfg
+        self.global_limits = global_limits
         self.endpoint = endpoint_url(cfg, gateway)
         self.host = httpx2.URL(self.endpoint).host
         self._rate = _rate_limiter(cfg.requests_per_minute)
@@ -140,10 +164,13 @@ class ModelClient:
             call.requests += 1
         if self._rate is not None:
             await self._rate.acquire()
+            if self.global_limits:
+                await global_rate(self.cfg.name)
 
     def call(self) -> Call:
         """``async with client.call() as call:`` around the SDK calls of one logical call."""
-        return Call(self._limit)
+        shared = global_slot(self.cfg.name) if self.global_limits else None
+        return Call(self._limit, shared)
 
     def failure(self, what: str, exc: BaseException) -> str:
         """The recorded error of a failed call (``"<type>: <message>"``, redacted), logged."""

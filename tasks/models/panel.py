@@ -109,7 +109,8 @@ class Reader:
     ) -> None:
         self.cfg = cfg
         self.cache = cache
-        self.client = ModelClient(cfg, settings.gateway)
+        shared = settings.runner.limits == "global"
+        self.client = ModelClient(cfg, settings.gateway, global_limits=shared)
         self.fallback = Reader(cfg.fallback, settings, cache) if cfg.fallback else None
 
     def cache_key(self, pngs: list[bytes], text: str, prompt: Prompt) -> str:
