@@ -8,7 +8,7 @@ export UV_LINK_MODE := copy
 # openai, pydicom... from source again: `import flows.screen` took 8.5 s instead of 4.2 s.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability bench-pacs bench-compare orthanc clean help schema config-doc
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability bench-pacs bench-compare bench-limits orthanc clean help schema config-doc
 .DEFAULT_GOAL := help
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-reliability  hostile inputs, faults, crash/resume, PHI, injection, secrets"
 	@echo "make bench-pacs   screening time and bytes per study: DICOMweb (Orthanc) vs folder"
 	@echo "make bench-compare  provider comparison and --estimate: two simulated models"
+	@echo "make bench-limits  cost per call of runner.limits: global (Prefect global limits)"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock Makefile
@@ -96,6 +97,9 @@ bench-pacs: .venv/.compiled orthanc  ## the same studies screened from Orthanc a
 
 bench-compare: .venv/.compiled  ## two simulated models at two latencies and prices; --estimate
 	.venv/bin/python -m benchmarks.compare --synthetic 16 --fast 0.3 --slow 1.2
+
+bench-limits: .venv/.compiled  ## per call: a Prefect global concurrency / rate-limit slot
+	.venv/bin/python -m benchmarks.limits --calls 200 --parallel 8
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache
