@@ -1,7 +1,9 @@
 """What one model call pays for ``runner.limits: global``: acquiring and releasing a slot of a
 Prefect global concurrency limit (``radflow-model-<name>``, leased) and taking a slot of a rate
 limit (``radflow-rpm-<name>``), against a real Prefect API (the test harness: a server on
-loopback with SQLite), one after the other and with callers in flight at once.
+loopback with SQLite), one after the other and with callers in flight at once; and the same
+calls through radflow's ``SharedSlots``, which keeps a process's slots while its calls want
+them (what a run uses).
 
     make bench-limits
     .venv/bin/python -m benchmarks.limits [--calls 200] [--parallel 8]
@@ -36,7 +38,13 @@ async def _timed(calls: int, one) -> list[float]:
 
 
 async def _measure(calls: int, parallel: int) -> dict[str, list[float]]:
-    from tasks.models.limits import check_limits, global_rate, global_slot, sync_limits
+    from tasks.models.limits import (
+        SharedSlots,
+        check_limits,
+        global_rate,
+        global_slot,
+        sync_limits,
+    )
 
     settings = _settings(parallel)
     await sync_limits(settings)
@@ -51,11 +59,20 @@ async def _measure(calls: int, parallel: int) -> dict[str, list[float]]:
 
     await _timed(10, slot)  # warm: the client, the acquisition service's thread
     results = {"slot": await _timed(calls, slot), "rate": await _timed(calls, rate)}
+    shared = SharedSlots("bench")
+
+    async def reused() -> None:
+        async with shared.slot():
+            await asyncio.sleep(0)
+
+    results["shared"] = await _timed(calls, reused)
     per_task = max(1, calls // parallel)
-    started = time.perf_counter()
-    await asyncio.gather(*(_timed(per_task, slot) for _ in range(parallel)))
-    wall = (time.perf_counter() - started) * 1e3
-    results["parallel"] = [wall / (per_task * parallel)]
+    for what, one in (("parallel", slot), ("shared_parallel", reused)):
+        started = time.perf_counter()
+        await asyncio.gather(*(_timed(per_task, one) for _ in range(parallel)))
+        results[what] = [(time.perf_counter() - started) * 1e3 / (per_task * parallel)]
+    results["acquired"] = [shared.acquired]
+    await shared.aclose()
     return results
 
 
@@ -70,14 +87,16 @@ def main() -> None:
     with prefect_test_harness(server_startup_timeout=120):
         results = asyncio.run(_measure(args.calls, args.parallel))
     for what, label in (("slot", "concurrency slot, acquire + release"),
-                        ("rate", "rate-limit slot")):  # fmt: skip
+                        ("rate", "rate-limit slot"),
+        ("shared", "SharedSlots, one call after another")):  # fmt: skip
         ms = sorted(results[what])
         p95 = ms[int(0.95 * (len(ms) - 1))]
         print(f"{label}: median {statistics.median(ms):.1f} ms, p95 {p95:.1f} ms, "
               f"max {ms[-1]:.1f} ms over {len(ms)} calls")  # fmt: skip
     print(
         f"{args.parallel} callers at once: {results['parallel'][0]:.1f} ms wall per "
-        "acquire + release"
+        f"acquire + release; through SharedSlots {results['shared_parallel'][0]:.2f} ms "
+        f"({results['acquired'][0]} slots taken from the server for all its calls)"
     )
 
 

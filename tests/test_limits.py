@@ -117,10 +117,9 @@ def test_two_processes_share_one_models_max_concurrency(prefect_harness, tmp_pat
     reports = [read_reports(dest) for dest, _, _ in runs]
     assert [len(r) for r in reports] == [STUDIES, STUDIES], [tail(log) for _, log, _ in runs]
     assert not any(read_errors(dest) for dest, _, _ in runs)
-    # both processes were reading at once: their reports' times interleave
-    times = [sorted(r.created_at for r in rs.values()) for rs in reports]
-    assert times[0][0] < times[1][-1] and times[1][0] < times[0][-1], times
-    # ... and summed over both, no model ever had more than its 2 calls in flight
+    # both wanted every model at once (above); summed over both, no model ever had more
+    # than its 2 calls in flight (which process got the slots first is not fixed: a process
+    # keeps its slots while its calls want them, tasks/models/limits.py)
     for model in ("gpt-4o", "claude-sonnet-4-6"):
         assert stats["requests"][model] == 2 * STUDIES  # one reading per study, no retry
         assert stats["peak_in_flight"][model] == 2, stats["peak_in_flight"]

@@ -22,7 +22,7 @@ from aiolimiter import AsyncLimiter
 
 from tasks.core.config import Gateway, ModelConfig, Provider
 from tasks.core.redact import describe
-from tasks.models.limits import global_rate, global_slot
+from tasks.models.limits import SharedSlots, global_rate
 
 __all__ = [
     "API_ERRORS",
@@ -152,6 +152,7 @@ class ModelClient:
     ) -> None:
         self.cfg = cfg
         self.global_limits = global_limits
+        self._shared = SharedSlots(cfg.name) if global_limits else None
         self.endpoint = endpoint_url(cfg, gateway)
         self.host = httpx2.URL(self.endpoint).host
         self._rate = _rate_limiter(cfg.requests_per_minute)
@@ -169,8 +170,7 @@ class ModelClient:
 
     def call(self) -> Call:
         """``async with client.call() as call:`` around the SDK calls of one logical call."""
-        shared = global_slot(self.cfg.name) if self.global_limits else None
-        return Call(self._limit, shared)
+        return Call(self._limit, self._shared.slot() if self._shared else None)
 
     def failure(self, what: str, exc: BaseException) -> str:
         """The recorded error of a failed call (``"<type>: <message>"``, redacted), logged."""
@@ -188,4 +188,6 @@ class ModelClient:
         )
 
     async def aclose(self) -> None:
+        if self._shared is not None:
+            await self._shared.aclose()
         await self.sdk.close()

@@ -3,13 +3,21 @@ configured model a Prefect global concurrency limit ``radflow-model-<name>`` (it
 ``max_concurrency``) and, when it has ``requests_per_minute``, a rate limit
 ``radflow-rpm-<name>`` (slots decaying at rpm/60 per second); created or updated from the
 config (:func:`sync_limits`, ``radflow limits sync``), checked before a run
-(:func:`check_limits`) and taken around every call (:func:`global_slot`, :func:`global_rate`)
-with ``strict=True``, so a missing limit is one :class:`LimitMissing`, never a silent skip."""
+(:func:`check_limits`) and taken around every call (:class:`SharedSlots`, :func:`global_rate`)
+with ``strict=True``, so a missing limit is one :class:`LimitMissing`, never a silent skip.
+
+Acquiring a slot costs a server round trip or more (``make bench-limits``: ~0.1 s, and one
+process's acquisitions of one limit go one at a time), so :class:`SharedSlots` keeps the
+slots it took while this process's calls want them: a finished call hands its slot to the next
+call of the process, and a slot goes back to the server when no call took it within
+``LINGER_SECONDS`` or it has been held ``HOLD_SECONDS`` (so other processes get their turn)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,8 +31,11 @@ from tasks.core.config import ModelConfig, Settings
 from tasks.core.errors import LimitMissing
 
 __all__ = [
+    "HOLD_SECONDS",
     "LEASE_SECONDS",
+    "LINGER_SECONDS",
     "LimitSpec",
+    "SharedSlots",
     "check_limits",
     "global_rate",
     "global_slot",
@@ -39,6 +50,8 @@ logger = logging.getLogger(__name__)
 # A slot's lease, renewed while its call runs; a killed process's slots are free after it
 # (the Prefect server's minimum is 60 s).
 LEASE_SECONDS = 60.0
+LINGER_SECONDS = 0.25  # a slot no call of this process took for this long goes back
+HOLD_SECONDS = 10.0  # a slot held this long goes back when its call ends
 
 
 @dataclass(frozen=True)
@@ -137,3 +150,81 @@ async def global_rate(model: str) -> None:
         await rate_limit(name, strict=True)
     except ConcurrencySlotAcquisitionError as exc:
         raise _missing(name, f"could not be acquired: {exc}") from None
+
+
+class _Held:
+    """One slot of a global concurrency limit, held by a task of its own until released."""
+
+    def __init__(self, model: str) -> None:
+        self.since = time.monotonic()
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done = asyncio.Event()
+        self._task = asyncio.create_task(self._hold(model))
+
+    async def _hold(self, model: str) -> None:
+        try:
+            async with global_slot(model):
+                self.ready.set_result(None)
+                await self._done.wait()
+        except BaseException as exc:
+            if not self.ready.done():
+                self.ready.set_exception(exc)  # the call waiting for it raises it
+            elif isinstance(exc, Exception):  # e.g. its lease could not be renewed
+                logger.warning("a slot of %s was lost while held: %s", slot_name(model), exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def release(self) -> None:
+        self._done.set()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class SharedSlots:
+    """This process's slots of model ``model``'s global concurrency limit (see the module
+    docstring); never more than the calls it has in flight at once. ``async with
+    slots.slot():`` around one call; :meth:`aclose` gives the idle ones back."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._idle: list[_Held] = []
+        self._releasing: set[asyncio.Task[None]] = set()
+        self.acquired = 0  # slots taken from the server (the rest of the calls reused one)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        held = self._idle.pop() if self._idle else await self._take()
+        try:
+            yield
+        finally:
+            self._put_back(held)
+
+    async def _take(self) -> _Held:
+        held = _Held(self.model)
+        try:
+            await asyncio.shield(held.ready)
+        except asyncio.CancelledError:
+            await held.release()
+            raise
+        self.acquired += 1
+        return held
+
+    def _put_back(self, held: _Held) -> None:
+        if time.monotonic() - held.since > HOLD_SECONDS:
+            self._release(held)
+            return
+        self._idle.append(held)
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, self._expire, held)
+
+    def _expire(self, held: _Held) -> None:
+        if held in self._idle:  # no call took it since
+            self._idle.remove(held)
+            self._release(held)
+
+    def _release(self, held: _Held) -> None:
+        task = asyncio.ensure_future(held.release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(h.release() for h in idle), *self._releasing)
