@@ -4,6 +4,7 @@ sharing one model's max_concurrency through a real Prefect API."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,14 @@ import yaml
 from simulator.process import running_simulator
 from simulator.samples import build_sample_folder
 from tasks.core.config import Settings
-from tasks.models.limits import LimitSpec, limit_specs, rate_name, slot_name
+from tasks.models.limits import (
+    LimitSpec,
+    SharedSlots,
+    limit_specs,
+    rate_name,
+    slot_name,
+    sync_limits,
+)
 from tests.helpers import (
     RADFLOW,
     child_env,
@@ -130,3 +138,37 @@ def _reading(url: str) -> list[dict]:
     there for their model calls)."""
     running = {"state": {"type": {"any_": ["RUNNING"]}}, "name": {"like_": "studies-"}}
     return prefect_api(url, "POST", "/task_runs/filter", json={"task_runs": running})
+
+
+@pytest.mark.e2e
+def test_shared_slots_hand_over_and_give_back(prefect_harness):
+    """Five calls at once through one process's SharedSlots on a limit of 2: never more than
+    2 inside, the waiting calls get the slots the finished ones hand over, and none is left
+    held on the server afterwards."""
+    settings = Settings.model_validate(
+        {"models": [{"name": "handover", "provider": "openai", "model": "gpt-4o",
+                     "max_concurrency": 2}]}
+    )  # fmt: skip
+    inside, peak = 0, 0
+
+    async def call(slots: SharedSlots) -> None:
+        nonlocal inside, peak
+        async with slots.slot():
+            inside += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.2)
+            inside -= 1
+
+    async def main() -> int:
+        await sync_limits(settings)
+        slots = SharedSlots("handover")
+        await asyncio.gather(*(call(slots) for _ in range(5)))
+        taken = slots.acquired
+        await slots.aclose()
+        return taken
+
+    taken = asyncio.run(main())
+    held = prefect_api(prefect_harness, "GET", f"/v2/concurrency_limits/{slot_name('handover')}")
+    assert peak == 2
+    assert taken == 2  # the other three calls were handed a slot, no server round trip
+    assert held["active_slots"] == 0

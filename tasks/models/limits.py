@@ -164,17 +164,22 @@ class _Held:
     async def _hold(self, model: str) -> None:
         try:
             async with global_slot(model):
+                self.since = time.monotonic()
                 self.ready.set_result(None)
                 await self._done.wait()
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            self.ready.cancel()  # dropped while it was still being acquired
+            raise
+        except Exception as exc:  # noqa: BLE001 — raised to the waiting call, or logged
             if not self.ready.done():
                 self.ready.set_exception(exc)  # the call waiting for it raises it
-            elif isinstance(exc, Exception):  # e.g. its lease could not be renewed
+            else:  # e.g. its lease could not be renewed
                 logger.warning("a slot of %s was lost while held: %s", slot_name(model), exc)
-            if not isinstance(exc, Exception):
-                raise
 
     async def release(self) -> None:
+        """Give the slot back (one not yet acquired is no longer asked for)."""
+        if not self.ready.done():
+            self._task.cancel()
         self._done.set()
         await asyncio.gather(self._task, return_exceptions=True)
 
@@ -182,11 +187,14 @@ class _Held:
 class SharedSlots:
     """This process's slots of model ``model``'s global concurrency limit (see the module
     docstring); never more than the calls it has in flight at once. ``async with
-    slots.slot():`` around one call; :meth:`aclose` gives the idle ones back."""
+    slots.slot():`` around one call; :meth:`aclose` gives the idle ones back. A call that
+    finds no idle slot asks the server for one and takes whichever comes first: the server's,
+    or one a call of this process hands over as it ends."""
 
     def __init__(self, model: str) -> None:
         self.model = model
         self._idle: list[_Held] = []
+        self._waiting: list[asyncio.Future[_Held]] = []
         self._releasing: set[asyncio.Task[None]] = set()
         self.acquired = 0  # slots taken from the server (the rest of the calls reused one)
 
@@ -199,19 +207,45 @@ class SharedSlots:
             self._put_back(held)
 
     async def _take(self) -> _Held:
-        held = _Held(self.model)
+        handoff: asyncio.Future[_Held] = asyncio.get_running_loop().create_future()
+        self._waiting.append(handoff)
+        mine = _Held(self.model)
         try:
-            await asyncio.shield(held.ready)
+            await asyncio.wait({handoff, mine.ready}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            await held.release()
+            self._drop(handoff, mine)
             raise
+        if handoff.done():
+            self._drop(None, mine)  # asked for no longer, or idle if it came too
+            return handoff.result()
+        self._waiting.remove(handoff)
+        if mine.ready.cancelled() or mine.ready.exception() is not None:
+            self._release(mine)
+            mine.ready.result()  # raises: LimitMissing, if the server would not give it
         self.acquired += 1
-        return held
+        return mine
+
+    def _drop(self, handoff: asyncio.Future[_Held] | None, mine: _Held) -> None:
+        if handoff is not None:
+            if handoff in self._waiting:
+                self._waiting.remove(handoff)
+            elif handoff.done() and not handoff.cancelled():
+                self._put_back(handoff.result())
+        if mine.ready.done() and not mine.ready.cancelled() and mine.ready.exception() is None:
+            self.acquired += 1
+            self._put_back(mine)
+        else:
+            self._release(mine)
 
     def _put_back(self, held: _Held) -> None:
         if time.monotonic() - held.since > HOLD_SECONDS:
             self._release(held)
             return
+        while self._waiting:
+            waiter = self._waiting.pop(0)
+            if not waiter.done():
+                waiter.set_result(held)
+                return
         self._idle.append(held)
         asyncio.get_running_loop().call_later(LINGER_SECONDS, self._expire, held)
 
