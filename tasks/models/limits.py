@@ -9,7 +9,7 @@ with ``strict=True``, so a missing limit is one :class:`LimitMissing`, never a s
 Acquiring a slot costs a server round trip or more (``make bench-limits``: ~0.1 s, and one
 process's acquisitions of one limit go one at a time), so :class:`SharedSlots` keeps the
 slots it took while this process's calls want them: a finished call hands its slot to the next
-call of the process, and a slot goes back to the server when no call took it within
+call of the process (one waiting for the server's too), and a slot goes back to the server when no call took it within
 ``LINGER_SECONDS`` or it has been held ``HOLD_SECONDS`` (so other processes get their turn)."""
 
 from __future__ import annotations
