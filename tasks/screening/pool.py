@@ -41,6 +41,11 @@ _starting: set[int] = set()  # pool sizes whose processes warm_pool is still sta
 # small run (an upload event's single study) would wait for, and a large one earns back.
 POOL_MIN_STUDIES = 50
 POOL_MIN_CPUS = 2
+# Pool processes run at this niceness (nice(2)): the run's event loop, which keeps the model
+# calls in flight, then gets a CPU as soon as it wants one, and the SR builds and rendering
+# take what is left. On 2 CPUs the workers otherwise compete with the loop for both
+# (docs/benchmarks.md, bench-screen).
+POOL_NICENESS = 10
 
 
 def resolve_runner(runner: RunnerConfig, studies: int) -> RunnerConfig:
@@ -57,6 +62,11 @@ def resolve_runner(runner: RunnerConfig, studies: int) -> RunnerConfig:
 
 def pool_size(workers: int | None) -> int:
     return workers or os.cpu_count() or 1
+
+
+def _lower_priority() -> None:
+    """The pool processes' initializer: :data:`POOL_NICENESS` above this process's."""
+    os.nice(POOL_NICENESS)
 
 
 def _warm() -> None:
@@ -96,11 +106,13 @@ async def warm(runner: RunnerConfig) -> None:
 def preprocess_pool(workers: int | None) -> ProcessPoolExecutor:
     """One process pool per size for this process (``workers``, or one per CPU),
     started with ``spawn`` (forking a process that runs an event loop and Prefect's threads
-    is unsafe)."""
+    is unsafe), at :data:`POOL_NICENESS`."""
     size = pool_size(workers)
     pool = _pools.get(size)
     if pool is None:
-        pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(
+            size, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+        )
         _pools[size] = pool
         logger.info("started a preprocessing pool of %d processes", size)
     return pool
@@ -135,11 +147,16 @@ async def off_loop(
     fn: Callable[..., T],
     stores: Sequence[Store],
     *args: Any,
+    queue: bool = False,
 ) -> T:
     """``fn(*stores, *args)`` off the event loop: in a thread, or in the process pool when
     ``runner.preprocess`` is ``process`` (then ``fn`` and ``args`` must pickle; the stores
-    are reopened there by URI; while :func:`warm_pool` starts it, in a thread)."""
-    if runner.preprocess != "process" or pool_size(runner.workers) in _starting:
+    are reopened there by URI). While :func:`warm_pool` starts the pool, in a thread, unless
+    ``queue``: then it waits for a pool process. Work that the model calls wait for (the key
+    images) takes a thread; work after them (the reports, whose SR holds the GIL for tens of
+    milliseconds) queues, so that it never runs in the event loop's process."""
+    starting = pool_size(runner.workers) in _starting
+    if runner.preprocess != "process" or (starting and not queue):
         return await asyncio.to_thread(fn, *stores, *args)
     pool = preprocess_pool(runner.workers)
     loop = asyncio.get_running_loop()

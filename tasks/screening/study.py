@@ -224,8 +224,9 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
     if not await asyncio.to_thread(claim.held):
         logger.warning("study %s: lost its claim while read (%s), no report", log_id, claim.lost)
         return StudyOutcome(uid, None, errors, log_id, elsewhere=claim.lost)
+    # in a pool process, never in this one's threads: the SR holds the GIL (off_loop)
     written, report.published = await cpu(
-        publish_report, [source, dest], report, pngs, evidence, run.publish
+        publish_report, [source, dest], report, pngs, evidence, run.publish, queue=True
     )
     errors += written
     logger.info(
