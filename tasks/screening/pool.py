@@ -41,11 +41,6 @@ _starting: set[int] = set()  # pool sizes whose processes warm_pool is still sta
 # small run (an upload event's single study) would wait for, and a large one earns back.
 POOL_MIN_STUDIES = 50
 POOL_MIN_CPUS = 2
-# Pool processes run at this niceness (nice(2)): the run's event loop, which keeps the model
-# calls in flight, then gets a CPU as soon as it wants one, and the SR builds and rendering
-# take what is left. On 2 CPUs the workers otherwise compete with the loop for both
-# (docs/benchmarks.md, bench-screen).
-POOL_NICENESS = 10
 
 
 def resolve_runner(runner: RunnerConfig, studies: int) -> RunnerConfig:
@@ -62,11 +57,6 @@ def resolve_runner(runner: RunnerConfig, studies: int) -> RunnerConfig:
 
 def pool_size(workers: int | None) -> int:
     return workers or os.cpu_count() or 1
-
-
-def _lower_priority() -> None:
-    """The pool processes' initializer: :data:`POOL_NICENESS` above this process's."""
-    os.nice(POOL_NICENESS)
 
 
 def _warm() -> None:
@@ -106,13 +96,11 @@ async def warm(runner: RunnerConfig) -> None:
 def preprocess_pool(workers: int | None) -> ProcessPoolExecutor:
     """One process pool per size for this process (``workers``, or one per CPU),
     started with ``spawn`` (forking a process that runs an event loop and Prefect's threads
-    is unsafe), at :data:`POOL_NICENESS`."""
+    is unsafe)."""
     size = pool_size(workers)
     pool = _pools.get(size)
     if pool is None:
-        pool = ProcessPoolExecutor(
-            size, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
-        )
+        pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"))
         _pools[size] = pool
         logger.info("started a preprocessing pool of %d processes", size)
     return pool
