@@ -9,7 +9,7 @@ export UV_LINK_MODE := copy
 # openai, pydicom... from source again: `import flows.screen` took 8.5 s instead of 4.2 s.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability bench-pacs orthanc clean help schema config-doc
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-startup bench-pool bench-reliability bench-pacs orthanc clean help schema config-doc
 .DEFAULT_GOAL := help
 
 help:
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-preprocess  preprocessing vs decode floor vs naive float64, pydicom-data"
 	@echo "make bench-scale  1, 200, 2000 tiny studies: marginal time per study, peak RSS"
 	@echo "                  (STUDIES=1,1000,10000: the 10,000-study point, opt-in, long)"
+	@echo "make bench-startup  radflow screen on one study: wall time and peak RSS of the process"
 	@echo "make bench-pool   preprocessing in threads vs a process pool (runner.preprocess)"
 	@echo "make bench-reliability  hostile inputs, faults, crash/resume, PHI, injection, secrets"
 	@echo "make bench-pacs   screening time and bytes per study: DICOMweb (Orthanc) vs folder"
@@ -85,6 +86,9 @@ bench-preprocess: .venv/.compiled  ## preprocessing time vs the decode floor and
 
 bench-scale: .venv/.compiled  ## linear time and flat memory up to 2,000 studies (STUDIES=1,1000,10000: the long 10k point)
 	.venv/bin/python -m benchmarks.scale --sizes $(STUDIES) --shard-size 250
+
+bench-startup: .venv/.compiled  ## wall time and peak RSS of `radflow screen` on one study (a new process)
+	.venv/bin/python -m benchmarks.startup --repeat 5
 
 bench-pool: .venv/.compiled  ## preprocessing: threads vs a process pool on this machine's cores
 	.venv/bin/python -m benchmarks.pool

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -43,8 +45,14 @@ def screen(
     from tasks.core.config import load_settings
     from tasks.core.errors import PacsError
     from tasks.pacs.publish import check_pacs_settings, pacs_line
+    from tasks.screening.study import MODELS_MODULE
     from tasks.storage import open_store
 
+    # the panel and both model SDKs (~1.5-2 s) load while Prefect starts the flow run (its
+    # API calls, or its temporary server); the run's Screening.start waits for them if needed
+    threading.Thread(
+        target=importlib.import_module, args=(MODELS_MODULE,), name="import-models", daemon=True
+    ).start()
     try:
         settings = load_settings(config)  # fail fast, before a Prefect run exists
         check_pacs_settings(settings, source, out)
