@@ -18,6 +18,7 @@ from tasks.core.schema import Published
 from tasks.pacs.dicomweb import UID, PacsClient, is_dicomweb, parse_dicomweb_uri
 from tasks.pacs.settings import DicomWebConfig
 from tasks.pacs.version import report_version
+from tasks.reports.sr import sr_uids
 
 if TYPE_CHECKING:
     from tasks.core.config import Settings
@@ -112,8 +113,6 @@ def needs_publishing(previous: dict[str, Any], target: PublishTarget | None) -> 
 
 def unpublished(target: PublishTarget, report: Report, reason: str) -> Published:
     """The ``failed`` state of a study whose SR could not even be built."""
-    from tasks.reports.sr import sr_uids  # highdicom: not at import (flows/cli.py start-up)
-
     series, sop = sr_uids(report)
     return Published(
         state="failed",
@@ -194,8 +193,6 @@ def publish_sr(
     they are the returned ``Published`` state (``failed``, with the reason), and a rerun
     tries again."""
     study = report.study_instance_uid
-    from tasks.reports.sr import sr_uids  # highdicom: not at import (flows/cli.py start-up)
-
     series, sop = sr_uids(report)
     record = {
         "target": target.uri,

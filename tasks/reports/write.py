@@ -21,7 +21,9 @@ from tasks.core.errors import RadflowError, ReportError, StorageError
 from tasks.core.schema import ErrorRecord, Published, Report, ReviewEntry, RunSummary
 from tasks.core.words import short_result
 from tasks.pacs.publish import PublishTarget, publish_sr, unpublished
+from tasks.reports.fhir import build_fhir, fhir_json
 from tasks.reports.markdown import image_name, render_markdown
+from tasks.reports.sr import build_sr, device_uid, read_evidence, sr_bytes
 from tasks.storage import Store, read_json
 
 __all__ = [
@@ -132,11 +134,6 @@ def _write_sr_and_fhir(
     evidence: Sequence[pydicom.Dataset],
     publish: PublishTarget | None = None,
 ) -> list[str]:
-    # highdicom and fhir.resources load here (or in a warm-up), not with this module: a run's
-    # flow process that writes its reports in the pool never needs them (flows/cli.py start-up)
-    from tasks.reports.fhir import build_fhir, fhir_json
-    from tasks.reports.sr import build_sr, device_uid, sr_bytes
-
     uid = report.study_instance_uid
     if publish is None:
         sr = build_sr(report, evidence)
@@ -225,8 +222,6 @@ def publish_report(
     not the report; stale images that cannot be deleted leave the report in place. Both are
     returned as error records. With ``publish`` the SR is also stored on that DICOMweb
     server. Returns the error records and ``report.published``."""
-    from tasks.reports.sr import read_evidence  # highdicom: see _write_sr_and_fhir
-
     errors = []
 
     def record(source_uri: str, reason: str, exc: RadflowError) -> None:
