@@ -164,7 +164,11 @@ def simulator(
     latency: Annotated[float, typer.Option(min=0, help="seconds added to every answer")] = 0.0,
     faults: Annotated[
         str | None,
-        typer.Option(help="e.g. 429:0.1,500:0.05,timeout:0.02,malformed:0.05,refusal:0.02"),
+        typer.Option(
+            help="KIND:RATE[@MODEL],... e.g. 429:0.1,refusal:0.02,401:1@claude-sonnet-4-6; "
+            "kinds: 429 500 529 timeout malformed refusal text_refusal length no_usage 401 403 "
+            "404 bad_image no_json_schema (docs/models.md)"
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
     profile: Annotated[
