@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from tasks.core.config import Gateway, ModelConfig
 from tasks.core.errors import ProviderRejected
-from tasks.core.redact import describe, redact
+from tasks.core.redact import redact
 from tasks.core.schema import Reading
 
 __all__ = [
@@ -152,6 +152,16 @@ def _status(exc: BaseException) -> int | None:
     return getattr(exc, "status_code", None)
 
 
+def _said(exc: BaseException) -> str:
+    """What the provider said: the ``error.message`` of its JSON body, else the exception's
+    text; redacted, at most 200 characters."""
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    text = " ".join(str(message or exc).split())
+    return redact(text if len(text) <= 200 else text[:199] + "…")
+
+
 def rejected(
     exc: BaseException, cfg: ModelConfig, gateway: Gateway | None
 ) -> ProviderRejected | None:
@@ -162,7 +172,7 @@ def rejected(
         return None
     base_url, key_env, key_block = cfg.endpoint(gateway)
     where = f"at {base_url}" if base_url else f"at the {cfg.provider.value} API"
-    said = describe(exc)[:300]
+    said = f"{type(exc).__name__}: {_said(exc)}"
     if status == 404:
         return ProviderRejected(
             f'model "{cfg.name}": the provider {where} does not know model id "{cfg.model}" '
@@ -182,7 +192,7 @@ def rejected(
 def rejected_image(exc: BaseException) -> str | None:
     """The recorded error of a 400/413 about the image (too large, bad media type)."""
     if _status(exc) in (400, 413) and "image" in str(exc).lower():
-        return f"image rejected by the provider (not retried): {describe(exc)}"
+        return f"image rejected by the provider (not retried): {_said(exc)}"
     return None
 
 
