@@ -67,7 +67,13 @@ def screen(
         + (f"{elsewhere} claimed by other runs, " if elsewhere else "")
         + f"{summary.degraded} degraded, "
         f"{summary.needs_review} for review, {summary.errors} error records), "
-        f"{summary.model_calls} model calls, ${summary.cost_usd:.4f} → {out}"
+        f"{summary.model_calls} model calls, ${summary.cost_usd:.4f}"
+        + (
+            f" (+ {summary.unknown_cost_readings} readings of unknown cost: no usage)"
+            if summary.unknown_cost_readings
+            else ""
+        )
+        + f" → {out}"
         + (f"; {summary.reviews_requested} review runs" if summary.reviews_requested else "")
         + ("  [SIMULATED readings]" if summary.simulated else ""),
         highlight=False,

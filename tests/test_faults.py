@@ -246,3 +246,25 @@ def test_bad_key_stops_the_run_and_a_rerun_reads_everything(prefect_harness, tmp
     assert summary.cost_usd == pytest.approx(
         sum(r.readings[1].cost_usd for r in reports.values()), abs=1e-5
     )
+
+
+# ---- the worked gateway example of docs/models.md -------------------------------------------
+
+
+@pytest.mark.e2e
+def test_gateway_worked_example_reads_with_both_sdks(simulator):
+    from tests.helpers import ROOT
+
+    page = (ROOT / "docs" / "models.md").read_text()
+    [block] = [b for b in page.split("```yaml\n")[1:] if "anthropic/claude" in b.split("```")[0]]
+    example = yaml.safe_load(block.split("```")[0])
+    example["gateway"] = {"base_url": simulator.url, "api_key_env": KEY_ENV}  # the relay
+    settings = Settings.model_validate({"language": "en", **example})
+    before = simulator.stats()["requests"]
+    [[gpt, claude, via_openai]] = asyncio.run(read_many(settings, 1, offset=60))
+    after = simulator.stats()["requests"]
+    assert gpt.ok and claude.ok and via_openai.ok
+    assert via_openai.provider == "openai" and via_openai.model_id == "anthropic/claude-sonnet-4-6"
+    assert via_openai.response_model == "radflow-simulator/anthropic/claude-sonnet-4-6"
+    for model_id in ("gpt-4o", "claude-sonnet-4-6", "anthropic/claude-sonnet-4-6"):
+        assert after[model_id] - before.get(model_id, 0) == 1
