@@ -313,7 +313,8 @@ def test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every
     assert not impression["ok"] and "400" in impression["error"] and "***" in impression["error"]
     assert runs["stopped"].returncode == 2, runs["stopped"].stderr[-3000:]
     [line] = [x for x in runs["stopped"].stderr.splitlines() if x.startswith("error:")]
-    assert 'model "claude"' in line and f"env var {KEY_ENV}" in line and "***" in line
+    assert 'model "claude"' in line and f"env var {KEY_ENV}" in line and "401" in line
+    assert not list((tmp_path / "stopped").glob("studies/*/report.json"))  # none marked done
     assert "403" in runs["upload"].stderr and "fine-tuning upload" in runs["upload"].stderr
     summaries = [p for d in (dest, evaluated) for p in d.glob("runs/*.json")]
     assert len(summaries) == 2 and (evaluated / "metrics.json").is_file()
