@@ -9,7 +9,7 @@ export UV_LINK_MODE := copy
 # openai, pydicom... from source again: `import flows.screen` took 8.5 s instead of 4.2 s.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-startup bench-pool bench-reliability bench-pacs orthanc clean help schema config-doc
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-startup bench-pool bench-reliability bench-pacs bench-compare orthanc clean help schema config-doc
 .DEFAULT_GOAL := help
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-pool   preprocessing in threads vs a process pool (runner.preprocess)"
 	@echo "make bench-reliability  hostile inputs, faults, crash/resume, PHI, injection, secrets"
 	@echo "make bench-pacs   screening time and bytes per study: DICOMweb (Orthanc) vs folder"
+	@echo "make bench-compare  provider comparison and --estimate: two simulated models"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock Makefile
@@ -98,6 +99,9 @@ bench-reliability: .venv/.compiled  ## per point: what was tried and the measure
 
 bench-pacs: .venv/.compiled orthanc  ## the same studies screened from Orthanc and from a folder
 	.venv/bin/python -m benchmarks.pacs --slices 300 --studies 4
+
+bench-compare: .venv/.compiled  ## two simulated models at two latencies and prices; --estimate
+	.venv/bin/python -m benchmarks.compare --synthetic 16 --fast 0.3 --slow 1.2
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

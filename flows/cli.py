@@ -38,9 +38,17 @@ def screen(
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="screen at most N studies")] = None,
     force: Annotated[bool, typer.Option(help="re-read studies that are already reported")] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            help="discover and preprocess only: print each model's tokens and cost; no model "
+            "is called, no report is written"
+        ),
+    ] = False,
 ) -> None:
     """Screen every study under SOURCE and write reports under DEST."""
     from flows.progress import run_with_progress
+    from flows.runs_cli import print_comparison, print_estimate
     from flows.screen import screen as screen_flow
     from tasks.core.config import load_settings
     from tasks.core.errors import PacsError
@@ -48,16 +56,21 @@ def screen(
     from tasks.screening.study import MODELS_MODULE
     from tasks.storage import open_store
 
-    # the panel and both model SDKs (~1.5-2 s) load while Prefect starts the flow run (its
-    # API calls, or its temporary server); the run's Screening.start waits for them if needed
-    threading.Thread(
-        target=importlib.import_module, args=(MODELS_MODULE,), name="import-models", daemon=True
-    ).start()
     try:
         settings = load_settings(config)  # fail fast, before a Prefect run exists
         check_pacs_settings(settings, source, out)
         for uri in (source, out):
             open_store(uri, settings.storage)  # a missing bucket or a 401: one line, no run
+        if estimate:
+            from tasks.screening.estimate import estimate_run
+
+            print_estimate(estimate_run(source, out, settings, limit, force))
+            return
+        # the panel and both model SDKs (~1.5-2 s) load while Prefect starts the flow run (its
+        # API calls, or its temporary server); the run's Screening.start waits for them
+        threading.Thread(
+            target=importlib.import_module, args=(MODELS_MODULE,), name="import-models", daemon=True
+        ).start()
         summary = run_with_progress(
             screen_flow(
                 source=source,
@@ -75,11 +88,18 @@ def screen(
         + (f"{elsewhere} claimed by other runs, " if elsewhere else "")
         + f"{summary.degraded} degraded, "
         f"{summary.needs_review} for review, {summary.errors} error records), "
-        f"{summary.model_calls} model calls, ${summary.cost_usd:.4f} → {out}"
+        f"{summary.model_calls} model calls, ${summary.cost_usd:.4f}"
+        + (
+            f" (+ {summary.unknown_cost_readings} readings of unknown cost: no usage)"
+            if summary.unknown_cost_readings
+            else ""
+        )
+        + f" → {out}"
         + (f"; {summary.reviews_requested} review runs" if summary.reviews_requested else "")
         + ("  [SIMULATED readings]" if summary.simulated else ""),
         highlight=False,
     )
+    print_comparison(summary)
     if summary.fetched_bytes or summary.discovery_bytes:
         Console().print(pacs_line(summary), highlight=False)
     if summary.publish_failed:
@@ -172,7 +192,11 @@ def simulator(
     latency: Annotated[float, typer.Option(min=0, help="seconds added to every answer")] = 0.0,
     faults: Annotated[
         str | None,
-        typer.Option(help="e.g. 429:0.1,500:0.05,timeout:0.02,malformed:0.05,refusal:0.02"),
+        typer.Option(
+            help="KIND:RATE[@MODEL],... e.g. 429:0.1,refusal:0.02,401:1@claude-sonnet-4-6; "
+            "kinds: 429 500 529 timeout malformed refusal text_refusal length no_usage 401 403 "
+            "404 bad_image no_json_schema (docs/models.md)"
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
     profile: Annotated[
@@ -469,8 +493,10 @@ def serve(
 
 
 from flows.review_cli import reviews  # noqa: E402 — `radflow reviews list|export`
+from flows.runs_cli import runs  # noqa: E402 — `radflow runs compare`
 
 app.add_typer(reviews, name="reviews")
+app.add_typer(runs, name="runs")
 
 if __name__ == "__main__":
     sys.exit(app())

@@ -24,6 +24,7 @@ from tasks.pacs.publish import publish_target
 from tasks.reports.write import write_errors, write_run_summary
 from tasks.review.requests import request_reviews
 from tasks.screening.batches import screened, warm_up
+from tasks.screening.manifest import read_manifest, write_manifest
 from tasks.screening.monitor import RunMonitor, run_name, run_tags
 from tasks.screening.plan import fail_unreported, plan_shards, to_read
 from tasks.screening.pool import resolve_runner
@@ -64,6 +65,7 @@ async def screen(
     force: bool = False,
     keys: list[str] | None = None,
     reviews: bool | None = None,
+    manifest: str | None = None,
 ) -> RunSummary:
     """Screen every study under ``source`` and write reports under ``out``.
 
@@ -71,6 +73,8 @@ async def screen(
     ``keys`` (relative to ``source``) limits the run to those objects: an upload event's study.
     Studies already reported from the same inputs are skipped unless ``force``.
     ``reviews``: a review flow run per flagged study (None: the config's ``review.requests``).
+    ``manifest``: a shard's plan under ``out`` (written by its parent run): its studies are
+    read from it, without listing ``source`` or reading a header.
     """
     logger = get_run_logger()
     started = datetime.now(UTC)
@@ -85,7 +89,10 @@ async def screen(
     names = await asyncio.to_thread(log_names, dest, settings.privacy)
     if keys is not None:
         src = SelectedObjects(src, keys)
-    inventory: Inventory = await asyncio.to_thread(discover, src, settings.storage.max_concurrency)
+    if manifest is not None:  # a shard: its parent listed the source and read the headers
+        inventory = Inventory(await asyncio.to_thread(read_manifest, dest, manifest, src), [])
+    else:
+        inventory = await asyncio.to_thread(discover, src, settings.storage.max_concurrency)
     discovery_bytes = getattr(src, "received", 0)  # a DICOMweb source: searches and metadata
     await asyncio.to_thread(write_errors, dest, inventory.errors, settings.storage.max_concurrency)
     if isinstance(src, SelectedObjects) and src.missing:
@@ -109,6 +116,7 @@ async def screen(
             errors=len(inventory.errors),
             started_at=started,
             discovery_bytes=discovery_bytes,
+            header_reads=inventory.header_reads,
         ),
         names,
     )
@@ -119,9 +127,10 @@ async def screen(
     labels = run_tags(names.source(source), [m.name for m in settings.models])
     await monitor.label(run_name(started, len(studies)), labels)
     await monitor.start(len(pending))
+    stopped = None
     if settings.runner.shard_size and len(pending) > settings.runner.shard_size:
         child = {"source": source, "out": out, "config": config, "force": force}
-        await run_shards(pending, child, settings.runner, dest, tally)  # see "Scaling out"
+        await run_shards(pending, child, settings.runner, src, dest, tally)  # see "Scaling out"
     elif pending:
         # `preprocess: auto` → threads or the process pool, by the size of this run
         settings = settings.model_copy(
@@ -142,7 +151,9 @@ async def screen(
         finally:
             await run.panel.aclose()
         await warming
+        stopped = run.panel.stop.error  # a rejected key or model id: no study read after it
     summary = tally.finish()
+    summary.stopped = str(stopped) if stopped else None
     if (settings.review.requests if reviews is None else reviews) and not summary.shards:
         asked = await request_reviews(  # a sharded run's children asked for their own
             dest,
@@ -171,15 +182,23 @@ async def screen(
         summary.cost_usd,
         key,
     )
+    if stopped is not None:
+        raise stopped  # one line naming the model and its key or model id (the CLI prints it)
     return summary
 
 
 async def run_shards(
-    pending: list[Study], child: dict[str, Any], runner: RunnerConfig, dest: Store, tally: Tally
+    pending: list[Study],
+    child: dict[str, Any],
+    runner: RunnerConfig,
+    src: Store,
+    dest: Store,
+    tally: Tally,
 ) -> None:
     """Screen ``pending`` as shards of ``runner.shard_size`` studies, ``runner.shards_in_flight``
     at a time: each a child run of :func:`screen` (or of ``runner.shard_deployment``) with the
-    ``child`` parameters and the shard's object keys. Each shard's summary goes into ``tally``;
+    ``child`` parameters and the key of the shard's manifest under DEST (its studies as found
+    here: the child neither lists nor reads a header). Each shard's summary goes into ``tally``;
     a shard that fails leaves error records for its studies without a report. The CLI's
     progress hook is fed the children's studies, counted over the whole run."""
     logger = get_run_logger()
@@ -187,7 +206,6 @@ async def run_shards(
         await check_deployment(runner.shard_deployment)
     hook = progress_hook.get()
     shards = plan_shards(pending, runner.shard_size)
-    by_key = {ref.key: study for study in pending for ref in study.objects}
     gate = asyncio.Semaphore(runner.shards_in_flight)
     done = 0
 
@@ -197,27 +215,29 @@ async def run_shards(
             done += 1
             hook(done, len(pending), outcome)
 
-    async def one(index: int, keys: list[str]) -> None:
+    async def one(index: int, studies: list[Study]) -> None:
         name = f"screen-shard-{index + 1:04d}-of-{len(shards):04d}"
         async with gate:
-            logger.info("shard %d/%d: %d objects", index + 1, len(shards), len(keys))
+            logger.info("shard %d/%d: %d studies", index + 1, len(shards), len(studies))
             try:
+                key = await asyncio.to_thread(
+                    write_manifest, dest, tally.summary.run_id, index, src, studies
+                )
+                params = child | {"manifest": key}
                 if runner.shard_deployment:
-                    summary = await on_deployment(
-                        runner.shard_deployment, child | {"keys": keys}, dest
-                    )
+                    summary = await on_deployment(runner.shard_deployment, params, dest)
                 else:
-                    summary = await screen.with_options(flow_run_name=name)(**child, keys=keys)
+                    summary = await screen.with_options(flow_run_name=name)(**params)
             except Exception as exc:  # noqa: BLE001 — a failed shard becomes error records
                 reason = f"shard {index + 1}/{len(shards)} failed: {exc}"
                 logger.error("%s", reason)
-                for study in {by_key[k].study_instance_uid: by_key[k] for k in keys}.values():
+                for study in studies:
                     tally.add_unread(fail_unreported(dest, study, reason))
                 return
         tally.merge(summary)
 
     token = progress_hook.set(count if hook else None)
     try:
-        await asyncio.gather(*(one(i, keys) for i, keys in enumerate(shards)))
+        await asyncio.gather(*(one(i, studies) for i, studies in enumerate(shards)))
     finally:
         progress_hook.reset(token)

@@ -142,6 +142,21 @@ def test_bad_annotation_lines_are_reported_with_their_numbers():
     assert 'confidence="high"' in reasons[11]
 
 
+def test_blank_csv_cells_are_not_given_and_the_first_bad_field_is_the_reason():
+    text = (
+        "image,patient_id,abnormal,urgency,diagnosis,confidence,findings\n"
+        "a.dcm,p1,,,nodule,,\n"  # blank label, urgency, confidence: the diagnosis decides
+        "b.dcm,p2,maybe,soon,,,\n"  # two bad fields: the first one (urgency) is named
+        "c.dcm,p3,on,,,0.25,x; y\n"
+    )
+    good, bad = parse_annotations(text.encode(), "a.csv")
+    assert [(a.line, a.reading.abnormal, a.reading.findings) for a in good] == [
+        (2, True, []),
+        (4, True, ["x", "y"]),
+    ]
+    assert [(r.line, r.reason.split(" (")[0]) for r in bad] == [(3, 'unknown label urgency="soon"')]
+
+
 def test_csv_line_numbers_count_the_header_and_multiline_fields():
     text = (
         'image,patient_id,abnormal,image_description\na.dcm,p1,1,"two\nlines"\nb.dcm,p2,perhaps,x\n'

@@ -15,14 +15,18 @@ from simulator.samples import synthetic_ct
 from tasks.core.errors import (
     CorruptDicom,
     ObjectMissing,
+    RadflowError,
     StorageError,
     StorageUnavailable,
     StudiesFailed,
+    UnsupportedImage,
     WorkerCrashed,
     is_transient,
     parser_error,
+    reading_header,
     retry_if_transient,
 )
+from tasks.imaging.preprocess import render_frames
 
 
 def _raised(fn) -> BaseException:
@@ -89,6 +93,34 @@ def test_other_parser_errors_keep_their_message_in_one_line(tmp_path):
     assert parser_error(MemoryError(), "y").args[0] == (
         "y: decoding needs more memory than this process could allocate (MemoryError)"
     )
+
+
+def test_reading_header_turns_header_errors_into_the_objects_record_and_nothing_else():
+    for exc in (ValueError("bad DS"), TypeError("t"), AttributeError("a"), KeyError("k")):
+        with pytest.raises(CorruptDicom, match=r"^inconsistent header: ") as info, reading_header():
+            raise exc
+        assert info.value.__cause__ is exc
+    for other in (RuntimeError("bug"), UnsupportedImage("no pixel data"), ZeroDivisionError()):
+        with pytest.raises(type(other)) as info, reading_header():
+            raise other
+        assert info.value is other  # as it was: not the header's fault
+
+
+def test_a_hostile_header_value_is_the_objects_error_and_a_radflow_bug_stays_a_bug(tmp_path):
+    """A window center that is not a number (pydicom converts it on first use) is that
+    file's CorruptDicom; radflow's own code misused (frame indices that are not numbers)
+    raises its TypeError: it is not blamed on the header."""
+    path = synthetic_ct(tmp_path / "a.dcm", lesion=False, seed=1, size=64)
+    ds = pydicom.dcmread(path)
+    ds.WindowCenter, ds.WindowWidth = "12345.6789", "400"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    data = buffer.getvalue().replace(b"12345.6789", b"forty.four")  # raw: read on first use
+    with pytest.raises(CorruptDicom, match="inconsistent header: .*forty"):
+        render_frames(pydicom.dcmread(io.BytesIO(data)), "header")
+    with pytest.raises(TypeError) as info:
+        render_frames(pydicom.dcmread(path), "auto", [None])  # type: ignore[list-item]
+    assert not isinstance(info.value, RadflowError)
 
 
 def test_only_transient_failures_are_worth_a_retry():

@@ -86,6 +86,23 @@ def test_summary_lists_the_review_queue_most_urgent_first():
     assert "`/out/runs/r1.json`" in md and "simulator" in md
     empty = summary_markdown(summary, rows[:1], "runs/r1.json", PLAIN)
     assert "Nothing to review" in empty
+    assert "## Models" not in md  # no readings counted: no comparison
+
+
+def test_summary_shows_the_provider_comparison():
+    from tasks.screening.compare import add_report
+    from tests.helpers import make_report, panel_readings
+
+    summary = RunSummary(
+        run_id="r2", source="/in", dest="/out", started_at=datetime(2026, 12, 3, tzinfo=UTC)
+    )
+    for uid in ("1", "2"):
+        add_report(summary.models, make_report(uid, panel_readings(disagree=uid == "1")))
+    md = summary_markdown(summary, [], "runs/r2.json", PLAIN)
+    models = md.split("## Models")[1].split("## Review queue")[0]
+    # a split vote goes to gpt-4o's side (the tie rule), so claude agrees on one study of two
+    assert "| gpt-4o | openai | - | 2 | 0 | 0 | 0 | 0 | 0.0000 | 1 |" in models
+    assert "| claude | anthropic | - | 2 | 0 | 0 | 0 | 0 | 0.0000 | 0.5 |" in models
 
 
 def test_with_pseudonyms_rows_and_summary_name_no_uid_and_no_source():

@@ -61,6 +61,15 @@ def test_dicomweb_uri_filters_paging_and_refusals():
         parse_dicomweb_uri("dicomweb+http://pacs/dicom-web?Nonsense=1")
     with pytest.raises(ConfigError, match="limit must be"):
         parse_dicomweb_uri("dicomweb+http://pacs/dicom-web?limit=0")
+    # fuzzymatching reads the true/false words of labels and settings (tasks.core.words)
+    fuzzy = {
+        w: parse_dicomweb_uri(f"dicomweb+http://pacs/d?fuzzymatching={w}").fuzzymatching
+        for w in ("true", "YES", "1", "off", "")
+    }
+    assert fuzzy == {"true": True, "YES": True, "1": True, "off": False, "": None}
+    assert parse_dicomweb_uri("dicomweb+http://pacs/d").fuzzymatching is None
+    with pytest.raises(ConfigError, match=r'fuzzymatching "maybe" is neither true'):
+        parse_dicomweb_uri("dicomweb+http://pacs/dicom-web?fuzzymatching=maybe")
 
 
 def test_hostile_metadata_fails_as_one_clear_error():

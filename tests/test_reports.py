@@ -14,6 +14,7 @@ import jsonschema
 import pydicom
 import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 
 from flows.screen import screen
@@ -195,6 +196,22 @@ def test_fhir_diagnostic_report_round_trips_as_r4(ct):
     # every contained resource is referenced (FHIR dom-3)
     text = fhir_json(resource).decode()
     assert all(f'"#{cid}"' in text for cid in contained)
+
+
+def test_fhir_is_built_typed_and_a_bad_value_fails_where_it_is_made(ct):
+    """Each contained resource is an R4B model when it is made: an empty model id (FHIR
+    strings are never empty) fails as the Device's modelNumber, not as the report's."""
+    report = _report(ct)
+    devices = {r.model: device_uid(r.model, r.model_id) for r in report.readings}
+    resource = build_fhir(report, devices)
+    kinds = [type(c).__name__ for c in resource.contained]
+    assert kinds[:4] == ["Device", "Observation", "Device", "Observation"]
+    assert {type(c).__module__.split(".")[-2] for c in resource.contained} == {"R4B"}
+    bad = report.model_copy(
+        update={"readings": [report.readings[0].model_copy(update={"model_id": ""})]}
+    )
+    with pytest.raises(ValidationError, match=r"1 validation error for Device\nmodelNumber"):
+        build_fhir(bad, devices)
 
 
 def test_write_report_writes_four_files_review_pointer_and_json_last(ct, tmp_path):

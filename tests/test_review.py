@@ -494,7 +494,7 @@ def test_screening_review_evaluation_loop(tmp_path, capsys):
         config.write_text(yaml.safe_dump(base | {"review": {"requests": True}}))
         config2 = tmp_path / "radflow-2.yaml"  # short review timeout, measured weights
         config2.write_text(yaml.safe_dump(base | {
-            "review": {"requests": True, "timeout_hours": 0.002, "on_timeout": "reopen"},
+            "review": {"requests": True, "timeout_hours": 0.001, "on_timeout": "reopen"},
             "reliability": str(evaluation / "reliability.json"),
         }))  # fmt: skip
         serve_log = tmp_path / "serve.log"

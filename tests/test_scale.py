@@ -99,8 +99,23 @@ def test_sharded_run_reports_every_study_exactly_once(prefect_harness, simulator
         for run_id in summary.shards
     ]
     assert sorted(c.reported for c in children) == [1, 3, 3]
+    # the kappa is over the whole run: every shard's votes, not one shard's
+    assert summary.kappa_studies == 7 and sorted(c.kappa_studies for c in children) == [1, 3, 3]
+    assert len(summary.panel_votes) == 7
+    # every header read once, by the parent: each shard screens from its manifest
+    assert summary.header_reads == 7 and [c.header_reads for c in children] == [0, 0, 0]
+    assert len(list((dest / "shards" / summary.run_id).glob("*.json"))) == 3
     parent = json.loads((dest / "runs" / f"{summary.run_id}.json").read_text())
     assert parent["reported"] == 7 and sorted(parent["shards"]) == sorted(summary.shards)
+    # the provider comparison adds the shards': counts, tokens, cost and latency buckets
+    assert set(summary.models) == {"gpt-4o", "claude"}
+    for name, stats in summary.models.items():
+        shards = [c.models[name] for c in children]
+        assert stats.calls == 7 == sum(s.calls for s in shards) == stats.answered
+        assert stats.input_tokens == sum(s.input_tokens for s in shards) > 0
+        assert stats.cost_usd == pytest.approx(sum(s.cost_usd for s in shards))
+        assert sum(stats.latency_buckets.values()) == 7
+        assert stats.latency_max_ms == max(s.latency_max_ms for s in shards)
 
     # a rerun skips everything at the parent: no shards, no model calls
     again = asyncio.run(screen(str(source), str(dest), str(config)))

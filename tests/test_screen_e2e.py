@@ -100,6 +100,8 @@ def test_cli_screen_against_a_compatible_server(prefect_harness, simulator, samp
     proc = run_screen(samples, dest, config, api_url=prefect_harness, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reported 8/8 studies" in proc.stdout
+    assert "provider comparison (SIMULATED readings)" in proc.stdout
+    assert "claude-sonnet-4-6" in proc.stdout and "p95 ms" in proc.stdout
     assert len(read_reports(dest)) == 8
     assert TEST_KEY not in proc.stdout + proc.stderr
 
@@ -155,7 +157,7 @@ def test_a_failing_study_is_retried_alone_and_ends_as_error_records(
         (dest / "studies" / uids[name]).write_text("in the way")
     unblock = threading.Timer(2.0, (dest / "studies" / uids["flaky"]).unlink)  # before retry 1
     unblock.start()
-    config = sim_config(simulator, tmp_path)
+    config = sim_config(simulator, tmp_path, runner={"retry_delays": [3, 1]})
     before = sim_calls(simulator)
     try:
         summary = asyncio.run(screen(str(source), str(dest), str(config)))

@@ -103,15 +103,11 @@ def _study(uid: str, n: int = 2) -> Study:
     return Study(uid, instances)
 
 
-def test_plan_shards_covers_every_object_once():
+def test_plan_shards_covers_every_study_once():
     studies = [_study(f"1.{i}", i % 3 + 1) for i in range(10)]
     shards = plan_shards(studies, 4)
-    assert [len(s) for s in shards] == [7, 8, 4]  # 4 + 4 + 2 studies, 1-3 instances each
-    keys = [k for shard in shards for k in shard]
-    assert sorted(keys) == sorted(i.ref.key for s in studies for i in s.instances)
-    assert len(keys) == len(set(keys))
-    # a study's instances never straddle two shards
-    assert {k.split("/")[0] for k in shards[0]} == {"1.0", "1.1", "1.2", "1.3"}
+    assert [len(s) for s in shards] == [4, 4, 2]
+    assert [s for shard in shards for s in shard] == studies  # each once, in order
     with pytest.raises(ValueError, match="shard size must be >= 1, got 0"):
         plan_shards(studies, 0)
 

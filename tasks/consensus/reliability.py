@@ -44,17 +44,19 @@ def load_reliability(uri: str) -> dict[str, float]:
     """{model: weight} from a reliability.json (local path or s3 uri)."""
     try:
         parent, name = split_uri(uri)
-        data = json.loads(open_store(parent).read_bytes(name))
-        weights = {str(m): float(v["weight"]) for m, v in data["models"].items()}
+        raw = open_store(parent).read_bytes(name)
     except FileNotFoundError as exc:
         raise ConfigError(f'reliability file "{uri}" does not exist') from exc
+    except RadflowError as exc:
+        raise ConfigError(f'reliability file "{uri}" cannot be read: {exc}') from exc
+    try:  # the file's text and shape: JSON with {"models": {name: {"weight": number}}}
+        data = json.loads(raw)
+        weights = {str(m): float(v["weight"]) for m, v in data["models"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(
             f'reliability file "{uri}" is not a radflow reliability.json: {exc}',
             hint="point `reliability:` at DEST/reliability.json of `radflow evaluate`",
         ) from exc
-    except RadflowError as exc:
-        raise ConfigError(f'reliability file "{uri}" cannot be read: {exc}') from exc
     bad = {m: w for m, w in weights.items() if not (math.isfinite(w) and 0 <= w <= 100)}
     if bad:
         raise ConfigError(f'reliability file "{uri}" holds invalid weights: {bad}')

@@ -1,8 +1,11 @@
 """Exception types of radflow, each with a default message and a hint of what to do; which of
-them are worth retrying; and what an exception from the DICOM parser says about its input."""
+them are worth retrying; and what an exception from the DICOM parser (or from pydicom reading
+a header value) says about its input."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
@@ -12,6 +15,7 @@ __all__ = [
     "DatasetError",
     "DuplicateInstance",
     "EvaluationRegression",
+    "HEADER_ERRORS",
     "IdentityConflict",
     "LabelError",
     "NotDicom",
@@ -20,9 +24,11 @@ __all__ = [
     "PacsError",
     "PhiRisk",
     "ProviderError",
+    "ProviderRejected",
     "RadflowError",
     "ReportError",
     "ReviewError",
+    "RunSummaryError",
     "StorageError",
     "StorageUnavailable",
     "StudiesFailed",
@@ -31,6 +37,7 @@ __all__ = [
     "WorkerCrashed",
     "is_transient",
     "parser_error",
+    "reading_header",
     "retry_if_transient",
 ]
 
@@ -130,9 +137,22 @@ class ReviewError(RadflowError):
     )
 
 
+class RunSummaryError(RadflowError):
+    default = "the run summary cannot be read"
+    hint = "pass DEST/runs/<run id>.json files written by `radflow screen` (a folder or s3://)"
+
+
 class ProviderError(RadflowError):
     default = "the model provider failed"
     hint = "check base_url, the API key variable and the provider's status"
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the model's key (401/403) or does not know its model id (404):
+    every call would fail the same way, so the run stops at the first one."""
+
+    default = "the provider rejected the model's key or model id"
+    hint = "fix the key (or the model id) and run again: the studies not reported are read then"
 
 
 class StorageError(RadflowError):
@@ -253,3 +273,22 @@ def parser_error(exc: BaseException, what: str) -> RadflowError:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = "; ".join(lines) or type(exc).__name__
     return CorruptDicom(f"{what}: {reason}")
+
+
+# What pydicom raises when it converts an inconsistent header value on first use (a raw
+# element of the wrong length, a DS/IS that is not a number, a LUT descriptor of two values),
+# and what int()/float() of such a value raise.
+HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+@contextmanager
+def reading_header(what: str = "inconsistent header") -> Iterator[None]:
+    """Around pydicom reading header values of one object (``ds.Rows``, ``int(...)`` of a
+    value, pydicom's LUT functions): the :data:`HEADER_ERRORS` raised inside become that
+    object's CorruptDicom, ``what``: the reason (see :func:`parser_error`). Only such calls
+    go inside, never radflow's own logic: a bug of radflow's surfaces as the bug it is, not
+    as "inconsistent header" on every file."""
+    try:
+        yield
+    except HEADER_ERRORS as exc:
+        raise parser_error(exc, what) from exc

@@ -77,8 +77,9 @@ def load_key(dest: Store, *, create: bool = True) -> bytes:
             "key": secrets.token_hex(_KEY_BYTES),
         }
         dest.put_if(KEY_NAME, json.dumps(body, indent=2).encode(), None, "application/json")
-    try:
-        key = bytes.fromhex(json.loads(dest.read_bytes(KEY_NAME))["key"])
+    raw = dest.read_bytes(KEY_NAME)
+    try:  # the file's text and shape only: the store's errors keep their meaning
+        key = bytes.fromhex(json.loads(raw)["key"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f'"{dest.uri}/{KEY_NAME}" is not a radflow log key ({type(exc).__name__})',

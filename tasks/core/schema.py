@@ -17,6 +17,7 @@ __all__ = [
     "Impression",
     "MergedItem",
     "ModelReading",
+    "ModelStats",
     "Provenance",
     "Published",
     "Reading",
@@ -78,11 +79,18 @@ class ModelReading(BaseModel):
     estimated_input_tokens: int = Field(
         0, description="input tokens estimated before the call (published image formulas)"
     )
+    estimated_image_tokens: int = Field(
+        0, description="of estimated_input_tokens, the images' (the provider's published rule)"
+    )
     output_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = Field(
+        0.0, description="null when the provider's answer carried no usage (cost_known false)"
+    )
+    cost_known: bool = Field(True, description="false: the answer had no usage, cost unknown")
     latency_ms: float = 0.0
     error: str | None = None
-    refusal: bool = False
+    refusal: bool = Field(False, description="the model declined to read (not retried)")
+    cut: bool = Field(False, description="the answer was cut at max_output_tokens")
     endpoint_host: str | None = None
     response_model: str | None = None
     simulated: bool = Field(False, description="answered by radflow's simulator (a test double)")
@@ -167,7 +175,8 @@ class Impression(BaseModel):
     prompt_version: str
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = Field(0.0, description="null when the answer carried no usage")
+    cost_known: bool = Field(True, description="false: the answer had no usage, cost unknown")
     latency_ms: float = 0.0
     simulated: bool = False
     requests: int = Field(0, description="HTTP requests made (SDK retries included)")
@@ -298,6 +307,36 @@ class ReviewEntry(BaseModel):
     report: str = Field(description="key of report.json under DEST")
 
 
+class ModelStats(BaseModel):
+    """One panel model's readings in a run (the provider comparison: tasks/screening/compare.py).
+    Every field adds up across shards; latencies are kept as counts per logarithmic bucket."""
+
+    provider: str = ""
+    model_id: str = ""
+    endpoint_host: str | None = None
+    readings: int = Field(0, description="readings of this model in reports, cached ones too")
+    cached: int = Field(0, description="readings served from the cache (no call)")
+    calls: int = Field(0, description="readings that called the model (readings - cached)")
+    answered: int = Field(0, description="calls that ended in a valid reading")
+    failed: int = Field(0, description="calls that ended without a reading, refusals apart")
+    refused: int = Field(0, description="calls the model refused")
+    fallback: int = Field(0, description="calls answered by the configured fallback model")
+    requests: int = Field(0, description="HTTP requests of the calls (retries, re-asks)")
+    retried: int = Field(0, description="requests beyond one per call: requests - calls")
+    input_tokens: int = 0
+    output_tokens: int = 0
+    image_tokens: int = Field(0, description="estimated image input tokens of the calls")
+    cost_usd: float = Field(0.0, description="cost of the calls")
+    unknown_cost: int = Field(0, description="calls whose answer had no usage (cost unknown)")
+    compared: int = Field(0, description="studies with this model's reading and a consensus")
+    agreed: int = Field(0, description="of those, readings whose abnormal matches the consensus")
+    latency_max_ms: float = 0.0
+    latency_buckets: dict[int, int] = Field(
+        default_factory=dict,
+        description="calls per latency bucket k: [1.1^k, 1.1^(k+1)) ms (mergeable; bounded)",
+    )
+
+
 class RunSummary(BaseModel):
     run_id: str
     source: str
@@ -317,6 +356,14 @@ class RunSummary(BaseModel):
     cache_hits: int = Field(0, description="readings served from the cache (no call)")
     requests: int = Field(0, description="HTTP requests to model providers, retries included")
     cached_cost_usd: float = Field(0.0, description="cost of cached readings, not paid again")
+    unknown_cost_readings: int = Field(
+        0, description="paid readings whose answer had no usage: cost_usd leaves them out"
+    )
+    stopped: str | None = Field(
+        None,
+        description="why the run stopped early: a provider rejected a key or model id (the "
+        "studies not read have error records, no report: a rerun reads them)",
+    )
     input_tokens: int = 0
     estimated_input_tokens: int = Field(
         0, description="input tokens of the paid readings as estimated before the calls"
@@ -330,6 +377,11 @@ class RunSummary(BaseModel):
         None, description="Fleiss' kappa of the panel on abnormal over the studies read"
     )
     kappa_studies: int = Field(0, description="studies every model read (kappa's subjects)")
+    panel_votes: list[list[bool | None]] = Field(
+        default_factory=list,
+        description="per study read, each model's abnormal (null: no reading): what a sharded "
+        "run's parent computes the kappa over the whole run from",
+    )
     review_queue: list[ReviewEntry] = Field(default_factory=list, description="needs_review")
     shards: list[str] = Field(
         default_factory=list, description="flow run ids of the child runs of a sharded run"
@@ -341,8 +393,16 @@ class RunSummary(BaseModel):
     discovery_bytes: int = Field(
         0, description="bytes a DICOMweb source sent to find the studies (searches, metadata)"
     )
+    header_reads: int = Field(
+        0,
+        description="object headers read to find the studies (a shard run reads none: its "
+        "parent's manifest lists them)",
+    )
     published: int = Field(0, description="SRs stored on the publish target (or already there)")
     publish_failed: list[str] = Field(
         default_factory=list, description="studies whose SR could not be published"
     )
     reviews_requested: int = Field(0, description="review flow runs created (review.requests)")
+    models: dict[str, ModelStats] = Field(
+        default_factory=dict, description="the provider comparison: per panel model name"
+    )

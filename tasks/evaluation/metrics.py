@@ -27,6 +27,7 @@ from sklearn.metrics import (
 from tasks.consensus.reliability import METHOD, log_odds_weight
 from tasks.core.errors import LabelError
 from tasks.core.schema import Report
+from tasks.core.words import parse_abnormal
 
 __all__ = [
     "METRICS",
@@ -47,7 +48,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "cohen_kappa")
-_TRUE = {"1": 1, "true": 1, "yes": 1, "0": 0, "false": 0, "no": 0}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def _norm(text: str) -> str:
 
 
 def parse_labels(text: str, name: str) -> list[Label]:
-    """Labels from CSV text with at least ``study_instance_uid,abnormal`` (0/1); optional
+    """Labels from CSV text with at least ``study_instance_uid,abnormal`` (0/1, or any word
+    of :func:`tasks.core.words.parse_abnormal`; blank is an error); optional
     ``patient_id`` and ``findings`` (separated by ``;`` or ``|``). ``name`` names the input in
     errors."""
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
@@ -89,18 +90,21 @@ def parse_labels(text: str, name: str) -> list[Label]:
     labels: dict[str, Label] = {}
     for line, row in enumerate(reader, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-        uid, value = row["study_instance_uid"], row["abnormal"].lower()
+        uid = row["study_instance_uid"]
         if not uid:
             raise LabelError(f'labels "{name}" line {line}: empty study_instance_uid')
-        if value not in _TRUE:
-            raise LabelError(
-                f'labels "{name}" line {line}: abnormal must be 0 or 1, not "{row["abnormal"]}"'
-            )
+        bad = f'labels "{name}" line {line}: abnormal must be 0 or 1, not "{row["abnormal"]}"'
+        try:
+            abnormal = parse_abnormal(row["abnormal"])
+        except ValueError as exc:
+            raise LabelError(f"{bad} ({exc})") from None
+        if abnormal is None:
+            raise LabelError(f"{bad} (blank)")
         if uid in labels:
             raise LabelError(f'labels "{name}" line {line}: study {uid} is labelled twice')
         raw = row.get("findings", "").replace("|", ";")
         findings = tuple(sorted({_norm(f) for f in raw.split(";") if f.strip()}))
-        labels[uid] = Label(uid, _TRUE[value], row.get("patient_id") or None, findings)
+        labels[uid] = Label(uid, int(abnormal), row.get("patient_id") or None, findings)
     if not labels:
         raise LabelError(f'labels "{name}" hold no rows')
     return list(labels.values())

@@ -14,16 +14,25 @@ import re
 from base64 import b64encode
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from sklearn.model_selection import StratifiedGroupKFold
 
 from tasks.core.config import Language, Provider, Settings
 from tasks.core.errors import AnnotationError, DatasetError, RadflowError
 from tasks.core.redact import redact
 from tasks.core.schema import Reading, Urgency
+from tasks.core.words import NORMAL_DIAGNOSES, parse_abnormal
 from tasks.finetune.checks import MAX_IMAGE_BYTES, MAX_IMAGES_PER_EXAMPLE, check_example
 from tasks.imaging.preprocess import prepare_all
 from tasks.ingest.context import clinical_context
@@ -36,6 +45,7 @@ __all__ = [
     "ANNOTATION_KEYS",
     "MIN_TRAIN_EXAMPLES",
     "Annotation",
+    "AnnotationRow",
     "Example",
     "Rejected",
     "build_example",
@@ -48,12 +58,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIN_TRAIN_EXAMPLES = 10
-SEED_KEYS = ("image", "image_description", "diagnosis", "confidence", "findings", "recommendation")
-ANNOTATION_KEYS = frozenset((*SEED_KEYS, "patient_id", "abnormal", "urgency"))
-_TRUE = {"1", "true", "t", "yes", "y", "abnormal"}
-_FALSE = {"0", "false", "f", "no", "n", "normal"}
 _COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_ .-]{0,39}")
-_NORMAL_DIAGNOSES = {"normal", "정상", "no finding", "no findings", "no abnormality", "none"}
 
 
 class Rejected(BaseModel):
@@ -93,17 +98,86 @@ def _items(value: object) -> list[str]:
     return [s.strip() for s in str(value).replace("\n", ";").split(";") if s.strip()]
 
 
-def _bool(value: object) -> bool | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise AnnotationError(f'unknown label abnormal="{value}" (expected 0/1, true/false, yes/no)')
+def _text(value: object) -> str:
+    """A text field: None → "", a number → its text, surrounding spaces stripped."""
+    return "" if value is None else str(value).strip()
+
+
+def _abnormal(value: object) -> bool | None:
+    try:
+        return parse_abnormal(value)
+    except ValueError as exc:
+        raise ValueError(f'unknown label abnormal="{value}": {exc}') from None
+
+
+def _blank_none(value: object) -> object:
+    """A blank CSV cell (or JSON null) → None: not given."""
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def _urgency(value: object) -> object:
+    value = _blank_none(value)
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+_Items = Annotated[list[str], BeforeValidator(_items)]
+_Text = Annotated[str, BeforeValidator(_text)]
+_Share = Annotated[float, Field(ge=0, le=1)]
+
+
+class AnnotationRow(BaseModel):
+    """One line of an annotations file, as given: the seed's keys (``image``: one key or a
+    list, or ``;``-separated; ``findings`` and ``recommendation`` likewise), ``patient_id``
+    and the labels ``abnormal`` (the words of :mod:`tasks.core.words`), ``urgency`` and
+    ``diagnosis``. Any other key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_items),
+        Field(min_length=1, max_length=MAX_IMAGES_PER_EXAMPLE),
+    ]
+    patient_id: Annotated[_Text, Field(min_length=1)]
+    # (checked in this order: the first bad field is the line's reason)
+    urgency: Annotated[Urgency | None, BeforeValidator(_urgency)] = None
+    abnormal: Annotated[bool | None, BeforeValidator(_abnormal)] = None
+    diagnosis: _Text = ""
+    image_description: _Text = ""
+    confidence: Annotated[_Share | None, BeforeValidator(_blank_none)] = None
+    findings: _Items = []
+    recommendation: _Items = []
+
+    @property
+    def normal_diagnosis(self) -> bool:
+        return self.diagnosis.lower() in NORMAL_DIAGNOSES
+
+    @property
+    def label(self) -> bool | None:
+        """``abnormal``, else from ``urgency``, else from ``diagnosis`` (None: no label)."""
+        if self.abnormal is not None:
+            return self.abnormal
+        if self.urgency is not None:
+            return self.urgency is not Urgency.NORMAL
+        return (not self.normal_diagnosis) if self.diagnosis else None
+
+    @model_validator(mode="after")
+    def _labels_agree(self) -> AnnotationRow:
+        if self.label is None:
+            raise ValueError('no label: give "abnormal", "urgency" or "diagnosis"')
+        if self.urgency is not None and (self.urgency is Urgency.NORMAL) == self.label:
+            raise ValueError(
+                f"contradictory labels abnormal={self.label} and urgency={self.urgency}"
+            )
+        return self
+
+
+ANNOTATION_KEYS = frozenset(AnnotationRow.model_fields)
+# What a missing or out-of-bounds key means (pydantic's own wording otherwise).
+_MISSING = {
+    "image": 'no "image": name the DICOM key(s) relative to --images',
+    "patient_id": 'no "patient_id": the split is by patient',
+}
 
 
 def _key_name(key: str, position: int) -> str:
@@ -115,56 +189,52 @@ def _key_name(key: str, position: int) -> str:
     return f"key {position} ({len(key)} characters, not shown: not a column name)"
 
 
-def parse_annotation(row: Mapping[str, object], line: int) -> Annotation:
-    """Validate one annotation; the label comes from ``abnormal``, else ``urgency``, else
-    ``diagnosis`` (a normal diagnosis such as "normal" or "정상" → normal, any other → abnormal)."""
-    unknown = [_key_name(k, i) for i, k in enumerate(row, 1) if k not in ANNOTATION_KEYS]
+def _reason(exc: ValidationError, row: Mapping[str, object]) -> str:
+    """One line for the first problem of ``row`` (every unknown key at once); values are
+    quoted only for the label fields, whose values are words, never for unknown keys."""
+    errors = exc.errors(include_url=False, include_input=False)
+    keys = list(row)
+    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
-        raise AnnotationError(f"unknown key(s) {', '.join(unknown)}")
-    images = tuple(_items(row.get("image")))
-    if not images:
-        raise AnnotationError('no "image": name the DICOM key(s) relative to --images')
-    if len(images) > MAX_IMAGES_PER_EXAMPLE:
-        raise AnnotationError(f"{len(images)} images; at most {MAX_IMAGES_PER_EXAMPLE} per example")
-    patient = str(row.get("patient_id") or "").strip()
-    if not patient:
-        raise AnnotationError('no "patient_id": the split is by patient')
-    urgency_text = str(row.get("urgency") or "").strip().lower()
-    try:
-        urgency = Urgency(urgency_text) if urgency_text else None
-    except ValueError:
+        names = [_key_name(k, keys.index(k) + 1) for k in unknown]
+        return f"unknown key(s) {', '.join(names)}"
+    error = errors[0]
+    key = str(error["loc"][0]) if error["loc"] else ""
+    ctx = error.get("ctx") or {}
+    if isinstance(ctx.get("error"), ValueError):  # ours: already one line with the reason
+        return str(ctx["error"])
+    if key in _MISSING and error["type"] in ("missing", "too_short", "string_too_short"):
+        return _MISSING[key]
+    if key == "image" and error["type"] == "too_long":
+        return f"{ctx['actual_length']} images; at most {MAX_IMAGES_PER_EXAMPLE} per example"
+    if key == "urgency":
         known = ", ".join(u.value for u in Urgency)
-        raise AnnotationError(f'unknown label urgency="{urgency_text}" (known: {known})') from None
-    diagnosis = str(row.get("diagnosis") or "").strip()
-    abnormal = _bool(row.get("abnormal"))
-    if abnormal is None and urgency is not None:
-        abnormal = urgency is not Urgency.NORMAL
-    if abnormal is None and diagnosis:
-        abnormal = diagnosis.lower() not in _NORMAL_DIAGNOSES
-    if abnormal is None:
-        raise AnnotationError('no label: give "abnormal", "urgency" or "diagnosis"')
-    if urgency is None:
-        urgency = Urgency.FOLLOW_UP if abnormal else Urgency.NORMAL
-    if (urgency is Urgency.NORMAL) == abnormal:
-        raise AnnotationError(f"contradictory labels abnormal={abnormal} and urgency={urgency}")
-    confidence = row.get("confidence")
-    if confidence not in (None, ""):
-        try:
-            ok = 0.0 <= float(confidence) <= 1.0  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise AnnotationError(f'confidence="{confidence}" is not a number in [0, 1]')
-    normal_diagnosis = diagnosis.lower() in _NORMAL_DIAGNOSES
+        return f'unknown label urgency="{row.get(key)}" (known: {known})'
+    if key == "confidence":
+        return f'confidence="{row.get(key)}" is not a number in [0, 1]'
+    return f"{key}: {error['msg']}"
+
+
+def parse_annotation(row: Mapping[str, object], line: int) -> Annotation:
+    """Validate one annotation (:class:`AnnotationRow`); the label comes from ``abnormal``,
+    else ``urgency``, else ``diagnosis`` (a normal diagnosis such as "normal" or "정상" →
+    normal, any other → abnormal). A bad row is an AnnotationError with one line's reason."""
+    try:
+        given = AnnotationRow.model_validate(dict(row))
+    except ValidationError as exc:
+        raise AnnotationError(_reason(exc, row)) from None
+    abnormal = bool(given.label)
+    urgency = given.urgency or (Urgency.FOLLOW_UP if abnormal else Urgency.NORMAL)
+    diagnosis = given.diagnosis
     reading = Reading(
         abnormal=abnormal,
-        findings=_items(row.get("findings")),
-        differentials=[diagnosis] if diagnosis and abnormal and not normal_diagnosis else [],
+        findings=given.findings,
+        differentials=[diagnosis] if diagnosis and abnormal and not given.normal_diagnosis else [],
         urgency=urgency.value,
-        recommended_exams=_items(row.get("recommendation")),
-        rationale=str(row.get("image_description") or diagnosis).strip(),
+        recommended_exams=given.recommendation,
+        rationale=given.image_description or diagnosis,
     )
-    return Annotation(line, images, patient, reading)
+    return Annotation(line, given.image, given.patient_id, reading)
 
 
 def _rows(data: bytes, name: str) -> Iterable[tuple[int, object]]:

@@ -8,7 +8,7 @@ import pydicom
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from tasks.core.config import WindowName
-from tasks.core.errors import CorruptDicom, UnsupportedImage
+from tasks.core.errors import CorruptDicom, UnsupportedImage, reading_header
 
 __all__ = [
     "COLOUR",
@@ -62,14 +62,16 @@ def _values(value: object) -> list[float]:
 
 
 def _header_window(ds: pydicom.Dataset, index: int) -> tuple[float, float, str]:
-    centers, widths = _values(ds.WindowCenter), _values(ds.WindowWidth)
+    with reading_header():
+        centers, widths = _values(ds.WindowCenter), _values(ds.WindowWidth)
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
     n = min(len(centers), len(widths))
     if index >= n:
         raise UnsupportedImage(
             f"header window {index} was asked for but the header has {n} window(s)",
             hint="set preprocess.header_window to an index below the number of windows",
         )
-    return centers[index], widths[index], str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+    return centers[index], widths[index], function
 
 
 def _grey_levels(
@@ -80,21 +82,25 @@ def _grey_levels(
     PS3.3 C.11.1/C.11.2: the modality LUT (rescale or Modality LUT Sequence) comes first;
     the VOI is the header window, else the VOI LUT Sequence, else a preset or the full range.
     """
-    modality = apply_modality_lut(values, ds)
-    has_voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+    with reading_header():  # pydicom's modality LUT reads Rescale* or the LUT sequence
+        modality = apply_modality_lut(values, ds)
+        luts = len(ds.VOILUTSequence) if "VOILUTSequence" in ds else 0
+        ct = str(ds.get("Modality", "")) == "CT"
+    has_voi_lut = luts > 0
     has_header_window = "WindowCenter" in ds and "WindowWidth" in ds
     if window in (WindowName.AUTO, WindowName.HEADER):
         if has_header_window:
             c, w, fn = _header_window(ds, header_window)
             return window_to_grey(modality, c, w, fn), f"header {c:g}/{w:g} {fn.lower()}"
         if has_voi_lut:
-            index = min(header_window, len(ds.VOILUTSequence) - 1)
-            bits = int(ds.VOILUTSequence[index].LUTDescriptor[2])
-            out = apply_voi_lut(modality, ds, index=index, prefer_lut=True)
+            index = min(header_window, luts - 1)
+            with reading_header():
+                bits = int(ds.VOILUTSequence[index].LUTDescriptor[2])
+                out = apply_voi_lut(modality, ds, index=index, prefer_lut=True)
             return np.asarray(out, np.float64) * (255.0 / (2**bits - 1)), "header VOI LUT"
         if window is WindowName.HEADER:
             raise UnsupportedImage("the header has no window (WindowCenter/Width or VOI LUT)")
-        window = WindowName.MEDIASTINUM if str(ds.get("Modality", "")) == "CT" else WindowName.NONE
+        window = WindowName.MEDIASTINUM if ct else WindowName.NONE
     if window is WindowName.NONE:
         lo, hi = float(np.min(modality)), float(np.max(modality))
         if hi <= lo:
@@ -172,7 +178,9 @@ def render_mono(
     else:
         grey, label = _grey_levels(stack, ds, window, header_window)
         out = np.rint(grey).astype(np.uint8)
-    if ds.PhotometricInterpretation == "MONOCHROME1":  # minimum displays white: invert after VOI
+    with reading_header():
+        inverted = ds.PhotometricInterpretation == "MONOCHROME1"
+    if inverted:  # minimum displays white: invert after VOI
         np.subtract(255, out, out=out)
     return out, label
 
@@ -182,7 +190,8 @@ def render_colour(
 ) -> tuple[np.ndarray, str]:
     """RGB / YBR (converted to RGB by the decoder) and PALETTE COLOR through its LUT
     (PS3.3 C.7.6.3.1.5); LUT entries and samples above 8 bits are scaled to 0..255."""
-    pi = ds.PhotometricInterpretation
+    with reading_header():
+        pi = ds.PhotometricInterpretation
     if pi == "PALETTE COLOR" and not palette and np.issubdtype(stack.dtype, np.integer):
         # The palette applied once to every possible stored value, scaled to 8 bits: one
         # table lookup per pixel (same values as apply_color_lut + scaling per pixel).
@@ -190,10 +199,13 @@ def render_colour(
         table, _ = render_colour(np.arange(lo, hi + 1, dtype=stack.dtype), ds, palette=True)
         return _lookup(table, stack, lo), "colour"
     if pi == "PALETTE COLOR":
-        rgb = apply_color_lut(stack, ds)
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        with reading_header():  # pydicom's palette reads the LUT descriptors and data
+            rgb = apply_color_lut(stack, ds)
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     elif pi in COLOUR:
-        rgb, bits = stack, int(ds.BitsStored)
+        with reading_header():
+            bits = int(ds.BitsStored)
+        rgb = stack
     else:
         raise UnsupportedImage(f'photometric interpretation "{pi}" is not supported')
     if rgb.shape[-1] != 3:

@@ -19,12 +19,14 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from tasks.core.config import PreprocessConfig, Provider, WindowName
 from tasks.core.errors import (
+    HEADER_ERRORS,
     CorruptDicom,
     NotDicom,
     PhiRisk,
     RadflowError,
     UnsupportedImage,
     parser_error,
+    reading_header,
 )
 from tasks.imaging.greylevels import (
     COLOUR,
@@ -60,10 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# What pydicom raises when it converts an inconsistent header value.
-_HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
-
 
 # The largest decoded frame accepted (a 5120 × 4096 16-bit mammogram is 40 MiB): headers
 # are untrusted, and a decoder allocates Rows × Columns × samples × bytes before it finds
@@ -109,21 +107,21 @@ def check_claims(ds: pydicom.Dataset) -> None:
     transfer syntax (PS3.5 10), a photometric interpretation radflow renders (PS3.3
     C.7.6.3.1.2), and a frame size under ``MAX_FRAME_BYTES``. For native pixel data the
     claimed size is also checked against the bytes actually present."""
-    tsuid = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+    with reading_header():
+        tsuid = ds.file_meta.get("TransferSyntaxUID") if ds.file_meta else None
+        pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if tsuid is not None and not pydicom.uid.UID(str(tsuid)).is_transfer_syntax:
         raise UnsupportedImage(f'transfer syntax "{tsuid}" is not supported (not in PS3.5/PS3.6)')
-    pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if pi and pi not in _RENDERABLE:  # a missing one is a CorruptDicom from the decoder
         raise UnsupportedImage(f'photometric interpretation "{pi[:64]}" is not supported')
     if any(k not in ds for k in ("Rows", "Columns", "BitsAllocated")):
         return  # the decoder names what is missing
-    try:
+    with reading_header():
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.BitsAllocated)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (*_HEADER_ERRORS,) as exc:
-        raise CorruptDicom(f"inconsistent header: {exc}") from exc
+        have = len(ds.PixelData) if "PixelData" in ds else None
     if min(rows, cols, samples, bits, frames) < 1:
         raise CorruptDicom(
             f"impossible image size: {rows}×{cols}, {samples} samples, {bits} bits, {frames} frames"
@@ -137,8 +135,7 @@ def check_claims(ds: pydicom.Dataset) -> None:
             hint="a header this large is corrupt or hostile; check the file",
         )
     tsuid = pydicom.uid.UID(str(tsuid)) if tsuid is not None else None
-    if "PixelData" in ds and (tsuid is None or not tsuid.is_compressed):
-        have = len(ds.PixelData)
+    if have is not None and (tsuid is None or not tsuid.is_compressed):
         need = rows * cols * samples * bits * frames // 8
         if pi == "YBR_FULL_422":
             need = need * 2 // 3
@@ -180,21 +177,21 @@ def render_frames(
         raise UnsupportedImage("no pixel data")
     if "PixelData" in ds:
         check_claims(ds)
-    try:
+    with reading_header():
         pi = str(ds.get("PhotometricInterpretation", ""))
         n = int(ds.get("NumberOfFrames", 1) or 1)
-        wanted = sorted(set(indices)) if indices is not None else pick(n, parse_rule("middle"))
-        if any(not 0 <= i < n for i in wanted):
-            raise UnsupportedImage(f"frames {wanted} asked for, the object has {n}")
-        stack = np.stack([_decode(ds, i if n > 1 else None) for i in wanted])
-        if pi in MONO:
-            if stack.ndim != 3:
-                raise CorruptDicom(f"monochrome image decoded to shape {stack.shape[1:]}")
-            out, label = render_mono(stack, lut_header(ds, wanted[0]), window, header_window)
-        else:
-            out, label = render_colour(stack, ds)
-    except _HEADER_ERRORS as exc:
-        raise CorruptDicom(f"inconsistent header: {exc}") from exc
+    wanted = sorted(set(indices)) if indices is not None else pick(n, parse_rule("middle"))
+    if any(not 0 <= i < n for i in wanted):
+        raise UnsupportedImage(f"frames {wanted} asked for, the object has {n}")
+    stack = np.stack([_decode(ds, i if n > 1 else None) for i in wanted])
+    if pi in MONO:
+        if stack.ndim != 3:
+            raise CorruptDicom(f"monochrome image decoded to shape {stack.shape[1:]}")
+        with reading_header():
+            lut = lut_header(ds, wanted[0])
+        out, label = render_mono(stack, lut, window, header_window)
+    else:
+        out, label = render_colour(stack, ds)
     if int(out.min()) == int(out.max()):
         if np.min(stack) != np.max(stack):
             raise CorruptDicom(
@@ -294,7 +291,7 @@ def burned_in_flag(ds: pydicom.Dataset) -> str:
     without the flag is "no" or "unknown" here."""
     try:
         raw = ds.get("BurnedInAnnotation")
-    except _HEADER_ERRORS:
+    except HEADER_ERRORS:  # pydicom converting an unreadable value
         return "unknown"
     values = raw if isinstance(raw, MultiValue) else [] if raw is None else [raw]
     words = {str(v).strip().upper() for v in values}
@@ -331,10 +328,8 @@ def prepare_all(
         ds = load(source)
         flag = _check_burned_in(ds, config)
         rule = parse_rule(config.key_images)
-        try:
+        with reading_header():
             n = int(ds.get("NumberOfFrames", 1) or 1)
-        except _HEADER_ERRORS as exc:
-            raise CorruptDicom(f"inconsistent header: {exc}") from exc
         stack, label, frames = render_frames(ds, config.window, pick(n, rule), config.header_window)
         if rule.kind == "montage" and len(frames) > 1:
             grid = montage(list(stack), rule.rows, rule.cols)

@@ -143,6 +143,7 @@ class Study:
 class Inventory:
     studies: list[Study]
     errors: list[ErrorRecord]
+    header_reads: int = 0  # objects whose header was read (or tried) to find the studies
 
 
 def _uid(tags: dict[str, str], keyword: str, source: str) -> str:
@@ -195,18 +196,19 @@ def read_header(store: Store, ref: ObjectRef) -> Instance:
         with store.open_header(ref.key) as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             at_end = ref.size > 0 and fh.tell() >= ref.size
-        _convert_all(ds, ref.uri)
-        tags = {k: str(ds.get(k, "") or "") for k in _READ}
-        uid = ds.get("SOPClassUID")
-        sop_class = str(getattr(uid, "name", tags["SOPClassUID"] or "unknown"))
-        elements, image = len(ds), "Rows" in ds and "Columns" in ds
+        _convert_all(ds, ref.uri)  # the parser's work, done now: see its docstring
         syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     except RadflowError:
-        raise  # the store's own (StorageError, ObjectMissing)
+        raise  # the store's own (StorageError, ObjectMissing), or nesting refused
     except InvalidDicomError as exc:
         raise NotDicom(f'"{ref.uri}" is not a DICOM file: no DICM preamble') from exc
     except Exception as exc:  # whatever the parser raises is this object's fault, never the run's
         raise parser_error(exc, f'"{ref.uri}" has an unreadable header') from exc
+    # Every value is converted: from here on it is radflow's code, and its errors are bugs.
+    tags = {k: str(ds.get(k, "") or "") for k in _READ}
+    uid = ds.get("SOPClassUID")
+    sop_class = str(getattr(uid, "name", tags["SOPClassUID"] or "unknown"))
+    elements, image = len(ds), "Rows" in ds and "Columns" in ds
     try:
         study = _uid(tags, "StudyInstanceUID", ref.uri)
         series = _uid(tags, "SeriesInstanceUID", ref.uri)
@@ -380,8 +382,10 @@ def discover_studies(store: Store, workers: int = 16) -> Inventory:
     it as its ``discover-studies`` task."""
     instances: list[Instance] = []
     errors: list[ErrorRecord] = []
+    reads = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="header") as pool:
         for item in pool.map(lambda ref: _header_or_error(store, ref), store.list()):
+            reads += 1
             if isinstance(item, Instance):
                 instances.append(item)
             else:
@@ -393,4 +397,4 @@ def discover_studies(store: Store, workers: int = 16) -> Inventory:
         len(instances),
         len(errors) + len(conflicts),
     )
-    return Inventory(studies, errors + conflicts)
+    return Inventory(studies, errors + conflicts, reads)

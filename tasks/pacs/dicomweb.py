@@ -17,6 +17,7 @@ from dicomweb_client import DICOMwebClient
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from tasks.core.errors import ConfigError, ObjectMissing, PacsError, RadflowError
+from tasks.core.words import parse_bool
 from tasks.pacs.settings import DicomWebConfig
 
 __all__ = [
@@ -112,14 +113,17 @@ def parse_dicomweb_uri(uri: str) -> DicomWebSource:
         raise ConfigError(f'"{uri}": limit and offset must be whole numbers') from None
     if (limit is not None and not 1 <= limit <= 10_000) or offset < 0:
         raise ConfigError(f'"{uri}": limit must be 1-10000 and offset >= 0')
-    fuzzy = options.get("fuzzymatching")
+    try:
+        fuzzymatching = parse_bool(options.get("fuzzymatching"))
+    except ValueError as exc:
+        raise ConfigError(f'"{uri}": fuzzymatching {exc}') from None
     return DicomWebSource(
         uri=uri,
         base_url=base,
         filters=filters,
         limit=limit,
         offset=offset,
-        fuzzymatching=None if fuzzy is None else fuzzy.lower() == "true",
+        fuzzymatching=fuzzymatching,
     )
 
 

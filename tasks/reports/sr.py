@@ -124,9 +124,7 @@ def read_evidence(store: Store, objects: Sequence[tuple[str, str]]) -> list[pydi
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
         except RadflowError:
             raise  # the store's
-        except (
-            Exception
-        ) as exc:  # the parser's, for this object (see tasks.core.errors.parser_error)
+        except Exception as exc:  # the parser's, for this object (see parser_error)
             raise parser_error(exc, f'"{uri}" has an unreadable header for the SR') from exc
         out.append(evidence_dataset(ds, uri))
     return out

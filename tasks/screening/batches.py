@@ -42,7 +42,7 @@ class Batch:
 @task(
     name="screen-studies",
     task_run_name="studies-{batch.label}",
-    retries=2,
+    retries=2,  # runner.retry_delays, set per run
     retry_delay_seconds=[5, 30],
     retry_condition_fn=retry_if_transient,  # only when a study failed in a transient way
     timeout_seconds=1800,
@@ -95,14 +95,14 @@ async def _screen_batches(
     ]
     # twice what the window holds: a batch waiting on its last slow study does not idle it
     slots = asyncio.Semaphore(2 * -(-run.settings.max_studies_in_flight // size))
+    delays = run.settings.runner.retry_delays
+    task_run = screen_studies.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
 
     async def one(batch: Batch) -> None:
         async with slots:
             # quote(): Prefect passes the objects as they are instead of walking them looking
             # for futures (≈25 ms of event-loop time per study otherwise)
-            state = await screen_studies(
-                quote(batch), quote(run), quote(finished), return_state=True
-            )
+            state = await task_run(quote(batch), quote(run), quote(finished), return_state=True)
         if state.is_completed():
             return
         for study in batch.studies:

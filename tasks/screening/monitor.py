@@ -14,8 +14,10 @@ from uuid import UUID
 from tasks.core.privacy import LogNames
 from tasks.core.schema import Report, RunSummary
 from tasks.core.words import yes_no
+from tasks.screening.compare import comparison_rows
 
 __all__ = [
+    "MODELS_KEY",
     "PROGRESS_KEY",
     "RESULTS_KEY",
     "SUMMARY_KEY",
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_KEY = "screen-progress"
 RESULTS_KEY = "screen-results"
 SUMMARY_KEY = "screen-summary"
+MODELS_KEY = "screen-models"
 _MAX_TAG = 100
 
 
@@ -77,6 +80,28 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _models_markdown(summary: RunSummary) -> list[str]:
+    """The provider comparison's main columns (the full table: the screen-models artifact)."""
+    if not summary.models:
+        return []
+    lines = [
+        "## Models",
+        "",
+        "| model | provider | host | calls | failed | refused | p50 ms | p95 ms | cost (USD)"
+        " | agreement |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in comparison_rows(summary.models):
+        cells = [r["p50_ms"], r["p95_ms"], r["agreement"]]
+        p50, p95, agreement = ("-" if c is None else f"{c:g}" for c in cells)
+        lines.append(
+            f"| {_md_escape(r['model'])} | {r['provider']} | {r['host']} | {r['calls']}"
+            f" | {r['failed']} | {r['refused']} | {p50} | {p95} | {r['cost_usd']:.4f}"
+            f" | {agreement} |"
+        )
+    return [*lines, ""]
+
+
 def summary_markdown(
     summary: RunSummary, rows: Sequence[dict[str, Any]], summary_key: str, names: LogNames
 ) -> str:
@@ -101,6 +126,7 @@ def summary_markdown(
         f" | {summary.needs_review} | {summary.errors} | {summary.model_calls}"
         f" | {summary.cost_usd:.4f} |",
         "",
+        *_models_markdown(summary),
         f"## Review queue ({len(queue)})",
         "",
     ]
@@ -176,6 +202,13 @@ class RunMonitor:
         if rows:
             await acreate_table_artifact(
                 table=rows, key=RESULTS_KEY, description="Results per study (this run)"
+            )
+        if summary.models:
+            await acreate_table_artifact(
+                table=comparison_rows(summary.models),
+                key=MODELS_KEY,
+                description="Provider comparison per model: calls, latency, tokens, cost, "
+                "agreement with the consensus" + (" (SIMULATED)" if summary.simulated else ""),
             )
         await acreate_markdown_artifact(
             markdown=summary_markdown(summary, rows, summary_key, self.names),

@@ -35,16 +35,12 @@ def to_read(
     return [s for s in studies if force or not already_reported(dest, s, publish)]
 
 
-def plan_shards(studies: Sequence[Study], size: int) -> list[list[str]]:
-    """Split studies into shards of at most ``size`` studies; each shard is the sorted object
-    keys of its studies (copies of an instance included: what a child run is given, so its
-    parameters stay small)."""
+def plan_shards(studies: Sequence[Study], size: int) -> list[list[Study]]:
+    """Split studies into shards of at most ``size`` studies, in order (a study never
+    straddles two shards); each shard's manifest is written by the parent run."""
     if size < 1:
         raise ValueError(f"shard size must be >= 1, got {size}")
-    return [
-        sorted(ref.key for study in studies[i : i + size] for ref in study.objects)
-        for i in range(0, len(studies), size)
-    ]
+    return [list(studies[i : i + size]) for i in range(0, len(studies), size)]
 
 
 def fail_unreported(dest: Store, study: Study, reason: str) -> int:

@@ -13,6 +13,7 @@ from tasks.consensus.vote import panel_kappa
 from tasks.core.privacy import LogNames
 from tasks.core.schema import ErrorRecord, Impression, ModelReading, Report, RunSummary
 from tasks.reports.write import review_entry
+from tasks.screening.compare import add_report, merge_models
 from tasks.screening.monitor import result_row
 
 __all__ = ["StudyOutcome", "Tally", "study_cost"]
@@ -20,9 +21,12 @@ __all__ = ["StudyOutcome", "Tally", "study_cost"]
 logger = logging.getLogger(__name__)
 
 # Fields of a shard's summary that are not added into the parent's: the parent counted its
-# studies and skips at discovery, a kappa is not additive (each shard's summary keeps its
-# own), and the parent lists its shards itself.
-_NOT_SUMMED = frozenset({"studies", "skipped", "fleiss_kappa", "kappa_studies", "shards"})
+# studies and skips at discovery, a kappa is not additive (the parent's is computed over the
+# shards' votes, each shard's summary keeps its own), and the parent lists its shards itself.
+# The provider comparison (``models``) merges by its own rule (tasks.screening.compare).
+_NOT_SUMMED = frozenset(
+    {"studies", "skipped", "fleiss_kappa", "kappa_studies", "panel_votes", "shards", "models"}
+)
 
 
 @dataclass
@@ -39,7 +43,8 @@ class StudyOutcome:
 def study_cost(readings: Sequence[ModelReading], impression: Impression | None) -> float:
     """A study's cost in USD (its report's ``cost_usd``): every reading, cached ones at what
     they cost when they were made, and the synthesis call."""
-    return round(sum(r.cost_usd for r in readings) + (impression.cost_usd if impression else 0), 6)
+    known = sum(r.cost_usd or 0.0 for r in readings)  # an unknown cost is counted apart
+    return round(known + ((impression.cost_usd or 0.0) if impression else 0), 6)
 
 
 class Tally:
@@ -76,15 +81,17 @@ class Tally:
         s.input_tokens += sum(r.input_tokens for r in paid)
         s.estimated_input_tokens += sum(r.estimated_input_tokens for r in paid)
         s.output_tokens += sum(r.output_tokens for r in paid)
-        s.cost_usd = round(s.cost_usd + sum(r.cost_usd for r in paid), 6)
-        cached = sum(r.cost_usd for r in report.readings if r.cached)
+        s.cost_usd = round(s.cost_usd + sum(r.cost_usd or 0.0 for r in paid), 6)
+        s.unknown_cost_readings += sum(not r.cost_known for r in paid)
+        cached = sum(r.cost_usd or 0.0 for r in report.readings if r.cached)
         s.cached_cost_usd = round(s.cached_cost_usd + cached, 6)
         if report.impression is not None:  # the synthesis call (never cached)
             s.model_calls += 1
             s.requests += report.impression.requests
             s.input_tokens += report.impression.input_tokens
             s.output_tokens += report.impression.output_tokens
-            s.cost_usd = round(s.cost_usd + report.impression.cost_usd, 6)
+            s.cost_usd = round(s.cost_usd + (report.impression.cost_usd or 0.0), 6)
+            s.unknown_cost_readings += not report.impression.cost_known
         s.simulated = s.simulated or report.simulated
         s.fetched_bytes += report.fetched_bytes
         s.fetched_bytes_by_study[report.study_instance_uid] = report.fetched_bytes
@@ -93,12 +100,14 @@ class Tally:
                 s.publish_failed.append(report.study_instance_uid)
             else:
                 s.published += 1
+        add_report(s.models, report)
         self._votes.append([r.abnormal if r.ok else None for r in report.readings])
         self.rows.append(result_row(report, s.dest, self.names))
 
     def merge(self, shard: RunSummary) -> None:
-        """Add a shard's counts, costs and review queue, and list the shard's run."""
+        """Add a shard's counts, costs, review queue and votes, and list the shard's run."""
         s = self.summary
+        self._votes.extend(shard.panel_votes)
         for name, value in shard:
             if name in _NOT_SUMMED:
                 continue
@@ -113,6 +122,7 @@ class Tally:
                 current.extend(value)
             elif isinstance(value, dict):
                 current.update(value)
+        merge_models(s.models, shard.models)
         s.shards.append(shard.run_id)
 
     def add_unread(self, records: int) -> None:
@@ -122,7 +132,8 @@ class Tally:
         self.summary.reported += records == 0
 
     def finish(self) -> RunSummary:
-        """The summary with the panel's Fleiss' kappa over the studies read here (a sharded
-        run's shards have their own)."""
+        """The summary with the panel's Fleiss' kappa over the studies read here or in its
+        shards (each shard's summary has its own too), and the votes it was computed from."""
         self.summary.fleiss_kappa, self.summary.kappa_studies = panel_kappa(self._votes)
+        self.summary.panel_votes = list(self._votes)
         return self.summary

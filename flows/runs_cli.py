@@ -1,0 +1,222 @@
+"""`radflow runs compare RUN_SUMMARY... [--plot FILE.png]`: the provider comparison of one or
+more runs (DEST/runs/<id>.json, local or s3://) side by side, and the table the screen command
+prints as it ends."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.console import fail
+from tasks.core.errors import RadflowError
+from tasks.core.schema import ModelStats, RunSummary
+
+if TYPE_CHECKING:
+    from tasks.screening.estimate import RunEstimate
+
+__all__ = ["comparison_table", "print_comparison", "print_estimate", "runs"]
+
+logger = logging.getLogger(__name__)
+
+runs = typer.Typer(help="Run summaries (DEST/runs/<id>.json): compare runs.", no_args_is_help=True)
+
+# (row key, column heading) of the table; the rows come from tasks.screening.compare
+_COLUMNS = (
+    ("model", "model"),
+    ("provider", "provider"),
+    ("model_id", "model id"),
+    ("host", "host"),
+    ("calls", "calls"),
+    ("answered", "ok"),
+    ("failed", "failed"),
+    ("refused", "refused"),
+    ("retried", "retried"),
+    ("p50_ms", "p50 ms"),
+    ("p95_ms", "p95 ms"),
+    ("max_ms", "max ms"),
+    ("input_tokens", "in tok"),
+    ("image_tokens", "img tok"),
+    ("output_tokens", "out tok"),
+    ("cost_usd", "cost $"),
+    ("cost_per_study_usd", "$/study"),
+    ("agreement", "agree"),
+)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """A rich table of :func:`tasks.screening.compare.comparison_rows` (with a run column
+    when the rows have one)."""
+    columns = ([("run", "run")] if rows and "run" in rows[0] else []) + list(_COLUMNS)
+    table = Table(title=title, title_justify="left")
+    for key, heading in columns:
+        numeric = key not in ("run", "model", "provider", "model_id", "host")
+        table.add_column(heading, justify="right" if numeric else "left", no_wrap=key == "run")
+    for row in rows:
+        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+    return table
+
+
+def _console() -> Console:
+    """Every column also when the output is not a terminal (rich assumes 80 columns)."""
+    return Console(width=None if sys.stdout.isatty() else 260)
+
+
+def print_comparison(summary: RunSummary) -> None:
+    """The provider comparison of a finished run, as the screen command's closing table."""
+    from tasks.screening.compare import comparison_rows
+
+    if not summary.models:
+        return
+    title = "provider comparison" + (" (SIMULATED readings)" if summary.simulated else "")
+    _console().print(comparison_table(comparison_rows(summary.models), title))
+
+
+def print_estimate(estimate: RunEstimate) -> None:
+    """``radflow screen --estimate``: per model the requests' tokens and their cost, and the
+    total (input exactly as priced; output at most each model's max_output_tokens)."""
+    table = Table(
+        title=f"estimate: {estimate.to_read} of {estimate.studies} studies to read "
+        f"({estimate.unreadable} without a renderable image, {estimate.errors} error records); "
+        "no model called",
+        title_justify="left",
+    )
+    headings = ("model", "provider", "model id", "cached", "calls", "images", "img tok", "text tok")
+    for heading in headings:
+        table.add_column(heading, justify="left" if heading[0] in "mp" else "right")
+    for heading in ("in tok", "input $", "max out tok", "max total $"):
+        table.add_column(heading, justify="right")
+    for m in estimate.models:
+        table.add_row(
+            m.cfg.name,
+            m.cfg.provider.value,
+            m.cfg.model,
+            str(m.cached),
+            str(m.calls),
+            str(m.images),
+            str(m.image_tokens),
+            str(m.text_tokens),
+            str(m.input_tokens),
+            f"{m.input_cost_usd:.4f}",
+            str(m.max_output_tokens),
+            f"{m.max_cost_usd:.4f}",
+        )
+    models = estimate.models
+    table.add_row(
+        "total",
+        "",
+        "",
+        str(sum(m.cached for m in models)),
+        str(sum(m.calls for m in models)),
+        str(sum(m.images for m in models)),
+        str(sum(m.image_tokens for m in models)),
+        str(sum(m.text_tokens for m in models)),
+        str(sum(m.input_tokens for m in models)),
+        f"{sum(m.input_cost_usd for m in models):.4f}",
+        str(sum(m.max_output_tokens for m in models)),
+        f"{sum(m.max_cost_usd for m in models):.4f}",
+        end_section=True,
+    )
+    _console().print(table)
+
+
+def _read_summary(uri: str, storage: Any) -> RunSummary:
+    from pydantic import ValidationError
+
+    from tasks.core.errors import RunSummaryError
+    from tasks.storage import open_store, split_uri
+
+    root, key = split_uri(uri)
+    store = open_store(root, storage)
+    if not store.exists(key):
+        raise RunSummaryError(f'"{uri}": no such run summary')
+    try:
+        return RunSummary.model_validate_json(store.read_bytes(key))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "file"
+        raise RunSummaryError(f'"{uri}" is not a run summary: {where}: {first["msg"]}') from None
+
+
+def plot_comparison(summaries: Sequence[tuple[str, RunSummary]], path: Path) -> None:
+    """A PNG: each (run, model)'s latency distribution (calls per latency bucket, log scale)
+    beside its cost per study."""
+    from matplotlib.figure import Figure
+
+    from tasks.screening.compare import comparison_rows, latency_samples
+
+    fig = Figure(figsize=(11, 4.5))
+    latency, cost = fig.subplots(1, 2)
+    labels, costs = [], []
+    for run, summary in summaries:
+        stats: Mapping[str, ModelStats] = summary.models
+        for row in comparison_rows(stats, run):
+            label = f"{row['model']} ({run})" if len(summaries) > 1 else row["model"]
+            points = list(latency_samples(stats[row["model"]]))
+            if points:
+                xs, ns = zip(*points, strict=True)
+                latency.step(xs, ns, where="mid", label=label)
+            labels.append(label)
+            costs.append(row["cost_per_study_usd"] or 0.0)
+    latency.set_xscale("log")
+    latency.set_xlabel("latency per call (ms, buckets of ×1.1)")
+    latency.set_ylabel("calls")
+    latency.set_title("latency distribution")
+    if labels:
+        latency.legend(fontsize="small")
+    cost.barh(labels, costs)
+    cost.set_xlabel("USD per study (calls)")
+    cost.set_title("cost per study")
+    if any(s.simulated for _, s in summaries):
+        fig.suptitle("SIMULATED readings (radflow simulator, a test double)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+
+
+@runs.command("compare")
+def compare(
+    summaries: Annotated[
+        list[str], typer.Argument(help="run summaries: DEST/runs/<id>.json, local or s3://")
+    ],
+    plot: Annotated[
+        Path | None, typer.Option(help="also write a PNG: latency distribution, cost per study")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="config YAML (for S3 settings)")] = None,
+) -> None:
+    """The provider comparison of each run, one table across runs (e.g. the same studies
+    through a gateway and direct)."""
+    from tasks.core.config import load_settings
+    from tasks.screening.compare import comparison_rows
+
+    try:
+        storage = load_settings(config).storage
+        loaded = [(uri, _read_summary(uri, storage)) for uri in summaries]
+    except RadflowError as exc:
+        raise fail(exc) from None
+    rows = [row for _, s in loaded for row in comparison_rows(s.models, s.run_id)]
+    simulated = any(s.simulated for _, s in loaded)
+    title = f"provider comparison of {len(loaded)} run(s)" + (
+        " (SIMULATED readings)" if simulated else ""
+    )
+    _console().print(comparison_table(rows, title))
+    for uri, s in loaded:
+        if not s.models:
+            _console().print(f"{uri}: no model calls recorded", highlight=False)
+    if plot is not None:
+        plot_comparison([(s.run_id, s) for _, s in loaded], plot)
+        _console().print(f"plot → {plot}", highlight=False)
