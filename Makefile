@@ -1,6 +1,7 @@
 # radflow — `make demo` and `make test` work on a machine with only python3, pip and make.
 PYTHON ?= python3
 UV := $(PYTHON) -m uv
+STUDIES ?= 1,200,2000   # make bench-scale STUDIES=1,1000,10000 for the 10,000-study point
 export UV_PYTHON := $(PYTHON)
 export UV_LINK_MODE := copy
 # Bytecode at install time: with PYTHONDONTWRITEBYTECODE=1 (set on these machines) Python never
@@ -8,7 +9,7 @@ export UV_LINK_MODE := copy
 # openai, pydicom... from source again: `import flows.screen` took 8.5 s instead of 4.2 s.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-pool bench-reliability bench-pacs bench-compare bench-limits orthanc clean help schema config-doc
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-startup bench-pool bench-reliability bench-pacs bench-compare bench-limits orthanc clean help schema config-doc
 .DEFAULT_GOAL := help
 
 help:
@@ -20,6 +21,8 @@ help:
 	@echo "make bench-screen  flow vs plain asyncio, 200 studies x 2 models, 1 s latency"
 	@echo "make bench-preprocess  preprocessing vs decode floor vs naive float64, pydicom-data"
 	@echo "make bench-scale  1, 200, 2000 tiny studies: marginal time per study, peak RSS"
+	@echo "                  (STUDIES=1,1000,10000: the 10,000-study point, opt-in, long)"
+	@echo "make bench-startup  radflow screen on one study: wall time and peak RSS of the process"
 	@echo "make bench-pool   preprocessing in threads vs a process pool (runner.preprocess)"
 	@echo "make bench-reliability  hostile inputs, faults, crash/resume, PHI, injection, secrets"
 	@echo "make bench-pacs   screening time and bytes per study: DICOMweb (Orthanc) vs folder"
@@ -83,8 +86,11 @@ bench-screen: .venv/.compiled  ## throughput of the screening flow vs a plain-as
 bench-preprocess: .venv/.compiled  ## preprocessing time vs the decode floor and a naive pipeline
 	.venv/bin/python -m benchmarks.preprocess --repeat 3
 
-bench-scale: .venv/.compiled  ## linear time and flat memory up to 2,000 studies (sharded runs)
-	.venv/bin/python -m benchmarks.scale --sizes 1,200,2000 --shard-size 250
+bench-scale: .venv/.compiled  ## linear time and flat memory up to 2,000 studies (STUDIES=1,1000,10000: the long 10k point)
+	.venv/bin/python -m benchmarks.scale --sizes $(STUDIES) --shard-size 250
+
+bench-startup: .venv/.compiled  ## wall time and peak RSS of `radflow screen` on one study (a new process)
+	.venv/bin/python -m benchmarks.startup --repeat 5
 
 bench-pool: .venv/.compiled  ## preprocessing: threads vs a process pool on this machine's cores
 	.venv/bin/python -m benchmarks.pool

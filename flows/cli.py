@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -51,6 +53,7 @@ def screen(
     from tasks.core.config import load_settings
     from tasks.core.errors import PacsError
     from tasks.pacs.publish import check_pacs_settings, pacs_line
+    from tasks.screening.study import MODELS_MODULE
     from tasks.storage import open_store
 
     try:
@@ -63,6 +66,11 @@ def screen(
 
             print_estimate(estimate_run(source, out, settings, limit, force))
             return
+        # the panel and both model SDKs (~1.5-2 s) load while Prefect starts the flow run (its
+        # API calls, or its temporary server); the run's Screening.start waits for them
+        threading.Thread(
+            target=importlib.import_module, args=(MODELS_MODULE,), name="import-models", daemon=True
+        ).start()
         summary = run_with_progress(
             screen_flow(
                 source=source,
@@ -80,7 +88,13 @@ def screen(
         + (f"{elsewhere} claimed by other runs, " if elsewhere else "")
         + f"{summary.degraded} degraded, "
         f"{summary.needs_review} for review, {summary.errors} error records), "
-        f"{summary.model_calls} model calls, ${summary.cost_usd:.4f} → {out}"
+        f"{summary.model_calls} model calls, ${summary.cost_usd:.4f}"
+        + (
+            f" (+ {summary.unknown_cost_readings} readings of unknown cost: no usage)"
+            if summary.unknown_cost_readings
+            else ""
+        )
+        + f" → {out}"
         + (f"; {summary.reviews_requested} review runs" if summary.reviews_requested else "")
         + ("  [SIMULATED readings]" if summary.simulated else ""),
         highlight=False,
@@ -178,7 +192,11 @@ def simulator(
     latency: Annotated[float, typer.Option(min=0, help="seconds added to every answer")] = 0.0,
     faults: Annotated[
         str | None,
-        typer.Option(help="e.g. 429:0.1,500:0.05,timeout:0.02,malformed:0.05,refusal:0.02"),
+        typer.Option(
+            help="KIND:RATE[@MODEL],... e.g. 429:0.1,refusal:0.02,401:1@claude-sonnet-4-6; "
+            "kinds: 429 500 529 timeout malformed refusal text_refusal length no_usage 401 403 "
+            "404 bad_image no_json_schema (docs/models.md)"
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
     profile: Annotated[

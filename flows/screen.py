@@ -130,6 +130,7 @@ async def screen(
     labels = run_tags(names.source(source), [m.name for m in settings.models])
     await monitor.label(run_name(started, len(studies)), labels)
     await monitor.start(len(pending))
+    stopped = None
     if settings.runner.shard_size and len(pending) > settings.runner.shard_size:
         child = {"source": source, "out": out, "config": config, "force": force}
         await run_shards(pending, child, settings.runner, src, dest, tally)  # see "Scaling out"
@@ -153,7 +154,9 @@ async def screen(
         finally:
             await run.panel.aclose()
         await warming
+        stopped = run.panel.stop.error  # a rejected key or model id: no study read after it
     summary = tally.finish()
+    summary.stopped = str(stopped) if stopped else None
     if (settings.review.requests if reviews is None else reviews) and not summary.shards:
         asked = await request_reviews(  # a sharded run's children asked for their own
             dest,
@@ -182,6 +185,8 @@ async def screen(
         summary.cost_usd,
         key,
     )
+    if stopped is not None:
+        raise stopped  # one line naming the model and its key or model id (the CLI prints it)
     return summary
 
 

@@ -141,8 +141,10 @@ async def serve_warm(deployments: list[Any], poll_seconds: float, limit: int | N
     from prefect.utilities.engine import propose_state
 
     from tasks.reports.sr import warm_up
+    from tasks.screening.study import MODELS_MODULE
 
     await asyncio.to_thread(warm_up)  # what a run's first report would load, loaded now
+    await asyncio.to_thread(importlib.import_module, MODELS_MODULE)  # and its model SDKs
     flows = {}  # deployment id → flow object (already imported by runner_deployments)
     for deployment in deployments:
         module, _, name = deployment.entrypoint.rpartition(".")

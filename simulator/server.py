@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import logging
@@ -23,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from simulator.faults import CODES, REJECTIONS, Faults, applicable, parse_faults
 from simulator.finetune import FinetuneState, finetune_routes
 from simulator.vision import Profile, anthropic_image_tokens, judge, openai_image_tokens
 
@@ -31,7 +31,6 @@ __all__ = ["Faults", "SimState", "create_app", "parse_faults"]
 logger = logging.getLogger(__name__)
 
 MODEL_PREFIX = "radflow-simulator/"
-FAULT_KINDS = ("429", "500", "timeout", "malformed", "refusal")
 LEAKY_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
 
 _TEXT = {
@@ -43,6 +42,8 @@ _TEXT = {
         "detector {seen}, answer drawn with sensitivity {sens:.2f} and specificity {spec:.2f}.",
         "seen": ("saw a lesion", "saw no lesion"),
         "refusal": "SIMULATED refusal: I can't help with that.",
+        "text_refusal": "I'm sorry, but I can't provide a diagnosis or interpret medical "
+        "images. Please consult a qualified radiologist. (SIMULATED refusal, radflow simulator)",
         "impression": "SIMULATED impression (radflow simulator, a test double; not a medical "
         "opinion): summary of the panel's {n} structured reading(s); see the findings above.",
     },
@@ -54,36 +55,12 @@ _TEXT = {
         "병변 검출기가 {seen}, 민감도 {sens:.2f}, 특이도 {spec:.2f}로 답을 정했습니다.",
         "seen": ("병변을 보았고", "병변을 보지 못했고"),
         "refusal": "시뮬레이션 거절: 도와드릴 수 없습니다.",
+        "text_refusal": "죄송하지만 진단을 제공하거나 의료 영상을 판독해 드릴 수 없습니다. "
+        "영상의학과 전문의와 상담하십시오. (시뮬레이션 거절, radflow 시뮬레이터)",
         "impression": "시뮬레이션 인상 (radflow 시뮬레이터, 테스트용 대역이며 의학적 소견이 "
         "아닙니다): 패널의 구조화 판독 {n}건 요약; 위의 소견을 참조하십시오.",
     },
 }
-
-
-def parse_faults(spec: str | None) -> dict[str, float]:
-    """``429:0.1,500:0.05,timeout:0.02,malformed:0.05,refusal:0.02`` → rates per kind."""
-    rates: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
-        kind, _, rate = part.partition(":")
-        if kind not in FAULT_KINDS:
-            raise ValueError(f'unknown fault "{kind}" (known: {", ".join(FAULT_KINDS)})')
-        try:
-            value = float(rate)
-        except ValueError:
-            raise ValueError(f'fault "{kind}" needs a rate like {kind}:0.1, got "{part}"') from None
-        if not 0 <= value <= 1:
-            raise ValueError(f'fault rate for "{kind}" must be in [0, 1], got {value}')
-        rates[kind] = value
-    if sum(rates.values()) > 1:
-        raise ValueError(f"fault rates add up to more than 1: {spec}")
-    return rates
-
-
-@dataclass
-class Faults:
-    rates: dict[str, float] = field(default_factory=dict)
-    retry_after: float = 1.0
-    timeout_sleep: float = 60.0
 
 
 @dataclass
@@ -99,7 +76,6 @@ class SimState:
     injected: Counter = field(default_factory=Counter)
     in_flight: Counter = field(default_factory=Counter)
     peak_in_flight: Counter = field(default_factory=Counter)
-    attempts: Counter = field(default_factory=Counter)
     bodies: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     record_bodies: bool = False
     header_names: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
@@ -111,20 +87,6 @@ class SimState:
 
 def _language(system_text: str) -> str:
     return "ko" if any("\uac00" <= ch <= "\ud7a3" for ch in system_text) else "en"
-
-
-def _fault(state: SimState, body: bytes) -> str | None:
-    """Seeded per request body and attempt: a retried request draws again."""
-    key = hashlib.sha256(body).hexdigest()
-    state.attempts[key] += 1
-    digest = hashlib.sha256(f"{state.seed}\0{key}\0{state.attempts[key]}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    edge = 0.0
-    for kind in FAULT_KINDS:
-        edge += state.faults.rates.get(kind, 0.0)
-        if u < edge:
-            return kind
-    return None
 
 
 def _fill(schema: dict, values: dict) -> dict:
@@ -179,12 +141,15 @@ def _impression(body: dict, lang: str) -> str:
     return _TEXT[lang]["impression"].format(n=json.dumps(body).count('\\"model\\":'))
 
 
-def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"type": "error", "error": {"type": kind, "message": f"radflow simulator: {message}"}},
-        status_code=status,
-        headers=headers,
-    )
+def _error(
+    status: int, message: str, kind: str, headers: dict | None = None, code: str | None = None
+) -> JSONResponse:
+    """An error body both SDKs read: Anthropic's ``{"type": "error", "error": {...}}`` with
+    OpenAI's ``code`` (e.g. ``model_not_found``) when there is one."""
+    error = {"type": kind, "message": f"radflow simulator: {message}"}
+    if code:
+        error["code"] = code
+    return JSONResponse({"type": "error", "error": error}, status_code=status, headers=headers)
 
 
 def _authorised(request: Request) -> bool:
@@ -221,9 +186,12 @@ def create_app(state: SimState) -> Starlette:
         try:
             if state.latency:
                 await asyncio.sleep(state.latency)
-            fault = _fault(state, raw)
+            fault = applicable(state.faults.draw(state.seed, model, raw), body, protocol)
             if fault:
                 state.injected[fault] += 1
+            if fault in REJECTIONS:
+                status, kind, message = REJECTIONS[fault]
+                return _error(status, message.format(model=model), kind, code=CODES.get(fault))
             if fault == "429":
                 return _error(
                     429,
@@ -233,6 +201,8 @@ def create_app(state: SimState) -> Starlette:
                 )
             if fault == "500":
                 return _error(500, "server error (injected)", "api_error")
+            if fault == "529":
+                return _error(529, "Overloaded (injected)", "overloaded_error")
             if fault == "timeout":
                 await _hang(request, state.faults.timeout_sleep)
                 return _error(504, "timed out (injected)", "timeout_error")
@@ -313,9 +283,12 @@ def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONR
                 )
     lang = _language(system)
     message: dict = {"role": "assistant", "content": None, "refusal": None}
+    finish = "stop"
     if fault == "refusal":
         message["refusal"] = _TEXT[lang]["refusal"]
         text = message["refusal"]
+    elif fault == "text_refusal":
+        message["content"] = text = _TEXT[lang]["text_refusal"]
     else:
         fmt = body.get("response_format") or {}
         schema = (
@@ -326,10 +299,18 @@ def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONR
         else:
             reading = _reading(pngs, model, lang, state)
             text = json.dumps(_fill(schema, reading) if schema else reading, ensure_ascii=False)
-        if fault == "malformed":
+        if fault in ("malformed", "length"):
             text = text[: len(text) // 2]
         message["content"] = text
     tokens_out = _text_tokens(text)
+    if fault == "length":
+        finish = "length"
+        tokens_out = body.get("max_completion_tokens") or body.get("max_tokens") or tokens_out
+    usage = {
+        "prompt_tokens": tokens_in,
+        "completion_tokens": tokens_out,
+        "total_tokens": tokens_in + tokens_out,
+    }
     return JSONResponse(
         {
             "id": f"chatcmpl-sim-{uuid.uuid4().hex[:12]}",
@@ -338,13 +319,9 @@ def _openai(body: dict, model: str, state: SimState, fault: str | None) -> JSONR
             "model": MODEL_PREFIX + model,
             "system_fingerprint": "radflow-simulator-test-double",
             "choices": [
-                {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+                {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
             ],
-            "usage": {
-                "prompt_tokens": tokens_in,
-                "completion_tokens": tokens_out,
-                "total_tokens": tokens_in + tokens_out,
-            },
+            **({} if fault == "no_usage" else {"usage": usage}),
         }
     )
 
@@ -370,12 +347,16 @@ def _anthropic(body: dict, model: str, state: SimState, fault: str | None) -> JS
     tool = tools.get(choice.get("name")) if choice.get("type") == "tool" else None
     if fault == "refusal":
         content, stop = [{"type": "text", "text": _TEXT[lang]["refusal"]}], "refusal"
+    elif fault == "text_refusal":
+        content, stop = [{"type": "text", "text": _TEXT[lang]["text_refusal"]}], "end_turn"
     else:
         reading = _reading(pngs, model, lang, state)
         if tool:
             payload = _fill(tool["input_schema"], reading)
             if fault == "malformed":
                 payload = {"abnormal": "perhaps"}
+            elif fault == "length":  # the tool input as far as it got
+                payload = dict(list(payload.items())[:1])
             content = [
                 {
                     "type": "tool_use",
@@ -384,12 +365,15 @@ def _anthropic(body: dict, model: str, state: SimState, fault: str | None) -> JS
                     "input": payload,
                 }
             ]
-            stop = "tool_use"
+            stop = "max_tokens" if fault == "length" else "tool_use"
         else:
             text = _impression(body, lang) if not pngs else json.dumps(reading, ensure_ascii=False)
-            content = [{"type": "text", "text": text[: len(text) // 2] if fault else text}]
-            stop = "end_turn"
+            cut = fault in ("malformed", "length")
+            content = [{"type": "text", "text": text[: len(text) // 2] if cut else text}]
+            stop = "max_tokens" if fault == "length" else "end_turn"
     tokens_out = _text_tokens(json.dumps(content, ensure_ascii=False))
+    if fault == "length":
+        tokens_out = body.get("max_tokens") or tokens_out
     return JSONResponse(
         {
             "id": f"msg_sim_{uuid.uuid4().hex[:12]}",
@@ -399,6 +383,9 @@ def _anthropic(body: dict, model: str, state: SimState, fault: str | None) -> JS
             "content": content,
             "stop_reason": stop,
             "stop_sequence": None,
-            "usage": {"input_tokens": tokens_in, "output_tokens": tokens_out},
+            # a gateway that drops usage sends null (the SDK's Message needs the key)
+            "usage": None
+            if fault == "no_usage"
+            else {"input_tokens": tokens_in, "output_tokens": tokens_out},
         }
     )

@@ -20,11 +20,13 @@ import pytest
 
 from simulator.process import running_simulator
 from simulator.samples import build_sample_folder
-from tests.helpers import KEY_ENV, TEST_KEY
+from tests.helpers import FAULTY_MODELS, KEY_ENV, TEST_KEY
 
 # fixtures that start a server process; a test using one (directly or through another
 # fixture) must be marked e2e
-SERVER_FIXTURES = frozenset({"prefect_harness", "simulator", "moto_server", "orthanc"})
+SERVER_FIXTURES = frozenset(
+    {"prefect_harness", "simulator", "faulty_simulator", "moto_server", "orthanc"}
+)
 # audit events (PEP 578) of starting a process ("multiprocessing.spawn" is raised by the
 # wrapper below); socket.bind with an address tuple is a TCP/UDP server (an AF_UNIX bind,
 # e.g. multiprocessing's, names a path)
@@ -107,6 +109,14 @@ def prefect_harness():
 def simulator():
     """The model simulator as its own process, speaking HTTP on a free loopback port."""
     with running_simulator("--seed", "3", "--record-bodies") as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def faulty_simulator():
+    """A simulator process where each model id of ``FAULTY_MODELS`` always has its fault."""
+    spec = ",".join(f"{fault}:1@{model}" for model, fault in FAULTY_MODELS.items())
+    with running_simulator("--faults", spec, "--record-bodies") as sim:
         yield sim
 
 

@@ -4,7 +4,9 @@ reading factories, and readers of what a run left under DEST."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from simulator.process import free_port, panel_config, stop
 from tasks.consensus.vote import build_consensus
-from tasks.core.config import ReviewConfig
+from tasks.core.config import ReviewConfig, Settings
 from tasks.core.schema import Consensus, ModelReading, Report, Urgency
 
 __all__ = [
     "BIN",
+    "FAULTY_MODELS",
     "KEY_ENV",
     "PASSWORD_ENV",
     "RADFLOW",
@@ -39,6 +43,7 @@ __all__ = [
     "prefect_server_process",
     "process",
     "read_errors",
+    "read_many",
     "read_reports",
     "reading",
     "run_radflow",
@@ -46,13 +51,29 @@ __all__ = [
     "sim_calls",
     "sr_instances",
     "sim_config",
+    "sim_model",
+    "sim_settings",
     "tail",
+    "tiny_png",
     "wait_for",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 KEY_ENV = "RADFLOW_TEST_KEY"
+# model id → the fault the `faulty_simulator` fixture always injects for it
+FAULTY_MODELS = {
+    "refuses": "refusal",
+    "refuses-in-text": "text_refusal",
+    "cut-short": "length",
+    "overloaded": "529",
+    "no-usage": "no_usage",
+    "bad-key": "401",
+    "forbidden": "403",
+    "unknown-model": "404",
+    "rejects-image": "bad_image",
+    "no-json-schema": "no_json_schema",
+}
 TEST_KEY = "test-key-0123456789abcdef-never-logged"
 USER_ENV, PASSWORD_ENV = "RADFLOW_TEST_PACS_USER", "RADFLOW_TEST_PACS_PASSWORD"
 # `radflow` as a new process: the console script's own entry point, whatever is on PATH
@@ -329,3 +350,53 @@ def make_report(
         }
         | fields
     )
+
+
+# ---- the model layer against the simulator ------------------------------------------------
+
+
+def tiny_png(i: int) -> bytes:
+    """A small distinct image per ``i`` (distinct request bodies draw distinct faults)."""
+    img = Image.new("L", (64, 64), color=i % 256)
+    img.putpixel((i % 64, (i // 64) % 64), 255 - i % 256)
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def sim_model(sim, provider: str, name: str | None = None, **extra) -> dict:
+    """A config model entry of ``provider`` pointed at the simulator ``sim``."""
+    base_url = sim.openai_base_url if provider == "openai" else sim.url
+    model = "gpt-4o" if provider == "openai" else "claude-sonnet-4-6"
+    return {
+        "name": name or provider,
+        "provider": provider,
+        "model": model,
+        "base_url": base_url,
+        "api_key_env": KEY_ENV,
+        "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+        **extra,
+    }
+
+
+def sim_settings(*models: dict, **extra) -> Settings:
+    """English settings with ``models``."""
+    return Settings.model_validate({"language": "en", "models": list(models), **extra})
+
+
+async def read_many(settings: Settings, n: int, cache=None, offset=0) -> list[list[ModelReading]]:
+    """Read ``n`` distinct one-image studies with a Panel of ``settings``, all at once."""
+    from tasks.models.panel import Panel, load_prompt
+
+    panel = Panel(settings, cache)
+    try:
+        return list(
+            await asyncio.gather(
+                *(
+                    panel.read([tiny_png(offset + i)], {"modality": "CT"}, load_prompt("en"))
+                    for i in range(n)
+                )
+            )
+        )
+    finally:
+        await panel.aclose()

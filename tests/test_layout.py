@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import multiprocessing
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -122,3 +124,27 @@ def test_a_pool_worker_loads_neither_prefect_nor_a_model_sdk(tmp_path):
     assert "tasks.reports.sr" in loaded and "tasks.imaging.preprocess" in loaded
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
     assert not heavy, f"a pool worker imported {heavy[:8]}"
+
+
+# imported when a run reads (the model SDKs), computes the kappa, evaluates or builds a
+# dataset: never by importing the CLI or the screening flow. (highdicom stays with the flow:
+# its package has import cycles that break when two threads import it at once.)
+DEFERRED = ("openai", "anthropic", "sklearn", "matplotlib", "statsmodels")
+
+
+@pytest.mark.e2e
+def test_importing_the_cli_and_the_screening_flow_defers_the_heavy_modules():
+    """A fresh interpreter imports ``flows.cli`` and ``flows.screen`` (what ``radflow screen``
+    imports before its run starts) and lists what it loaded."""
+    code = (
+        "import sys, flows.cli; cli = sorted(sys.modules); import flows.screen; "
+        "print(repr((cli, sorted(sys.modules))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=True, timeout=120
+    )
+    cli, flow = ast.literal_eval(out.stdout.decode().strip().splitlines()[-1])
+    assert "typer" in cli and "prefect" in flow and "pydicom" in flow  # it did import them
+    for name, loaded in (("flows.cli", cli), ("flows.screen", flow)):
+        early = sorted({m.split(".")[0] for m in loaded} & set(DEFERRED))
+        assert not early, f"importing {name} loaded {early}"

@@ -4,12 +4,10 @@ fallback, cache, cost and gateways, then the screening flow with 25% injected fa
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 
 import pytest
 import yaml
-from PIL import Image
 
 from flows.screen import screen
 from simulator.process import running_simulator
@@ -19,49 +17,18 @@ from tasks.core.schema import ModelReading, Report, RunSummary
 from tasks.models.cache import ReadingCache, reading_key
 from tasks.models.panel import Panel, load_prompt
 from tasks.storage import LocalStore
-from tests.helpers import KEY_ENV, TEST_KEY, read_reports
+from tests.helpers import (
+    KEY_ENV,
+    TEST_KEY,
+    read_many,
+    read_reports,
+    sim_model,
+    sim_settings,
+    tiny_png,
+)
 
 PROMPT = load_prompt("en")
 CONTEXT = {"modality": "CT"}
-
-
-def _png(i: int) -> bytes:
-    """A small distinct image per ``i`` (distinct request bodies draw distinct faults)."""
-    img = Image.new("L", (64, 64), color=i % 256)
-    img.putpixel((i % 64, (i // 64) % 64), 255 - i % 256)
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
-
-
-def _model(sim, provider: str, name: str | None = None, **extra) -> dict:
-    base_url = sim.openai_base_url if provider == "openai" else sim.url
-    model = "gpt-4o" if provider == "openai" else "claude-sonnet-4-6"
-    return {
-        "name": name or provider,
-        "provider": provider,
-        "model": model,
-        "base_url": base_url,
-        "api_key_env": KEY_ENV,
-        "price": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
-        **extra,
-    }
-
-
-def _settings(*models: dict, **extra) -> Settings:
-    return Settings.model_validate({"language": "en", "models": list(models), **extra})
-
-
-async def _read_many(settings: Settings, n: int, cache=None, offset=0) -> list[list[ModelReading]]:
-    panel = Panel(settings, cache)
-    try:
-        return list(
-            await asyncio.gather(
-                *(panel.read([_png(offset + i)], CONTEXT, PROMPT) for i in range(n))
-            )
-        )
-    finally:
-        await panel.aclose()
 
 
 def _delta(before: dict, after: dict, field: str) -> dict[str, int]:
@@ -102,10 +69,11 @@ def test_cache_stores_successes_only_and_marks_hits(tmp_path):
 @pytest.mark.e2e
 def test_concurrency_limit_holds_and_is_reached():
     with running_simulator("--latency", "0.2", "--seed", "1") as sim:
-        settings = _settings(
-            _model(sim, "openai", max_concurrency=3), _model(sim, "anthropic", max_concurrency=5)
+        settings = sim_settings(
+            sim_model(sim, "openai", max_concurrency=3),
+            sim_model(sim, "anthropic", max_concurrency=5),
         )
-        results = asyncio.run(_read_many(settings, 24))
+        results = asyncio.run(read_many(settings, 24))
         stats = sim.stats()
     assert all(r.ok for rs in results for r in rs)
     assert stats["peak_in_flight"] == {"gpt-4o": 3, "claude-sonnet-4-6": 5}
@@ -115,9 +83,9 @@ def test_concurrency_limit_holds_and_is_reached():
 @pytest.mark.e2e
 def test_requests_per_minute_spaces_requests():
     with running_simulator("--seed", "1") as sim:
-        settings = _settings(_model(sim, "openai", requests_per_minute=120))  # 2 per second
+        settings = sim_settings(sim_model(sim, "openai", requests_per_minute=120))  # 2 per second
         start = time.perf_counter()
-        results = asyncio.run(_read_many(settings, 7))
+        results = asyncio.run(read_many(settings, 7))
         elapsed = time.perf_counter() - start
     assert all(rs[0].ok for rs in results)
     # a burst of 2, then one every 0.5 s: the 7th request cannot start before 2.5 s
@@ -128,9 +96,9 @@ def test_requests_per_minute_spaces_requests():
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_429_is_retried_honouring_retry_after(provider):
     with running_simulator("--faults", "429:1", "--retry-after", "1.5") as sim:
-        settings = _settings(_model(sim, provider, max_retries=2))
+        settings = sim_settings(sim_model(sim, provider, max_retries=2))
         start = time.perf_counter()
-        [[reading]] = asyncio.run(_read_many(settings, 1))
+        [[reading]] = asyncio.run(read_many(settings, 1))
         elapsed = time.perf_counter() - start
     assert not reading.ok and "RateLimitError" in reading.error and reading.requests == 3
     # two waits of Retry-After (1.5 s); the SDK's own back-off would wait 0.4-1.5 s in total
@@ -141,9 +109,9 @@ def test_429_is_retried_honouring_retry_after(provider):
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_timeout_is_per_call_and_retried(provider):
     with running_simulator("--faults", "timeout:1") as sim:
-        settings = _settings(_model(sim, provider, timeout_seconds=0.5, max_retries=1))
+        settings = sim_settings(sim_model(sim, provider, timeout_seconds=0.5, max_retries=1))
         start = time.perf_counter()
-        [[reading]] = asyncio.run(_read_many(settings, 1))
+        [[reading]] = asyncio.run(read_many(settings, 1))
         elapsed = time.perf_counter() - start
         stats = sim.stats()
     assert not reading.ok and "APITimeoutError" in reading.error
@@ -155,7 +123,7 @@ def test_timeout_is_per_call_and_retried(provider):
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_malformed_answer_is_asked_again_once_with_the_error(provider):
     with running_simulator("--faults", "malformed:1", "--record-bodies") as sim:
-        [[reading]] = asyncio.run(_read_many(_settings(_model(sim, provider)), 1))
+        [[reading]] = asyncio.run(read_many(sim_settings(sim_model(sim, provider)), 1))
         bodies = sim.bodies()
     assert not reading.ok and reading.reasked and reading.requests == 2
     assert reading.error.startswith("InvalidAnswer:")
@@ -167,8 +135,8 @@ def test_malformed_answer_is_asked_again_once_with_the_error(provider):
 @pytest.mark.e2e
 def test_malformed_answers_recover_on_the_reask():
     with running_simulator("--faults", "malformed:0.5", "--seed", "5") as sim:
-        settings = _settings(_model(sim, "openai"), _model(sim, "anthropic"))
-        results = asyncio.run(_read_many(settings, 12))
+        settings = sim_settings(sim_model(sim, "openai"), sim_model(sim, "anthropic"))
+        results = asyncio.run(read_many(settings, 12))
     flat = [r for rs in results for r in rs]
     recovered = [r for r in flat if r.reasked and r.ok]
     assert {r.provider for r in recovered} == {"openai", "anthropic"}
@@ -178,11 +146,11 @@ def test_malformed_answers_recover_on_the_reask():
 @pytest.mark.e2e
 def test_refusal_is_recorded_and_the_fallback_answers(simulator):
     with running_simulator("--faults", "refusal:1") as sim:
-        alone = _settings(_model(sim, "anthropic"))
-        [[refused]] = asyncio.run(_read_many(alone, 1))
-        backup = _model(simulator, "openai", name="backup")
-        with_fallback = _settings(_model(sim, "anthropic", fallback=backup))
-        [[served]] = asyncio.run(_read_many(with_fallback, 1))
+        alone = sim_settings(sim_model(sim, "anthropic"))
+        [[refused]] = asyncio.run(read_many(alone, 1))
+        backup = sim_model(simulator, "openai", name="backup")
+        with_fallback = sim_settings(sim_model(sim, "anthropic", fallback=backup))
+        [[served]] = asyncio.run(read_many(with_fallback, 1))
     assert not refused.ok and refused.refusal and refused.error.startswith("refused:")
     assert refused.requests == 1 and refused.output_tokens > 0
     assert served.ok and served.model == "anthropic" and served.fallback == "backup"
@@ -198,11 +166,11 @@ def test_refusal_is_recorded_and_the_fallback_answers(simulator):
 @pytest.mark.e2e
 def test_cache_makes_a_second_read_free(simulator, tmp_path):
     cache = ReadingCache(LocalStore(tmp_path))
-    settings = _settings(_model(simulator, "openai"), _model(simulator, "anthropic"))
+    settings = sim_settings(sim_model(simulator, "openai"), sim_model(simulator, "anthropic"))
     before = simulator.stats()
-    first = asyncio.run(_read_many(settings, 3, cache, offset=500))
+    first = asyncio.run(read_many(settings, 3, cache, offset=500))
     middle = simulator.stats()
-    second = asyncio.run(_read_many(settings, 3, cache, offset=500))
+    second = asyncio.run(read_many(settings, 3, cache, offset=500))
     after = simulator.stats()
     assert sum(_delta(before, middle, "requests").values()) == 6
     assert sum(_delta(middle, after, "requests").values()) == 0
@@ -226,7 +194,7 @@ def test_gateway_serves_both_sdks_and_a_model_may_override(simulator):
          "max_retries": 0},
     ]  # fmt: skip
     settings = Settings.model_validate({"language": "en", "gateway": gateway, "models": models})
-    [[gpt, claude, own]] = asyncio.run(_read_many(settings, 1, offset=900))
+    [[gpt, claude, own]] = asyncio.run(read_many(settings, 1, offset=900))
     stats = simulator.stats()
     assert gpt.ok and claude.ok and gpt.endpoint_host == claude.endpoint_host == "127.0.0.1"
     assert claude.response_model == "radflow-simulator/gw-claude"
@@ -242,8 +210,10 @@ def test_key_from_a_prefect_secret_block(prefect_harness, simulator, monkeypatch
 
     Secret(value=TEST_KEY).save("radflow-test-model-key", overwrite=True)
     monkeypatch.delenv(KEY_ENV)
-    model = _model(simulator, "anthropic", api_key_env=None, api_key_block="radflow-test-model-key")
-    [[reading]] = asyncio.run(_read_many(_settings(model), 1, offset=950))
+    model = sim_model(
+        simulator, "anthropic", api_key_env=None, api_key_block="radflow-test-model-key"
+    )
+    [[reading]] = asyncio.run(read_many(sim_settings(model), 1, offset=950))
     assert reading.ok and TEST_KEY not in reading.model_dump_json()
 
 
@@ -264,10 +234,10 @@ def test_screen_with_25_percent_faults_reports_everything_once(
     ) as faulty:
         limits = {"max_concurrency": 3, "max_retries": 6, "timeout_seconds": 2}
         models = [
-            _model(faulty, "openai", name="gpt-4o", fallback=_model(simulator, "openai", "b1"),
+            sim_model(faulty, "openai", name="gpt-4o", fallback=sim_model(simulator, "openai", "b1"),
                    **limits),
-            _model(faulty, "anthropic", name="claude",
-                   fallback=_model(simulator, "anthropic", "b2"), **limits),
+            sim_model(faulty, "anthropic", name="claude",
+                   fallback=sim_model(simulator, "anthropic", "b2"), **limits),
         ]  # fmt: skip
         config = tmp_path / "radflow.yaml"
         config.write_text(yaml.safe_dump({"language": "en", "models": models}))
@@ -326,9 +296,9 @@ def test_fallback_gets_images_sized_for_its_own_provider():
         running_simulator("--faults", "refusal:1") as sim,
         running_simulator("--record-bodies") as clean,
     ):
-        backup = _model(clean, "openai", name="backup", model="sized-backup")
-        settings = _settings(_model(sim, "anthropic", fallback=backup))
-        sized = {"anthropic": [_png(970)], "openai": [_png(971)]}
+        backup = sim_model(clean, "openai", name="backup", model="sized-backup")
+        settings = sim_settings(sim_model(sim, "anthropic", fallback=backup))
+        sized = {"anthropic": [tiny_png(970)], "openai": [tiny_png(971)]}
 
         async def read() -> list[ModelReading]:
             panel = Panel(settings)
@@ -341,5 +311,5 @@ def test_fallback_gets_images_sized_for_its_own_provider():
         bodies = clean.bodies()
     assert served.ok and served.fallback == "backup"
     [body] = bodies["sized-backup"]
-    assert base64.b64encode(_png(971)).decode() in body
-    assert base64.b64encode(_png(970)).decode() not in body
+    assert base64.b64encode(tiny_png(971)).decode() in body
+    assert base64.b64encode(tiny_png(970)).decode() not in body

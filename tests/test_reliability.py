@@ -359,7 +359,8 @@ INJECTIONS = {
 
 
 class _EchoKey(BaseHTTPRequestHandler):
-    """A provider that rejects every call with 401 and echoes the Authorization header back."""
+    """A provider that rejects every call with 400 and echoes the Authorization header back
+    (a 400: a 401 would stop the run, see docs/models.md#provider-behaviour)."""
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         self.rfile.read(int(self.headers.get("content-length", 0)))
@@ -367,13 +368,13 @@ class _EchoKey(BaseHTTPRequestHandler):
             {
                 "type": "error",
                 "error": {
-                    "type": "authentication_error",
-                    "message": f"invalid key: {self.headers.get('authorization')} "
+                    "type": "invalid_request_error",
+                    "message": f"bad request with key: {self.headers.get('authorization')} "
                     f"x-api-key={self.headers.get('x-api-key')}",
                 },
             }
         ).encode()
-        self.send_response(401)
+        self.send_response(400)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -455,7 +456,7 @@ def test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs(
     reports = read_reports(dest)
     assert len(reports) == 2 and all(r.status == "degraded" for r in reports.values())
     leaky = [x for r in reports.values() for x in r.readings if x.model == "leaky"]
-    assert all(not x.ok and "401" in (x.error or "") for x in leaky)  # the SDK error is kept
+    assert all(not x.ok and "400" in (x.error or "") for x in leaky)  # the SDK error is kept
     assert "***" in leaky[0].error  # … with the echoed key redacted
 
     identifiers = [v for v in PHI.values()] + uids + ["PARK", "JIMIN", "Hanbit"]
@@ -506,7 +507,7 @@ def test_no_phi_injection_or_key_reaches_requests_logs_artifacts_or_outputs(
         "with DEST's key"
         f"\nRELIABILITY prompt injection: {len(INJECTIONS) + 1} tags with instructions "
         f"({', '.join([*INJECTIONS, 'PatientName'])}) → 0 reached a prompt"
-        f"\nRELIABILITY secrets: key echoed back by a 401 server ({len(leaky)} failed calls, "
+        f"\nRELIABILITY secrets: key echoed back by a 400 server ({len(leaky)} failed calls, "
         f"SDK error recorded redacted) → 0 occurrences in logs, artifacts and "
         f"{len(everything)} files under DEST"
     )

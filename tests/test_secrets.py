@@ -244,16 +244,23 @@ def test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every
     panel = {
         "language": "en",
         "preprocess": {"max_edge": 64},
-        "synthesis": {"model": "claude"},  # the impression: an echoing 401
+        "synthesis": {"model": "claude"},  # the impression: an echoing 400
         "models": [
             _model("gpt-4o", "openai", sim + "/v1"),  # answers: the reports exist
-            _model("claude", "anthropic", leaky + "/401",  # reading: 401, fallback: 403
-                   fallback=_model("claude-backup", "anthropic", leaky + "/403")),
+            _model("claude", "anthropic", leaky + "/400",  # reading: 400, fallback: 400
+                   fallback=_model("claude-backup", "openai", leaky + "/400/v1")),
             _model("strict", "openai", leaky + "/400/v1"),  # reading: 400
         ],
     }  # fmt: skip
     config = tmp_path / "radflow.yaml"
     config.write_text(yaml.safe_dump(panel))
+    # a 401 or 403 stops the run with one line naming the model (docs/models.md)
+    stopping = tmp_path / "stopping.yaml"
+    rejected = [
+        _model("gpt-4o", "openai", sim + "/v1"),
+        _model("claude", "anthropic", leaky + "/401"),
+    ]
+    stopping.write_text(yaml.safe_dump({**panel, "synthesis": None, "models": rejected}))
     upload_config = tmp_path / "upload.yaml"  # its first OpenAI model is the upload endpoint
     tuner = _model("tuner", "openai", leaky + "/403/v1")  # the Files API: 403
     upload_config.write_text(yaml.safe_dump({**panel, "synthesis": None, "models": [tuner]}))
@@ -271,6 +278,8 @@ def test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every
         "screen": ("screen", str(studies), "--out", str(dest), "--config", str(config)),
         "evaluate": ("evaluate", str(labels), "--images", str(studies), "--out",
                      str(evaluated), "--config", str(config)),
+        "stopped": ("screen", str(studies), "--out", str(tmp_path / "stopped"), "--config",
+                    str(stopping)),
         "upload": ("build-dataset", str(annotations), "--images", str(images), "--out",
                    str(dataset), "--config", str(upload_config), "--val-fraction", "0",
                    "--upload"),
@@ -286,7 +295,8 @@ def test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every
     logs = {f"{name} {stream}": getattr(run, stream)
             for name, run in runs.items() for stream in ("stdout", "stderr")}  # fmt: skip
     files = {str(p): p.read_bytes().decode("utf-8", "replace")
-             for d in (dest, evaluated, dataset) for p in d.rglob("*") if p.is_file()}  # fmt: skip
+             for d in (dest, evaluated, dataset, tmp_path / "stopped") for p in d.rglob("*")
+             if p.is_file()}  # fmt: skip
     api_texts = _api_texts()
     leaks = [
         (where, secret[:9])
@@ -301,10 +311,14 @@ def test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every
     readings = {r["model"]: r for r in report["readings"]}
     assert readings["gpt-4o"]["ok"] and report["status"] == "degraded"
     claude, strict, impression = readings["claude"], readings["strict"], report["impression"]
-    assert "401" in claude["primary_error"] and "***" in claude["primary_error"]
-    assert "403" in claude["error"] and claude["fallback"] == "claude-backup"
+    assert "400" in claude["primary_error"] and "***" in claude["primary_error"]
+    assert "400" in claude["error"] and claude["fallback"] == "claude-backup"
     assert "400" in strict["error"] and "***" in strict["error"]
-    assert not impression["ok"] and "401" in impression["error"] and "***" in impression["error"]
+    assert not impression["ok"] and "400" in impression["error"] and "***" in impression["error"]
+    assert runs["stopped"].returncode == 2, runs["stopped"].stderr[-3000:]
+    [line] = [x for x in runs["stopped"].stderr.splitlines() if x.startswith("error:")]
+    assert 'model "claude"' in line and f"env var {KEY_ENV}" in line and "401" in line
+    assert not list((tmp_path / "stopped").glob("studies/*/report.json"))  # none marked done
     assert "403" in runs["upload"].stderr and "fine-tuning upload" in runs["upload"].stderr
     summaries = [p for d in (dest, evaluated) for p in d.glob("runs/*.json")]
     assert len(summaries) == 2 and (evaluated / "metrics.json").is_file()
@@ -312,8 +326,8 @@ def test_no_key_or_header_token_reaches_outputs_logs_api_or_summaries_when_every
     echoed = sum(t.count("***") for t in (*logs.values(), *files.values()))
     print(
         f"\nRELIABILITY secrets (every call kind): key + gateway token echoed by 401/403/400 "
-        f"(readings 401 and 400, fallback 403, impression 401, evaluation, fine-tune upload "
-        f"403) → 0 occurrences in {len(files)} files (2 run summaries), "
+        f"(readings 400, fallback 400, impression 400, a reading 401 stopping the run, "
+        f"evaluation, fine-tune upload 403) → 0 occurrences in {len(files)} files (2 run summaries), "
         f"{sum(map(len, logs.values()))} chars of CLI output (SDK debug logs on), "
         f"{sum(map(len, api_texts.values()))} chars of Prefect artifacts, logs and runs; "
         f"{echoed} redactions"

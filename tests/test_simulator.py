@@ -54,7 +54,8 @@ def test_judge_is_seeded_and_follows_the_profile(tmp_path):
 
 
 def test_fault_spec_is_validated():
-    assert parse_faults("429:0.1,refusal:0.02") == {"429": 0.1, "refusal": 0.02}
-    for bad in ("teapot:0.1", "429:x", "500:2", "429:0.6,500:0.6"):
+    assert parse_faults("429:0.1,refusal:0.02") == {"*": {"429": 0.1, "refusal": 0.02}}
+    assert parse_faults("429:0.5,401:1@m,429:0@m") == {"*": {"429": 0.5}, "m": {"401": 1, "429": 0}}
+    for bad in ("teapot:0.1", "429:x", "500:2", "429:0.6,500:0.6", "429:0.5,401:0.6@m"):
         with pytest.raises(ValueError):
             parse_faults(bad)

@@ -30,6 +30,7 @@ __all__ = [
     "ReviewConfig",
     "RunnerConfig",
     "Settings",
+    "StructuredOutput",
     "SynthesisConfig",
     "StorageConfig",
     "WindowName",
@@ -47,6 +48,14 @@ class Provider(StrEnum):
 class Language(StrEnum):
     KO = "ko"
     EN = "en"
+
+
+class StructuredOutput(StrEnum):
+    """How an OpenAI-protocol model is asked for the reading's JSON (docs/models.md)."""
+
+    JSON_SCHEMA = "json_schema"  # response_format json_schema, strict
+    JSON_MODE = "json_mode"  # response_format json_object, the schema in the prompt
+    AUTO = "auto"  # json_schema; after one 400 refusing it, json_mode for the rest of the run
 
 
 class WindowName(StrEnum):
@@ -109,6 +118,13 @@ class ModelConfig(_Endpoint):
     )
     max_retries: int = Field(2, ge=0, le=10, description="SDK retries on 429/5xx/timeouts")
     max_output_tokens: int = Field(1024, ge=64, le=32768, description="answer token budget")
+    structured_output: StructuredOutput = Field(
+        StructuredOutput.AUTO,
+        description="provider openai only: json_schema (strict response_format) | json_mode "
+        "(json_object, the schema in the prompt, validated here) | auto (json_schema; a 400 "
+        "refusing it switches the model to json_mode for the rest of the run); Anthropic "
+        "models answer through a forced tool either way",
+    )
     extra_headers: dict[str, str] = Field(
         default_factory=dict,
         description="sent on every call (gateways that need them); the values are treated as "

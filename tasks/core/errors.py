@@ -25,6 +25,7 @@ __all__ = [
     "PacsError",
     "PhiRisk",
     "ProviderError",
+    "ProviderRejected",
     "RadflowError",
     "ReportError",
     "ReviewError",
@@ -153,6 +154,14 @@ class RunSummaryError(RadflowError):
 class ProviderError(RadflowError):
     default = "the model provider failed"
     hint = "check base_url, the API key variable and the provider's status"
+
+
+class ProviderRejected(ProviderError):
+    """The provider refused the model's key (401/403) or does not know its model id (404):
+    every call would fail the same way, so the run stops at the first one."""
+
+    default = "the provider rejected the model's key or model id"
+    hint = "fix the key (or the model id) and run again: the studies not reported are read then"
 
 
 class StorageError(RadflowError):

@@ -83,10 +83,14 @@ class ModelReading(BaseModel):
         0, description="of estimated_input_tokens, the images' (the provider's published rule)"
     )
     output_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = Field(
+        0.0, description="null when the provider's answer carried no usage (cost_known false)"
+    )
+    cost_known: bool = Field(True, description="false: the answer had no usage, cost unknown")
     latency_ms: float = 0.0
     error: str | None = None
-    refusal: bool = False
+    refusal: bool = Field(False, description="the model declined to read (not retried)")
+    cut: bool = Field(False, description="the answer was cut at max_output_tokens")
     endpoint_host: str | None = None
     response_model: str | None = None
     simulated: bool = Field(False, description="answered by radflow's simulator (a test double)")
@@ -171,7 +175,8 @@ class Impression(BaseModel):
     prompt_version: str
     input_tokens: int = 0
     output_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float | None = Field(0.0, description="null when the answer carried no usage")
+    cost_known: bool = Field(True, description="false: the answer had no usage, cost unknown")
     latency_ms: float = 0.0
     simulated: bool = False
     requests: int = Field(0, description="HTTP requests made (SDK retries included)")
@@ -322,6 +327,7 @@ class ModelStats(BaseModel):
     output_tokens: int = 0
     image_tokens: int = Field(0, description="estimated image input tokens of the calls")
     cost_usd: float = Field(0.0, description="cost of the calls")
+    unknown_cost: int = Field(0, description="calls whose answer had no usage (cost unknown)")
     compared: int = Field(0, description="studies with this model's reading and a consensus")
     agreed: int = Field(0, description="of those, readings whose abnormal matches the consensus")
     latency_max_ms: float = 0.0
@@ -350,6 +356,14 @@ class RunSummary(BaseModel):
     cache_hits: int = Field(0, description="readings served from the cache (no call)")
     requests: int = Field(0, description="HTTP requests to model providers, retries included")
     cached_cost_usd: float = Field(0.0, description="cost of cached readings, not paid again")
+    unknown_cost_readings: int = Field(
+        0, description="paid readings whose answer had no usage: cost_usd leaves them out"
+    )
+    stopped: str | None = Field(
+        None,
+        description="why the run stopped early: a provider rejected a key or model id (the "
+        "studies not read have error records, no report: a rerun reads them)",
+    )
     input_tokens: int = 0
     estimated_input_tokens: int = Field(
         0, description="input tokens of the paid readings as estimated before the calls"

@@ -11,15 +11,26 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from pydantic import ValidationError
+import openai
 
-from tasks.core.config import Language, ModelConfig, Provider, Settings
-from tasks.core.errors import ConfigError
+from tasks.core.config import Language, ModelConfig, Provider, Settings, StructuredOutput
+from tasks.core.errors import ConfigError, ProviderRejected
 from tasks.core.redact import redact
 from tasks.core.schema import ModelReading, Reading, Urgency
 from tasks.imaging.sizing import estimate_input_tokens, image_tokens, png_size
+from tasks.models.answers import (
+    JSON_MODE_FORMAT,
+    Answer,
+    cut_error,
+    from_anthropic,
+    from_openai,
+    json_mode_prompt,
+    refused_error,
+    refuses_json_schema,
+    rejected,
+    rejected_image,
+)
 from tasks.models.cache import ReadingCache, reading_key
 from tasks.models.client import API_ERRORS, ModelClient, is_simulated
 from tasks.models.prompts import Prompt, load_prompt
@@ -29,6 +40,7 @@ __all__ = [
     "Panel",
     "Prompt",
     "Reader",
+    "Stop",
     "load_prompt",
     "reask_text",
     "request_key",
@@ -49,19 +61,18 @@ _ANTHROPIC_TOOL = {
     "description": "Record the structured reading of the study.",
     "input_schema": _SCHEMA,
 }
-_MAX_ERROR_CHARS = 800
 
 
-@dataclass
-class _Answer:
-    """One API answer: a valid reading, a refusal, or the reason it is invalid."""
+class Stop:
+    """Shared by a run's readers: the first :class:`ProviderRejected` (a key or model id the
+    provider refuses), after which no reader calls any model."""
 
-    reading: Reading | None
-    refusal: str | None
-    invalid: str | None
-    input_tokens: int
-    output_tokens: int
-    response_model: str | None
+    def __init__(self) -> None:
+        self.error: ProviderRejected | None = None
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def user_text(context: dict[str, str], n_images: int, language: Language) -> str:
@@ -77,11 +88,6 @@ def reask_text(error: str, language: Language) -> str:
     if language is Language.KO:
         return f"이전 답변이 형식 검증에 실패했습니다: {error}. 정해진 스키마로만 다시 답하세요."
     return f"Your previous answer failed validation: {error}. Answer again using only the schema."
-
-
-def _validation_text(exc: ValidationError) -> str:
-    parts = [f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors()]
-    return "; ".join(parts)[:_MAX_ERROR_CHARS]
 
 
 def request_key(
@@ -105,13 +111,21 @@ class Reader:
     when the model fails (``fallback``, with a client of its own)."""
 
     def __init__(
-        self, cfg: ModelConfig, settings: Settings, cache: ReadingCache | None = None
+        self,
+        cfg: ModelConfig,
+        settings: Settings,
+        cache: ReadingCache | None = None,
+        stop: Stop | None = None,
     ) -> None:
         self.cfg = cfg
         self.cache = cache
+        self.gateway = settings.gateway
+        self.stop = stop or Stop()
         shared = settings.runner.limits == "global"
         self.client = ModelClient(cfg, settings.gateway, global_limits=shared)
-        self.fallback = Reader(cfg.fallback, settings, cache) if cfg.fallback else None
+        # JSON mode from the start, or (auto) once the endpoint refused json_schema
+        self.json_mode = cfg.structured_output is StructuredOutput.JSON_MODE
+        self.fallback = Reader(cfg.fallback, settings, cache, self.stop) if cfg.fallback else None
 
     def cache_key(self, pngs: list[bytes], text: str, prompt: Prompt) -> str:
         return request_key(self.cfg, self.client.endpoint, pngs, text, prompt)
@@ -124,7 +138,9 @@ class Reader:
     ) -> ModelReading:
         """Cache, else the model (one re-ask if invalid), else the fallback; never raises for
         a provider failure: that becomes a reading with ``ok=False`` and its error. ``images``
-        is one list, or per provider the images sized for it (the fallback picks its own)."""
+        is one list, or per provider the images sized for it (the fallback picks its own).
+        Raises :class:`ProviderRejected` when the provider rejects the key or model id."""
+        self.stop.check()
         pngs = images if isinstance(images, list) else images[self.cfg.provider.value]
         text = user_text(context, len(pngs), prompt.language)
         key = self.cache_key(pngs, text, prompt) if self.cache else None
@@ -149,7 +165,10 @@ class Reader:
                 "reasked": reading.reasked or backup.reasked,
                 "input_tokens": reading.input_tokens + backup.input_tokens,
                 "output_tokens": reading.output_tokens + backup.output_tokens,
-                "cost_usd": reading.cost_usd + backup.cost_usd,
+                "cost_usd": None
+                if reading.cost_usd is None or backup.cost_usd is None
+                else reading.cost_usd + backup.cost_usd,
+                "cost_known": reading.cost_known and backup.cost_known,
             }
         )
         if self.cache and key and served.ok and not served.cached:
@@ -161,48 +180,48 @@ class Reader:
     async def _call(self, pngs: list[bytes], text: str, prompt: Prompt) -> ModelReading:
         meta = self.client.meta()
         call = self.client.call()
-        tokens_in = tokens_out = 0
-        reasked = False
+        answers: list[Answer] = []
         try:
             async with call:
-                answer = await self._ask(pngs, text, prompt, None)
-                tokens_in, tokens_out = answer.input_tokens, answer.output_tokens
-                if answer.invalid is not None:
+                answers.append(await self._ask(pngs, text, prompt, None))
+                if answers[0].invalid is not None:
                     logger.warning("model %s: invalid answer, re-asking once", self.cfg.name)
-                    reasked = True
-                    answer = await self._ask(pngs, text, prompt, answer.invalid)
-                    tokens_in += answer.input_tokens
-                    tokens_out += answer.output_tokens
+                    answers.append(await self._ask(pngs, text, prompt, answers[0].invalid))
         except API_ERRORS as exc:
+            if (fatal := rejected(exc, self.cfg, self.gateway)) is not None:
+                if self.stop.error is None:
+                    logger.error("%s", fatal)
+                    self.stop.error = fatal
+                raise self.stop.error from None
+            image = rejected_image(exc)
+            if image:
+                logger.warning("reading by %s failed: %s", self.cfg.name, image)
+            error = image or self.client.failure("reading", exc)
             return ModelReading(
-                **meta,
-                ok=False,
-                error=self.client.failure("reading", exc),
-                input_tokens=tokens_in,
-                output_tokens=tokens_out,
-                cost_usd=self.cfg.price.cost(tokens_in, tokens_out),
-                latency_ms=call.latency_ms,
-                requests=call.requests,
-                reasked=reasked,
-            )
-        response_model = answer.response_model
+                **meta, ok=False, error=error, **self._usage(answers),
+                latency_ms=call.latency_ms, requests=call.requests, reasked=len(answers) > 1,
+            )  # fmt: skip
+        answer = answers[-1]
         base = dict(
             **meta,
-            input_tokens=tokens_in,
-            output_tokens=tokens_out,
-            cost_usd=self.cfg.price.cost(tokens_in, tokens_out),
+            **self._usage(answers),
             latency_ms=call.latency_ms,
-            response_model=response_model,
-            simulated=is_simulated(response_model),
+            response_model=answer.response_model,
+            simulated=is_simulated(answer.response_model),
             requests=call.requests,
-            reasked=reasked,
+            reasked=len(answers) > 1,
         )
+        if answer.cut:
+            error = cut_error(self.cfg.max_output_tokens)
+            logger.warning("reading by %s: %s", self.cfg.name, error)
+            return ModelReading(**base, ok=False, cut=True, error=error)
         if answer.invalid is not None:
             error = redact(f"InvalidAnswer: {answer.invalid}")
             return ModelReading(**base, ok=False, error=error)
         if answer.reading is None:
-            error = redact(f"refused: {answer.refusal}")
-            return ModelReading(**base, ok=False, refusal=True, error=error)
+            return ModelReading(
+                **base, ok=False, refusal=True, error=refused_error(answer.refusal or "")
+            )
         r = answer.reading
         return ModelReading(
             **base,
@@ -215,44 +234,62 @@ class Reader:
             rationale=r.rationale,
         )
 
-    async def _ask(
-        self, pngs: list[bytes], text: str, prompt: Prompt, reask: str | None
-    ) -> _Answer:
+    def _usage(self, answers: list[Answer]) -> dict:
+        """Tokens and cost of ``answers``; the cost is None (unknown, not zero) when any of
+        them carried no usage."""
+        known = all(a.input_tokens is not None for a in answers)
+        tokens_in = sum(a.input_tokens or 0 for a in answers)
+        tokens_out = sum(a.output_tokens or 0 for a in answers)
+        return dict(
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost_usd=self.cfg.price.cost(tokens_in, tokens_out) if known else None,
+            cost_known=known,
+        )
+
+    async def _ask(self, pngs: list[bytes], text: str, prompt: Prompt, reask: str | None) -> Answer:
         texts = [text] + ([reask_text(reask, prompt.language)] if reask else [])
         if self.cfg.provider is Provider.OPENAI:
             return await self._openai(pngs, texts, prompt)
         return await self._anthropic(pngs, texts, prompt)
 
-    async def _openai(self, pngs: list[bytes], texts: list[str], prompt: Prompt) -> _Answer:
+    async def _openai(self, pngs: list[bytes], texts: list[str], prompt: Prompt) -> Answer:
         content: list[dict] = [{"type": "text", "text": t} for t in texts]
         for png in pngs:
             url = "data:image/png;base64," + base64.b64encode(png).decode()
             content.append({"type": "image_url", "image_url": {"url": url, "detail": "high"}})
-        completion = await self.client.sdk.chat.completions.create(
-            model=self.cfg.model,
-            messages=[
-                {"role": "system", "content": prompt.text},
-                {"role": "user", "content": content},
-            ],
-            response_format=_OPENAI_FORMAT,
-            max_completion_tokens=self.cfg.max_output_tokens,
-        )
-        usage = completion.usage
-        tokens = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-        choice = completion.choices[0]
-        message = choice.message
-        if message.refusal:
-            return _Answer(None, message.refusal, None, *tokens, completion.model)
-        if not message.content:
-            invalid = f"empty answer (finish: {choice.finish_reason})"
-            return _Answer(None, None, invalid, *tokens, completion.model)
-        try:
-            reading = Reading.model_validate_json(message.content)
-        except ValidationError as exc:
-            return _Answer(None, None, _validation_text(exc), *tokens, completion.model)
-        return _Answer(reading, None, None, *tokens, completion.model)
 
-    async def _anthropic(self, pngs: list[bytes], texts: list[str], prompt: Prompt) -> _Answer:
+        async def create(json_mode: bool) -> Answer:
+            system = json_mode_prompt(prompt.text) if json_mode else prompt.text
+            completion = await self.client.sdk.chat.completions.create(
+                model=self.cfg.model,
+                messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": content},
+                ],
+                response_format=JSON_MODE_FORMAT if json_mode else _OPENAI_FORMAT,
+                max_completion_tokens=self.cfg.max_output_tokens,
+            )
+            return from_openai(completion)
+
+        if self.json_mode:
+            return await create(True)
+        try:
+            return await create(False)
+        except openai.BadRequestError as exc:
+            auto = self.cfg.structured_output is StructuredOutput.AUTO
+            if not (auto and refuses_json_schema(exc)):
+                raise
+            if not self.json_mode:
+                logger.warning(
+                    "model %s: the endpoint refuses response_format json_schema; JSON mode "
+                    "(json_object, validated here) for the rest of the run",
+                    self.cfg.name,
+                )
+                self.json_mode = True
+            return await create(True)
+
+    async def _anthropic(self, pngs: list[bytes], texts: list[str], prompt: Prompt) -> Answer:
         content: list[dict] = [
             {
                 "type": "image",
@@ -273,19 +310,7 @@ class Reader:
             tools=[_ANTHROPIC_TOOL],
             tool_choice={"type": "tool", "name": TOOL_NAME},
         )
-        tokens = (message.usage.input_tokens, message.usage.output_tokens)
-        if message.stop_reason == "refusal":
-            refusal = " ".join(b.text for b in message.content if b.type == "text") or "refusal"
-            return _Answer(None, refusal, None, *tokens, message.model)
-        blocks = [b for b in message.content if b.type == "tool_use" and b.name == TOOL_NAME]
-        if not blocks:
-            invalid = f"answer has no {TOOL_NAME} tool call (stop: {message.stop_reason})"
-            return _Answer(None, None, invalid, *tokens, message.model)
-        try:
-            reading = Reading.model_validate(blocks[0].input)
-        except ValidationError as exc:
-            return _Answer(None, None, _validation_text(exc), *tokens, message.model)
-        return _Answer(reading, None, None, *tokens, message.model)
+        return from_anthropic(message, TOOL_NAME)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -298,7 +323,8 @@ class Panel:
     per run: its model clients (``client``) serve every call of the run, the synthesis too."""
 
     def __init__(self, settings: Settings, cache: ReadingCache | None = None) -> None:
-        self.readers = [Reader(cfg, settings, cache) for cfg in settings.models]
+        self.stop = Stop()  # the first rejected key or model id stops every reader
+        self.readers = [Reader(cfg, settings, cache, self.stop) for cfg in settings.models]
 
     async def read(
         self,
@@ -308,7 +334,9 @@ class Panel:
     ) -> list[ModelReading]:
         """Ask every model at once. ``pngs`` is one list for all, or per provider the images
         sized so that provider does not rescale them (``PreparedImage.for_provider``); each
-        reading carries the input tokens estimated by the provider's published formula."""
+        reading carries the input tokens estimated by the provider's published formula.
+        Raises :class:`ProviderRejected` once a provider rejected a key or model id."""
+        self.stop.check()
 
         async def one(reader: Reader) -> ModelReading:
             provider = reader.cfg.provider.value

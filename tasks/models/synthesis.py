@@ -53,9 +53,15 @@ def synthesis_input(consensus: Consensus, readings: list[ModelReading]) -> str:
     return json.dumps(payload, ensure_ascii=False, indent=1)
 
 
+def _tokens(usage: object, names: tuple[str, str]) -> tuple[int, int] | None:
+    """(input, output) tokens, or None when the answer carried no usage."""
+    values = tuple(getattr(usage, n, None) for n in names) if usage is not None else (None,)
+    return None if None in values else values  # type: ignore[return-value]
+
+
 async def _ask(
     client: ModelClient, system: str, text: str, max_tokens: int
-) -> tuple[str, int, int, str | None]:
+) -> tuple[str, tuple[int, int] | None, str | None]:
     cfg = client.cfg
     if cfg.provider is Provider.OPENAI:
         completion = await client.sdk.chat.completions.create(
@@ -66,11 +72,9 @@ async def _ask(
             ],
             max_completion_tokens=max_tokens,
         )
-        usage = completion.usage
         return (
             (completion.choices[0].message.content or "").strip(),
-            usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0,
+            _tokens(getattr(completion, "usage", None), ("prompt_tokens", "completion_tokens")),
             completion.model,
         )
     message = await client.sdk.messages.create(
@@ -80,7 +84,8 @@ async def _ask(
         messages=[{"role": "user", "content": text}],
     )
     answer = " ".join(b.text for b in message.content if b.type == "text").strip()
-    return answer, message.usage.input_tokens, message.usage.output_tokens, message.model
+    usage = _tokens(getattr(message, "usage", None), ("input_tokens", "output_tokens"))
+    return answer, usage, message.model
 
 
 async def synthesize(
@@ -100,7 +105,7 @@ async def synthesize(
     text = synthesis_input(consensus, readings)
     try:
         async with call:
-            answer, tokens_in, tokens_out, response_model = await _ask(
+            answer, usage, response_model = await _ask(
                 client, prompt.text, text, synthesis.max_output_tokens
             )
     except API_ERRORS as exc:
@@ -111,6 +116,7 @@ async def synthesize(
             latency_ms=call.latency_ms,
             requests=call.requests,
         )
+    tokens_in, tokens_out = usage or (0, 0)
     return Impression(
         **meta,
         ok=bool(answer),
@@ -118,7 +124,8 @@ async def synthesize(
         error=None if answer else "empty answer",
         input_tokens=tokens_in,
         output_tokens=tokens_out,
-        cost_usd=client.cfg.price.cost(tokens_in, tokens_out),
+        cost_usd=client.cfg.price.cost(tokens_in, tokens_out) if usage else None,
+        cost_known=usage is not None,
         latency_ms=call.latency_ms,
         response_model=response_model,
         simulated=is_simulated(response_model),

@@ -160,7 +160,7 @@ def render_markdown(report: Report) -> str:
         urg = urgency_word(r.urgency, language) if r.urgency else "—"
         lines.append(
             f"| {r.model} | {res} | {urg} | {r.input_tokens}/{r.output_tokens} "
-            f"| {r.cost_usd:.4f} | {r.latency_ms:.0f} |"
+            f"| {'?' if r.cost_usd is None else f'{r.cost_usd:.4f}'} | {r.latency_ms:.0f} |"
         )
     lines += [""]
     for r in report.readings:

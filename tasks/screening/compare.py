@@ -74,7 +74,10 @@ def add_report(models: dict[str, ModelStats], report: Report) -> None:
         stats.input_tokens += r.input_tokens
         stats.output_tokens += r.output_tokens
         stats.image_tokens += r.estimated_image_tokens
-        stats.cost_usd = round(stats.cost_usd + r.cost_usd, 6)
+        if r.cost_usd is None:  # no usage in the answer: cost unknown, not zero
+            stats.unknown_cost += 1
+        else:
+            stats.cost_usd = round(stats.cost_usd + r.cost_usd, 6)
         k = bucket_of(r.latency_ms)
         stats.latency_buckets[k] = stats.latency_buckets.get(k, 0) + 1
         stats.latency_max_ms = max(stats.latency_max_ms, round(r.latency_ms, 1))

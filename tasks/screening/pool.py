@@ -135,11 +135,16 @@ async def off_loop(
     fn: Callable[..., T],
     stores: Sequence[Store],
     *args: Any,
+    queue: bool = False,
 ) -> T:
     """``fn(*stores, *args)`` off the event loop: in a thread, or in the process pool when
     ``runner.preprocess`` is ``process`` (then ``fn`` and ``args`` must pickle; the stores
-    are reopened there by URI; while :func:`warm_pool` starts it, in a thread)."""
-    if runner.preprocess != "process" or pool_size(runner.workers) in _starting:
+    are reopened there by URI). While :func:`warm_pool` starts the pool, in a thread, unless
+    ``queue``: then it waits for a pool process. Work that the model calls wait for (the key
+    images) takes a thread; work after them (the reports, whose SR holds the GIL for tens of
+    milliseconds) queues, so that it never runs in the event loop's process."""
+    starting = pool_size(runner.workers) in _starting
+    if runner.preprocess != "process" or (starting and not queue):
         return await asyncio.to_thread(fn, *stores, *args)
     pool = preprocess_pool(runner.workers)
     loop = asyncio.get_running_loop()

@@ -9,6 +9,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
@@ -25,8 +27,6 @@ from tasks.imaging.studyimages import prepare_study
 from tasks.ingest.context import deidentify, vocabularies
 from tasks.ingest.discover import Study
 from tasks.models.cache import ReadingCache
-from tasks.models.panel import Panel, Prompt, load_prompt
-from tasks.models.synthesis import synthesize
 from tasks.pacs.publish import PublishTarget, publish_target
 from tasks.reports.write import publish_report, reported, study_errors, write_error, write_errors
 from tasks.screening.claims import Claim, Lease, kept, take
@@ -34,7 +34,15 @@ from tasks.screening.pool import off_loop
 from tasks.screening.summary import StudyOutcome, study_cost
 from tasks.storage import Store
 
-__all__ = ["Screening", "read_study", "screen_study"]
+if TYPE_CHECKING:
+    from tasks.models.panel import Panel, Prompt
+
+__all__ = ["MODELS_MODULE", "Screening", "read_study", "screen_study"]
+
+# The panel and both model SDKs: imported when a run starts reading (Screening.start), not
+# with this module, so that `radflow screen` can import them in a thread while Prefect
+# starts the flow run (flows/cli.py); ~1.5-2 s of a new process's start-up.
+MODELS_MODULE = "tasks.models.panel"
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ class Screening:
         if names is None:
             names = await asyncio.to_thread(log_names, dest, settings.privacy)
         await asyncio.to_thread(vocabularies)
+        models = await asyncio.to_thread(import_module, MODELS_MODULE)
+        Panel, load_prompt = models.Panel, models.load_prompt  # noqa: N806 (a class)
         return cls(
             source=source,
             dest=dest,
@@ -158,6 +168,8 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
     consensus = build_consensus(readings, weights, settings.review, weights_source=weights_source)
     impression = None
     if settings.synthesis is not None:
+        from tasks.models.synthesis import synthesize  # imported with the panel already
+
         impression = await synthesize(  # with the panel's client of that model
             panel.client(settings.synthesis.model),
             settings.synthesis,
@@ -224,8 +236,9 @@ async def read_study(study: Study, run: Screening, claim: Claim) -> StudyOutcome
     if not await asyncio.to_thread(claim.held):
         logger.warning("study %s: lost its claim while read (%s), no report", log_id, claim.lost)
         return StudyOutcome(uid, None, errors, log_id, elsewhere=claim.lost)
+    # in a pool process, never in this one's threads: the SR holds the GIL (off_loop)
     written, report.published = await cpu(
-        publish_report, [source, dest], report, pngs, evidence, run.publish
+        publish_report, [source, dest], report, pngs, evidence, run.publish, queue=True
     )
     errors += written
     logger.info(

@@ -43,7 +43,8 @@ class StudyOutcome:
 def study_cost(readings: Sequence[ModelReading], impression: Impression | None) -> float:
     """A study's cost in USD (its report's ``cost_usd``): every reading, cached ones at what
     they cost when they were made, and the synthesis call."""
-    return round(sum(r.cost_usd for r in readings) + (impression.cost_usd if impression else 0), 6)
+    known = sum(r.cost_usd or 0.0 for r in readings)  # an unknown cost is counted apart
+    return round(known + ((impression.cost_usd or 0.0) if impression else 0), 6)
 
 
 class Tally:
@@ -80,15 +81,17 @@ class Tally:
         s.input_tokens += sum(r.input_tokens for r in paid)
         s.estimated_input_tokens += sum(r.estimated_input_tokens for r in paid)
         s.output_tokens += sum(r.output_tokens for r in paid)
-        s.cost_usd = round(s.cost_usd + sum(r.cost_usd for r in paid), 6)
-        cached = sum(r.cost_usd for r in report.readings if r.cached)
+        s.cost_usd = round(s.cost_usd + sum(r.cost_usd or 0.0 for r in paid), 6)
+        s.unknown_cost_readings += sum(not r.cost_known for r in paid)
+        cached = sum(r.cost_usd or 0.0 for r in report.readings if r.cached)
         s.cached_cost_usd = round(s.cached_cost_usd + cached, 6)
         if report.impression is not None:  # the synthesis call (never cached)
             s.model_calls += 1
             s.requests += report.impression.requests
             s.input_tokens += report.impression.input_tokens
             s.output_tokens += report.impression.output_tokens
-            s.cost_usd = round(s.cost_usd + report.impression.cost_usd, 6)
+            s.cost_usd = round(s.cost_usd + (report.impression.cost_usd or 0.0), 6)
+            s.unknown_cost_readings += not report.impression.cost_known
         s.simulated = s.simulated or report.simulated
         s.fetched_bytes += report.fetched_bytes
         s.fetched_bytes_by_study[report.study_instance_uid] = report.fetched_bytes
