@@ -27,7 +27,7 @@ help:
 	@echo "make bench-reliability  hostile inputs, faults, crash/resume, PHI, injection, secrets"
 	@echo "make bench-pacs   screening time and bytes per study: DICOMweb (Orthanc) vs folder"
 	@echo "make bench-compare  provider comparison and --estimate: two simulated models"
-	@echo "make bench-limits  cost per call of runner.limits: global (Prefect global limits)"
+	@echo "make bench-limits  cost per call of limits: global (Prefect global limits)"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock Makefile
@@ -61,7 +61,7 @@ test: .venv/.compiled orthanc
 		|| (apt-get install -y -qq chromium >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the flow-run page screenshot check will be skipped"
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 test-unit: .venv/.compiled
 	.venv/bin/python -m pytest -q -m "not e2e"

@@ -1,4 +1,4 @@
-"""What one model call pays for ``runner.limits: global``: acquiring and releasing a slot of a
+"""What one model call pays for ``limits: global``: acquiring and releasing a slot of a
 Prefect global concurrency limit (``radflow-model-<name>``, leased) and taking a slot of a rate
 limit (``radflow-rpm-<name>``), against a real Prefect API (the test harness: a server on
 loopback with SQLite), one after the other and with callers in flight at once; and the same

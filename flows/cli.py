@@ -483,7 +483,7 @@ def serve(
     ] = True,
 ) -> None:
     """Serve the deployments of deployments/prefect.yaml in-process (no work pool); with
-    runner.limits: global, first create or update the models' limits (radflow limits sync)."""
+    limits: global, first create or update the models' limits (radflow limits sync)."""
     from flows.limits_cli import sync_from_config
     from flows.serve import DEFAULT_PREFECT_FILE
     from flows.serve import serve as serve_deployments
@@ -491,7 +491,7 @@ def serve(
 
     try:
         settings = load_settings(None)  # $RADFLOW_CONFIG or ./radflow.yaml, as the runs load it
-        if settings.runner.limits == "global":  # the runs' limits exist before any run starts
+        if settings.limits == "global":  # the runs' limits exist before any run starts
             Console().print(sync_from_config(settings))
         serve_deployments(prefect_file or DEFAULT_PREFECT_FILE, only, limit, poll_seconds, warm)
     except RadflowError as exc:

@@ -1,5 +1,5 @@
 """`radflow limits sync [--config FILE]`: create or update, on the Prefect server, the global
-concurrency and rate limits the config's models need with ``runner.limits: global``
+concurrency and rate limits the config's models need with ``limits: global``
 (tasks/models/limits.py), and print them."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["limits", "sync_from_config"]
 logger = logging.getLogger(__name__)
 
 limits = typer.Typer(
-    help="Prefect global limits of the models (runner.limits: global).", no_args_is_help=True
+    help="Prefect global limits of the models (limits: global).", no_args_is_help=True
 )
 
 

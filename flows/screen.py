@@ -86,7 +86,7 @@ async def screen(
             "no SOURCE or DEST: pass them, or set `source` and `output` in the config"
         )
     publish = publish_target(settings, source)  # a bad target fails before any work
-    if settings.runner.limits == "global":
+    if settings.limits == "global":
         await check_limits(settings)  # a missing limit fails here, before any model call
     src, dest = open_store(source, settings.storage), open_store(out, settings.storage)
     names = await asyncio.to_thread(log_names, dest, settings.privacy)

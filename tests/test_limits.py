@@ -1,4 +1,4 @@
-"""Panel-wide provider limits across processes (``runner.limits: global``): the limits a config
+"""Panel-wide provider limits across processes (``limits: global``): the limits a config
 needs, a run without them failing before any model call, and two `radflow screen` processes
 sharing one model's max_concurrency through a real Prefect API."""
 
@@ -40,9 +40,9 @@ STUDIES = 8  # per process; at 0.5 s a call, 2 in flight, the two runs read for 
 
 
 def _global_config(sim, tmp_path: Path, prefix: str, max_concurrency: int) -> Path:
-    """``sim_config`` with ``runner.limits: global``, the models renamed ``<prefix>-<name>``
+    """``sim_config`` with ``limits: global``, the models renamed ``<prefix>-<name>``
     (limits of the session's shared Prefect API are this test's own) at ``max_concurrency``."""
-    path = sim_config(sim, tmp_path, runner={"limits": "global"})
+    path = sim_config(sim, tmp_path, limits="global")
     config = yaml.safe_load(path.read_text())
     for model in config["models"]:
         model.update(name=f"{prefix}-{model['name']}", max_concurrency=max_concurrency)
@@ -67,7 +67,7 @@ def test_limit_specs_cover_every_model_and_fallback():
         LimitSpec(slot_name("small"), 3),
         LimitSpec(slot_name("b"), 8),
     ]
-    assert Settings().runner.limits == "local"
+    assert Settings().limits == "local"
     with pytest.raises(ValueError, match="limits"):
         Settings.model_validate({"runner": {"limits": "cluster"}})
 

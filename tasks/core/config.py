@@ -392,13 +392,6 @@ class RunnerConfig(_Strict):
         description='"flow-name/deployment-name" to run shards on a work pool with '
         "run_deployment; null = child flow runs in this process",
     )
-    limits: Literal["local", "global"] = Field(
-        "local",
-        description="where the models' max_concurrency and requests_per_minute hold: local = "
-        "within one process; global = also across every process and worker, as Prefect "
-        "global concurrency and rate limits (radflow-model-<name>, radflow-rpm-<name>; "
-        "create them with `radflow limits sync`); use global for shards on a work pool",
-    )
 
 
 class Settings(_Strict):
@@ -439,6 +432,13 @@ class Settings(_Strict):
     )
     max_studies_in_flight: int = Field(
         64, ge=1, le=4096, description="studies being read at once (bounds memory)"
+    )
+    limits: Literal["local", "global"] = Field(
+        "local",
+        description="where the models' max_concurrency and requests_per_minute hold: local = "
+        "within one process; global = also across every process and worker, as Prefect "
+        "global concurrency and rate limits (radflow-model-<name>, radflow-rpm-<name>; "
+        "create them with `radflow limits sync`); use global for shards on a work pool",
     )
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="process pool and shards for large runs"

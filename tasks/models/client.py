@@ -1,6 +1,6 @@
 """The SDK client of one configured model, made once per run and shared by every call to that
 model (the panel's readings and the synthesis): its endpoint, key, in-flight bound, request
-rate (per process, and with ``runner.limits: global`` also Prefect's global limits across
+rate (per process, and with ``limits: global`` also Prefect's global limits across
 processes: tasks/models/limits.py) and request counter; and the one construction path of the
 providers' SDK clients."""
 
@@ -143,7 +143,7 @@ class ModelClient:
     The bounds are asyncio primitives shared by every call of a flow run (one event loop):
     ``max_concurrency`` calls in flight (:meth:`call`) and ``requests_per_minute`` HTTP
     requests (each retry counts, through an httpx request hook). With ``global_limits``
-    (``runner.limits: global``) each call also holds a slot of the model's Prefect global
+    (``limits: global``) each call also holds a slot of the model's Prefect global
     concurrency limit and each request takes a slot of its rate limit, both strict.
     """
 

@@ -1,4 +1,4 @@
-"""Panel-wide provider limits across processes and machines (``runner.limits: global``): per
+"""Panel-wide provider limits across processes and machines (``limits: global``): per
 configured model a Prefect global concurrency limit ``radflow-model-<name>`` (its
 ``max_concurrency``) and, when it has ``requests_per_minute``, a rate limit
 ``radflow-rpm-<name>`` (slots decaying at rpm/60 per second); created or updated from the
@@ -116,7 +116,7 @@ async def sync_limits(settings: Settings) -> list[LimitSpec]:
 
 
 def _missing(name: str, reason: str) -> LimitMissing:
-    return LimitMissing(f'global limit "{name}" {reason} (runner.limits: global)')
+    return LimitMissing(f'global limit "{name}" {reason} (limits: global)')
 
 
 async def check_limits(settings: Settings) -> None:

@@ -121,7 +121,7 @@ class Reader:
         self.cache = cache
         self.gateway = settings.gateway
         self.stop = stop or Stop()
-        shared = settings.runner.limits == "global"
+        shared = settings.limits == "global"
         self.client = ModelClient(cfg, settings.gateway, global_limits=shared)
         # JSON mode from the start, or (auto) once the endpoint refused json_schema
         self.json_mode = cfg.structured_output is StructuredOutput.JSON_MODE
