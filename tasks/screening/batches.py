@@ -42,8 +42,7 @@ class Batch:
 @task(
     name="screen-studies",
     task_run_name="studies-{batch.label}",
-    retries=2,  # runner.retry_delays, set per run
-    retry_delay_seconds=[5, 30],
+    # retries and their delays: runner.retry_delays, set per run (_screen_batches)
     retry_condition_fn=retry_if_transient,  # only when a study failed in a transient way
     timeout_seconds=1800,
     cache_policy=NO_CACHE,
