@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks.core.config import RunnerConfig, load_settings
-from tasks.core.errors import ConfigError, retry_if_transient
+from tasks.core.errors import ConfigError, ProviderRejected, retry_if_transient
 from tasks.core.privacy import log_names, store_scheme
 from tasks.core.schema import RunSummary
 from tasks.ingest.discover import Inventory, Study, discover_studies
@@ -29,7 +29,7 @@ from tasks.screening.manifest import read_manifest, write_manifest
 from tasks.screening.monitor import RunMonitor, run_name, run_tags
 from tasks.screening.plan import fail_unreported, plan_shards, to_read
 from tasks.screening.pool import resolve_runner
-from tasks.screening.shards import check_deployment, on_deployment
+from tasks.screening.shards import check_deployment, on_deployment, shard_summary
 from tasks.screening.study import Screening
 from tasks.screening.summary import StudyOutcome, Tally
 from tasks.storage import Store, open_store
@@ -133,7 +133,8 @@ async def screen(
     stopped = None
     if settings.runner.shard_size and len(pending) > settings.runner.shard_size:
         child = {"source": source, "out": out, "config": config, "force": force}
-        await run_shards(pending, child, settings.runner, src, dest, tally)  # see "Scaling out"
+        # see "Scaling out"; a key or model id rejected in a shard stops the whole run
+        stopped = await run_shards(pending, child, settings.runner, src, dest, tally)
     elif pending:
         # `preprocess: auto` → threads or the process pool, by the size of this run
         settings = settings.model_copy(
@@ -197,20 +198,23 @@ async def run_shards(
     src: Store,
     dest: Store,
     tally: Tally,
-) -> None:
+) -> ProviderRejected | None:
     """Screen ``pending`` as shards of ``runner.shard_size`` studies, ``runner.shards_in_flight``
     at a time: each a child run of :func:`screen` (or of ``runner.shard_deployment``) with the
     ``child`` parameters and the key of the shard's manifest under DEST (its studies as found
     here: the child neither lists nor reads a header). Each shard's summary goes into ``tally``;
-    a shard that fails leaves error records for its studies without a report. The CLI's
+    a shard that fails leaves error records for its studies without a report. When a provider
+    rejects a key or model id in a shard, no further shard starts (their studies get error
+    records) and the rejection is returned: the run stops as a single run does. The CLI's
     progress hook is fed the children's studies, counted over the whole run."""
     logger = get_run_logger()
     if runner.shard_deployment:
-        await check_deployment(runner.shard_deployment)
+        await check_deployment(runner)
     hook = progress_hook.get()
     shards = plan_shards(pending, runner.shard_size)
     gate = asyncio.Semaphore(runner.shards_in_flight)
     done = 0
+    stopped: list[str] = []  # a provider rejected a key or model id in a shard: no new shard
 
     def count(_done: int, _total: int, outcome: StudyOutcome | None) -> None:
         nonlocal done
@@ -221,6 +225,10 @@ async def run_shards(
     async def one(index: int, studies: list[Study]) -> None:
         name = f"screen-shard-{index + 1:04d}-of-{len(shards):04d}"
         async with gate:
+            if stopped:  # not read: error records, and a rerun reads them
+                for study in studies:
+                    tally.add_unread(fail_unreported(dest, study, f"not read: {stopped[0]}"))
+                return
             logger.info("shard %d/%d: %d studies", index + 1, len(shards), len(studies))
             try:
                 key = await asyncio.to_thread(
@@ -228,9 +236,14 @@ async def run_shards(
                 )
                 params = child | {"manifest": key}
                 if runner.shard_deployment:
-                    summary = await on_deployment(runner.shard_deployment, params, dest)
+                    summary = await on_deployment(
+                        runner.shard_deployment, params, dest, runner.shard_attempts
+                    )
                 else:
-                    summary = await screen.with_options(flow_run_name=name)(**params)
+                    state = await screen.with_options(flow_run_name=name)(
+                        **params, return_state=True
+                    )
+                    summary = shard_summary(state, name, dest)
             except Exception as exc:  # noqa: BLE001 — a failed shard becomes error records
                 reason = f"shard {index + 1}/{len(shards)} failed: {exc}"
                 logger.error("%s", reason)
@@ -238,9 +251,12 @@ async def run_shards(
                     tally.add_unread(fail_unreported(dest, study, reason))
                 return
         tally.merge(summary)
+        if summary.stopped:
+            stopped.append(summary.stopped)
 
     token = progress_hook.set(count if hook else None)
     try:
         await asyncio.gather(*(one(i, studies) for i, studies in enumerate(shards)))
     finally:
         progress_hook.reset(token)
+    return ProviderRejected(stopped[0]) if stopped else None

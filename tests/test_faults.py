@@ -248,6 +248,35 @@ def test_bad_key_stops_the_run_and_a_rerun_reads_everything(prefect_harness, tmp
     )
 
 
+@pytest.mark.e2e
+def test_bad_key_in_one_shard_stops_the_whole_sharded_run(prefect_harness, tmp_path):
+    """Four shards of three, one at a time: the first shard's rejected key stops the parent
+    (same error, exit as a single run), no further shard starts, every study has its error
+    record, none a report."""
+    source, dest = tmp_path / "studies", tmp_path / "out"
+    build_sample_folder(source, synthetic=12, real=False, junk=False)
+    config = tmp_path / "radflow.yaml"
+    with running_simulator("--faults", "401:1@claude-sonnet-4-6") as sim:
+        models = [sim_model(sim, "openai", name="gpt"), sim_model(sim, "anthropic", name="claude")]
+        runner = {"shard_size": 3, "shards_in_flight": 1}
+        config.write_text(yaml.safe_dump({"language": "en", "models": models, "runner": runner}))
+        with pytest.raises(ProviderRejected) as stopped:
+            asyncio.run(screen(str(source), str(dest), str(config)))
+        calls = sim.stats()["requests"]
+    assert 'model "claude"' in str(stopped.value) and KEY_ENV in str(stopped.value)
+    assert calls["claude-sonnet-4-6"] <= 3 and calls.get("gpt-4o", 0) <= 3  # the first shard's
+    assert not read_reports(dest)
+    errors = read_errors(dest)
+    assert len({e["study_instance_uid"] for e in errors}) == 12
+    parent = [
+        json.loads(p.read_text())
+        for p in (dest / "runs").glob("*.json")
+        if json.loads(p.read_text())["shards"]
+    ]
+    assert len(parent) == 1 and len(parent[0]["shards"]) == 1  # no second shard started
+    assert 'model "claude"' in parent[0]["stopped"] and parent[0]["errors"] >= 12
+
+
 # ---- the worked gateway example of docs/models.md -------------------------------------------
 
 

@@ -392,6 +392,21 @@ class RunnerConfig(_Strict):
         description='"flow-name/deployment-name" to run shards on a work pool with '
         "run_deployment; null = child flow runs in this process",
     )
+    shard_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="runs of a shard on the work pool while its run crashes (a worker died): "
+        "a re-run skips the studies reported and takes answered calls from the cache",
+    )
+    shard_silence_seconds: float = Field(
+        600,
+        ge=30,
+        le=86_400,
+        description="a shard run sending no heartbeat this long is marked Crashed (and re-run); "
+        "above the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's default 180 s): "
+        "with 30 s heartbeats, 90 s detects a lost worker quickly",
+    )
 
 
 class Settings(_Strict):

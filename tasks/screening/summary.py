@@ -122,6 +122,8 @@ class Tally:
                 current.extend(value)
             elif isinstance(value, dict):
                 current.update(value)
+        # a re-run shard (its first run crashed) skips what that run reported: reported here
+        s.reported += shard.skipped
         merge_models(s.models, shard.models)
         s.shards.append(shard.run_id)
 
