@@ -27,7 +27,7 @@ from tasks.review.requests import request_reviews
 from tasks.screening.batches import screened, warm_up
 from tasks.screening.manifest import read_manifest, write_manifest
 from tasks.screening.monitor import RunMonitor, run_name, run_tags
-from tasks.screening.plan import fail_unreported, plan_shards, to_read
+from tasks.screening.plan import earlier_reports, fail_unreported, plan_shards, to_read
 from tasks.screening.pool import resolve_runner
 from tasks.screening.shards import check_deployment, on_deployment, shard_summary
 from tasks.screening.study import Screening
@@ -123,6 +123,9 @@ async def screen(
         ),
         names,
     )
+    if manifest is not None and skipped:  # a re-run shard: its crashed run's readings count
+        for report in await asyncio.to_thread(earlier_reports, dest, studies, pending):
+            tally.add_earlier(report)
     hook = progress_hook.get()
     if hook:
         hook(0, len(pending), None)

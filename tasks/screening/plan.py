@@ -14,7 +14,14 @@ from tasks.reports.write import reported, study_errors, write_error, write_error
 from tasks.screening.summary import StudyOutcome
 from tasks.storage import Store
 
-__all__ = ["already_reported", "fail_unread", "fail_unreported", "plan_shards", "to_read"]
+__all__ = [
+    "already_reported",
+    "earlier_reports",
+    "fail_unread",
+    "fail_unreported",
+    "plan_shards",
+    "to_read",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,18 @@ def to_read(
 ) -> list[Study]:
     """The studies a run reads: all with ``force``, else those not already reported."""
     return [s for s in studies if force or not already_reported(dest, s, publish)]
+
+
+def earlier_reports(dest: Store, studies: Sequence[Study], pending: Sequence[Study]) -> list[dict]:
+    """The report.json of each of ``studies`` not ``pending``: in a re-run shard, what its
+    crashed run reported."""
+    read = {s.study_instance_uid for s in pending}
+    found = (
+        reported(dest, s.study_instance_uid, s.fingerprint)
+        for s in studies
+        if s.study_instance_uid not in read
+    )
+    return [r for r in found if r is not None]
 
 
 def plan_shards(studies: Sequence[Study], size: int) -> list[list[Study]]:

@@ -104,6 +104,13 @@ class Tally:
         self._votes.append([r.abnormal if r.ok else None for r in report.readings])
         self.rows.append(result_row(report, s.dest, self.names))
 
+    def add_earlier(self, report: dict) -> None:
+        """The panel's votes on a study a re-run shard skips: its crashed run reported it
+        (``report``: the report.json), so it is one of this run's kappa subjects."""
+        self._votes.append(
+            [r.get("abnormal") if r.get("ok") else None for r in report.get("readings", [])]
+        )
+
     def merge(self, shard: RunSummary) -> None:
         """Add a shard's counts, costs, review queue and votes, and list the shard's run."""
         s = self.summary
@@ -123,6 +130,7 @@ class Tally:
             elif isinstance(value, dict):
                 current.update(value)
         # a re-run shard (its first run crashed) skips what that run reported: reported here
+        # (its votes are in the shard's, add_earlier)
         s.reported += shard.skipped
         merge_models(s.models, shard.models)
         s.shards.append(shard.run_id)
