@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 runs = typer.Typer(help="Run summaries (DEST/runs/<id>.json): compare runs.", no_args_is_help=True)
 
 # (row key, column heading) of the table; the rows come from tasks.screening.compare
+# (the cost columns say "(N of M calls)" when only N calls' cost is known)
 _COLUMNS = (
     ("model", "model"),
     ("provider", "provider"),
@@ -48,6 +49,7 @@ _COLUMNS = (
     ("cost_per_study_usd", "$/study"),
     ("agreement", "agree"),
 )
+_COST_KEYS = ("cost_usd", "cost_per_study_usd")
 
 
 def _cell(value: Any) -> str:
@@ -60,14 +62,21 @@ def _cell(value: Any) -> str:
 
 def comparison_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
     """A rich table of :func:`tasks.screening.compare.comparison_rows` (with a run column
-    when the rows have one)."""
+    when the rows have one); a partial cost is marked with the calls it covers."""
+    from tasks.screening.compare import cost_note
+
     columns = ([("run", "run")] if rows and "run" in rows[0] else []) + list(_COLUMNS)
     table = Table(title=title, title_justify="left")
     for key, heading in columns:
         numeric = key not in ("run", "model", "provider", "model_id", "host")
         table.add_column(heading, justify="right" if numeric else "left", no_wrap=key == "run")
     for row in rows:
-        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+        table.add_row(
+            *(
+                _cell(row.get(key)) + (cost_note(row) if key in _COST_KEYS else "")
+                for key, _ in columns
+            )
+        )
     return table
 
 
@@ -154,10 +163,11 @@ def _read_summary(uri: str, storage: Any) -> RunSummary:
 
 def plot_comparison(summaries: Sequence[tuple[str, RunSummary]], path: Path) -> None:
     """A PNG: each (run, model)'s latency distribution (calls per latency bucket, log scale)
-    beside its cost per study."""
+    beside its cost per study (over the calls whose cost is known: a partial bar is labelled
+    with the calls it covers, a model without any known cost has no bar, "cost unknown")."""
     from matplotlib.figure import Figure
 
-    from tasks.screening.compare import comparison_rows, latency_samples
+    from tasks.screening.compare import comparison_rows, cost_note, latency_samples
 
     fig = Figure(figsize=(11, 4.5))
     latency, cost = fig.subplots(1, 2)
@@ -170,8 +180,9 @@ def plot_comparison(summaries: Sequence[tuple[str, RunSummary]], path: Path) -> 
             if points:
                 xs, ns = zip(*points, strict=True)
                 latency.step(xs, ns, where="mid", label=label)
-            labels.append(label)
-            costs.append(row["cost_per_study_usd"] or 0.0)
+            per_study = row["cost_per_study_usd"]
+            labels.append(label + (cost_note(row) if per_study is not None else " (cost unknown)"))
+            costs.append(per_study or 0.0)  # no bar when unknown: the label says so
     latency.set_xscale("log")
     latency.set_xlabel("latency per call (ms, buckets of ×1.1)")
     latency.set_ylabel("calls")
@@ -179,7 +190,7 @@ def plot_comparison(summaries: Sequence[tuple[str, RunSummary]], path: Path) -> 
     if labels:
         latency.legend(fontsize="small")
     cost.barh(labels, costs)
-    cost.set_xlabel("USD per study (calls)")
+    cost.set_xlabel("USD per study (calls whose cost is known)")
     cost.set_title("cost per study")
     if any(s.simulated for _, s in summaries):
         fig.suptitle("SIMULATED readings (radflow simulator, a test double)")
