@@ -5,23 +5,18 @@ prints as it ends."""
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.console import fail
+from flows.console import fail, out_console
 from tasks.core.errors import RadflowError
 from tasks.core.schema import ModelStats, RunSummary
 
-if TYPE_CHECKING:
-    from tasks.screening.estimate import RunEstimate
-
-__all__ = ["comparison_table", "print_comparison", "print_estimate", "runs"]
+__all__ = ["comparison_table", "print_comparison", "runs"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +75,6 @@ def comparison_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
     return table
 
 
-def _console() -> Console:
-    """Every column also when the output is not a terminal (rich assumes 80 columns)."""
-    return Console(width=None if sys.stdout.isatty() else 260)
-
-
 def print_comparison(summary: RunSummary) -> None:
     """The provider comparison of a finished run, as the screen command's closing table."""
     from tasks.screening.compare import comparison_rows
@@ -92,55 +82,7 @@ def print_comparison(summary: RunSummary) -> None:
     if not summary.models:
         return
     title = "provider comparison" + (" (SIMULATED readings)" if summary.simulated else "")
-    _console().print(comparison_table(comparison_rows(summary.models), title))
-
-
-def print_estimate(estimate: RunEstimate) -> None:
-    """``radflow screen --estimate``: per model the requests' tokens and their cost, and the
-    total (input exactly as priced; output at most each model's max_output_tokens)."""
-    table = Table(
-        title=f"estimate: {estimate.to_read} of {estimate.studies} studies to read "
-        f"({estimate.unreadable} without a renderable image, {estimate.errors} error records); "
-        "no model called",
-        title_justify="left",
-    )
-    headings = ("model", "provider", "model id", "cached", "calls", "images", "img tok", "text tok")
-    for heading in headings:
-        table.add_column(heading, justify="left" if heading[0] in "mp" else "right")
-    for heading in ("in tok", "input $", "max out tok", "max total $"):
-        table.add_column(heading, justify="right")
-    for m in estimate.models:
-        table.add_row(
-            m.cfg.name,
-            m.cfg.provider.value,
-            m.cfg.model,
-            str(m.cached),
-            str(m.calls),
-            str(m.images),
-            str(m.image_tokens),
-            str(m.text_tokens),
-            str(m.input_tokens),
-            f"{m.input_cost_usd:.4f}",
-            str(m.max_output_tokens),
-            f"{m.max_cost_usd:.4f}",
-        )
-    models = estimate.models
-    table.add_row(
-        "total",
-        "",
-        "",
-        str(sum(m.cached for m in models)),
-        str(sum(m.calls for m in models)),
-        str(sum(m.images for m in models)),
-        str(sum(m.image_tokens for m in models)),
-        str(sum(m.text_tokens for m in models)),
-        str(sum(m.input_tokens for m in models)),
-        f"{sum(m.input_cost_usd for m in models):.4f}",
-        str(sum(m.max_output_tokens for m in models)),
-        f"{sum(m.max_cost_usd for m in models):.4f}",
-        end_section=True,
-    )
-    _console().print(table)
+    out_console().print(comparison_table(comparison_rows(summary.models), title))
 
 
 def _read_summary(uri: str, storage: Any) -> RunSummary:
@@ -224,10 +166,10 @@ def compare(
     title = f"provider comparison of {len(loaded)} run(s)" + (
         " (SIMULATED readings)" if simulated else ""
     )
-    _console().print(comparison_table(rows, title))
+    out_console().print(comparison_table(rows, title))
     for uri, s in loaded:
         if not s.models:
-            _console().print(f"{uri}: no model calls recorded", highlight=False)
+            out_console().print(f"{uri}: no model calls recorded", highlight=False)
     if plot is not None:
         plot_comparison([(s.run_id, s) for _, s in loaded], plot)
-        _console().print(f"plot → {plot}", highlight=False)
+        out_console().print(f"plot → {plot}", highlight=False)
