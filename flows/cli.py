@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +10,7 @@ import typer
 from rich.console import Console
 
 from flows.console import err, fail
+from flows.screen_cli import screen
 from tasks.core.config import PreprocessConfig, Provider, WindowName
 from tasks.core.errors import ConfigError, RadflowError
 
@@ -22,89 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-@app.command()
-def screen(
-    source: Annotated[
-        str,
-        typer.Argument(
-            help="s3://bucket/prefix, a local folder, or a PACS: dicomweb+http(s)://HOST:PORT/PATH"
-            "[?QIDO filters, e.g. StudyDate=20260101-20261231&ModalitiesInStudy=CT]"
-        ),
-    ],
-    out: Annotated[str, typer.Option("--out", help="destination: s3://bucket/prefix or a folder")],
-    config: Annotated[
-        Path | None, typer.Option(help="config YAML (else $RADFLOW_CONFIG, ./radflow.yaml)")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="screen at most N studies")] = None,
-    force: Annotated[bool, typer.Option(help="re-read studies that are already reported")] = False,
-    estimate: Annotated[
-        bool,
-        typer.Option(
-            help="discover and preprocess only: print each model's tokens and cost; no model "
-            "is called, no report is written"
-        ),
-    ] = False,
-) -> None:
-    """Screen every study under SOURCE and write reports under DEST."""
-    from flows.progress import run_with_progress
-    from flows.runs_cli import print_comparison, print_estimate
-    from flows.screen import screen as screen_flow
-    from tasks.core.config import load_settings
-    from tasks.core.errors import PacsError
-    from tasks.pacs.publish import check_pacs_settings, pacs_line
-    from tasks.screening.study import MODELS_MODULE
-    from tasks.storage import open_store
-
-    try:
-        settings = load_settings(config)  # fail fast, before a Prefect run exists
-        check_pacs_settings(settings, source, out)
-        for uri in (source, out):
-            open_store(uri, settings.storage)  # a missing bucket or a 401: one line, no run
-        if estimate:
-            from tasks.screening.estimate import estimate_run
-
-            print_estimate(estimate_run(source, out, settings, limit, force))
-            return
-        # the panel and both model SDKs (~1.5-2 s) load while Prefect starts the flow run (its
-        # API calls, or its temporary server); the run's Screening.start waits for them
-        threading.Thread(
-            target=importlib.import_module, args=(MODELS_MODULE,), name="import-models", daemon=True
-        ).start()
-        summary = run_with_progress(
-            screen_flow(
-                source=source,
-                out=out,
-                config=str(config) if config else None,
-                limit=limit,
-                force=force,
-            )
-        )
-    except RadflowError as exc:
-        raise fail(exc) from None
-    elsewhere = summary.claimed_elsewhere
-    Console().print(
-        f"reported {summary.reported}/{summary.studies} studies ({summary.skipped} skipped, "
-        + (f"{elsewhere} claimed by other runs, " if elsewhere else "")
-        + f"{summary.degraded} degraded, "
-        f"{summary.needs_review} for review, {summary.errors} error records), "
-        f"{summary.model_calls} model calls, ${summary.cost_usd:.4f}"
-        + (
-            f" (+ {summary.unknown_cost_readings} readings of unknown cost: no usage)"
-            if summary.unknown_cost_readings
-            else ""
-        )
-        + f" → {out}"
-        + (f"; {summary.reviews_requested} review runs" if summary.reviews_requested else "")
-        + ("  [SIMULATED readings]" if summary.simulated else ""),
-        highlight=False,
-    )
-    print_comparison(summary)
-    if summary.fetched_bytes or summary.discovery_bytes:
-        Console().print(pacs_line(summary), highlight=False)
-    if summary.publish_failed:
-        failed = len(summary.publish_failed)
-        raise fail(PacsError(f"{failed} SRs not published (see report.json: published)"), 1)
+app.command()(screen)  # `radflow screen` (flows/screen_cli.py): the first command
 
 
 @app.command()

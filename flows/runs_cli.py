@@ -5,29 +5,25 @@ prints as it ends."""
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.console import fail
+from flows.console import fail, out_console
 from tasks.core.errors import RadflowError
 from tasks.core.schema import ModelStats, RunSummary
 
-if TYPE_CHECKING:
-    from tasks.screening.estimate import RunEstimate
-
-__all__ = ["comparison_table", "print_comparison", "print_estimate", "runs"]
+__all__ = ["comparison_table", "print_comparison", "runs"]
 
 logger = logging.getLogger(__name__)
 
 runs = typer.Typer(help="Run summaries (DEST/runs/<id>.json): compare runs.", no_args_is_help=True)
 
 # (row key, column heading) of the table; the rows come from tasks.screening.compare
+# (the cost columns say "(N of M calls)" when only N calls' cost is known)
 _COLUMNS = (
     ("model", "model"),
     ("provider", "provider"),
@@ -48,6 +44,7 @@ _COLUMNS = (
     ("cost_per_study_usd", "$/study"),
     ("agreement", "agree"),
 )
+_COST_KEYS = ("cost_usd", "cost_per_study_usd")
 
 
 def _cell(value: Any) -> str:
@@ -60,20 +57,22 @@ def _cell(value: Any) -> str:
 
 def comparison_table(rows: Sequence[Mapping[str, Any]], title: str) -> Table:
     """A rich table of :func:`tasks.screening.compare.comparison_rows` (with a run column
-    when the rows have one)."""
+    when the rows have one); a partial cost is marked with the calls it covers."""
+    from tasks.screening.compare import cost_note
+
     columns = ([("run", "run")] if rows and "run" in rows[0] else []) + list(_COLUMNS)
     table = Table(title=title, title_justify="left")
     for key, heading in columns:
         numeric = key not in ("run", "model", "provider", "model_id", "host")
         table.add_column(heading, justify="right" if numeric else "left", no_wrap=key == "run")
     for row in rows:
-        table.add_row(*(_cell(row.get(key)) for key, _ in columns))
+        table.add_row(
+            *(
+                _cell(row.get(key)) + (cost_note(row) if key in _COST_KEYS else "")
+                for key, _ in columns
+            )
+        )
     return table
-
-
-def _console() -> Console:
-    """Every column also when the output is not a terminal (rich assumes 80 columns)."""
-    return Console(width=None if sys.stdout.isatty() else 260)
 
 
 def print_comparison(summary: RunSummary) -> None:
@@ -83,55 +82,7 @@ def print_comparison(summary: RunSummary) -> None:
     if not summary.models:
         return
     title = "provider comparison" + (" (SIMULATED readings)" if summary.simulated else "")
-    _console().print(comparison_table(comparison_rows(summary.models), title))
-
-
-def print_estimate(estimate: RunEstimate) -> None:
-    """``radflow screen --estimate``: per model the requests' tokens and their cost, and the
-    total (input exactly as priced; output at most each model's max_output_tokens)."""
-    table = Table(
-        title=f"estimate: {estimate.to_read} of {estimate.studies} studies to read "
-        f"({estimate.unreadable} without a renderable image, {estimate.errors} error records); "
-        "no model called",
-        title_justify="left",
-    )
-    headings = ("model", "provider", "model id", "cached", "calls", "images", "img tok", "text tok")
-    for heading in headings:
-        table.add_column(heading, justify="left" if heading[0] in "mp" else "right")
-    for heading in ("in tok", "input $", "max out tok", "max total $"):
-        table.add_column(heading, justify="right")
-    for m in estimate.models:
-        table.add_row(
-            m.cfg.name,
-            m.cfg.provider.value,
-            m.cfg.model,
-            str(m.cached),
-            str(m.calls),
-            str(m.images),
-            str(m.image_tokens),
-            str(m.text_tokens),
-            str(m.input_tokens),
-            f"{m.input_cost_usd:.4f}",
-            str(m.max_output_tokens),
-            f"{m.max_cost_usd:.4f}",
-        )
-    models = estimate.models
-    table.add_row(
-        "total",
-        "",
-        "",
-        str(sum(m.cached for m in models)),
-        str(sum(m.calls for m in models)),
-        str(sum(m.images for m in models)),
-        str(sum(m.image_tokens for m in models)),
-        str(sum(m.text_tokens for m in models)),
-        str(sum(m.input_tokens for m in models)),
-        f"{sum(m.input_cost_usd for m in models):.4f}",
-        str(sum(m.max_output_tokens for m in models)),
-        f"{sum(m.max_cost_usd for m in models):.4f}",
-        end_section=True,
-    )
-    _console().print(table)
+    out_console().print(comparison_table(comparison_rows(summary.models), title))
 
 
 def _read_summary(uri: str, storage: Any) -> RunSummary:
@@ -154,10 +105,11 @@ def _read_summary(uri: str, storage: Any) -> RunSummary:
 
 def plot_comparison(summaries: Sequence[tuple[str, RunSummary]], path: Path) -> None:
     """A PNG: each (run, model)'s latency distribution (calls per latency bucket, log scale)
-    beside its cost per study."""
+    beside its cost per study (over the calls whose cost is known: a partial bar is labelled
+    with the calls it covers, a model without any known cost has no bar, "cost unknown")."""
     from matplotlib.figure import Figure
 
-    from tasks.screening.compare import comparison_rows, latency_samples
+    from tasks.screening.compare import comparison_rows, cost_note, latency_samples
 
     fig = Figure(figsize=(11, 4.5))
     latency, cost = fig.subplots(1, 2)
@@ -170,8 +122,9 @@ def plot_comparison(summaries: Sequence[tuple[str, RunSummary]], path: Path) -> 
             if points:
                 xs, ns = zip(*points, strict=True)
                 latency.step(xs, ns, where="mid", label=label)
-            labels.append(label)
-            costs.append(row["cost_per_study_usd"] or 0.0)
+            per_study = row["cost_per_study_usd"]
+            labels.append(label + (cost_note(row) if per_study is not None else " (cost unknown)"))
+            costs.append(per_study or 0.0)  # no bar when unknown: the label says so
     latency.set_xscale("log")
     latency.set_xlabel("latency per call (ms, buckets of ×1.1)")
     latency.set_ylabel("calls")
@@ -179,7 +132,7 @@ def plot_comparison(summaries: Sequence[tuple[str, RunSummary]], path: Path) -> 
     if labels:
         latency.legend(fontsize="small")
     cost.barh(labels, costs)
-    cost.set_xlabel("USD per study (calls)")
+    cost.set_xlabel("USD per study (calls whose cost is known)")
     cost.set_title("cost per study")
     if any(s.simulated for _, s in summaries):
         fig.suptitle("SIMULATED readings (radflow simulator, a test double)")
@@ -213,10 +166,10 @@ def compare(
     title = f"provider comparison of {len(loaded)} run(s)" + (
         " (SIMULATED readings)" if simulated else ""
     )
-    _console().print(comparison_table(rows, title))
+    out_console().print(comparison_table(rows, title))
     for uri, s in loaded:
         if not s.models:
-            _console().print(f"{uri}: no model calls recorded", highlight=False)
+            out_console().print(f"{uri}: no model calls recorded", highlight=False)
     if plot is not None:
         plot_comparison([(s.run_id, s) for _, s in loaded], plot)
-        _console().print(f"plot → {plot}", highlight=False)
+        out_console().print(f"plot → {plot}", highlight=False)

@@ -15,15 +15,18 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.runs_cli import _COLUMNS
 from tasks.core.privacy import LogNames
 from tasks.core.schema import ModelReading, ModelStats, RunSummary
 from tasks.screening.compare import (
     add_report,
     bucket_of,
     comparison_rows,
+    cost_note,
     latency_percentile,
     merge_models,
 )
+from tasks.screening.monitor import summary_markdown
 from tasks.screening.summary import StudyOutcome, Tally
 from tests.helpers import make_report, run_screen, sim_calls, sim_config
 
@@ -94,6 +97,72 @@ def test_counts_per_model_from_reports():
                 agreed += mine.abnormal == consensus
         assert (stats.compared, stats.agreed) == (compared, agreed)
         assert 0 < stats.agreed < stats.compared
+
+
+def _unknown_cost_run(tmp_path: Path) -> Path:
+    """A run summary of 12 studies: gpt-4o's answers on every third study had no usage (cost
+    unknown), claude's never had any; written where `radflow runs compare` reads it."""
+    rng = random.Random(5)
+    tally = Tally(_summary("run-partial"), LogNames())
+    no_usage = dict(cost_usd=None, cost_known=False, input_tokens=0, output_tokens=0)
+    for i in range(1, 13):
+        gpt = _reading("gpt-4o", True, rng.uniform(200, 900), cost_usd=0.002 * i)
+        if i % 3 == 0:
+            gpt = gpt.model_copy(update=no_usage)
+        claude = _reading("claude", True, rng.uniform(200, 900), **no_usage)
+        report = make_report(f"1.2.{i}", [gpt, claude])
+        tally.add(StudyOutcome(report.study_instance_uid, report))
+    path = tmp_path / "runs" / "run-partial.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tally.finish().model_dump_json())
+    return path
+
+
+def test_cost_per_study_is_over_the_calls_whose_cost_is_known(tmp_path):
+    run = RunSummary.model_validate_json(_unknown_cost_run(tmp_path).read_text())
+    rows = {r["model"]: r for r in comparison_rows(run.models)}
+    gpt, claude = rows["gpt-4o"], rows["claude"]
+    known = [0.002 * i for i in range(1, 13) if i % 3]
+    assert (gpt["calls"], gpt["cost_known"]) == (12, 8)
+    assert gpt["cost_usd"] == pytest.approx(sum(known))
+    assert gpt["cost_per_study_usd"] == pytest.approx(sum(known) / 8)  # not / 12
+    assert (claude["calls"], claude["cost_known"]) == (12, 0)
+    assert claude["cost_usd"] is None and claude["cost_per_study_usd"] is None  # not $0
+    assert cost_note(gpt) == " (8 of 12 calls)" and cost_note(claude) == " (0 of 12 calls)"
+    # all calls' cost known: nothing to mark; no call at all (all cached): no cost per study
+    full = ModelStats(calls=4, cost_usd=0.02)
+    cached = ModelStats(readings=3, cached=3)
+    [full_row, cached_row] = comparison_rows({"full": full, "cached": cached})
+    assert full_row["cost_per_study_usd"] == pytest.approx(0.005) and cost_note(full_row) == ""
+    assert cached_row["cost_usd"] == 0 and cached_row["cost_per_study_usd"] is None
+
+    # the Markdown summary (the screen-summary artifact): the run's cost and each model's
+    summary_md = summary_markdown(run, [], "runs/run-partial.json", LogNames())
+    lines = summary_md.splitlines()
+    run_row = lines[next(i for i, line in enumerate(lines) if "model calls" in line) + 2]
+    assert run_row.endswith(f" | {sum(known):.4f} (8 of 24 calls) |")
+    model_rows = {line.split(" | ")[0]: line for line in summary_md.splitlines()}
+    assert f" | {sum(known):.4f} (8 of 12 calls) | " in model_rows["| gpt-4o"]
+    assert " | - (0 of 12 calls) | " in model_rows["| claude"]
+
+
+def test_runs_compare_marks_a_partial_cost(tmp_path):
+    path = _unknown_cost_run(tmp_path)
+    plot = tmp_path / "partial.png"
+    result = CliRunner().invoke(app, ["runs", "compare", str(path), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    cells = {}
+    for line in result.output.splitlines():
+        row = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(row) > 2 and row[1] in ("gpt-4o", "claude"):
+            cells[row[1]] = row
+    headings = [h for _, h in [("run", "run"), *_COLUMNS]]
+    gpt = dict(zip(headings, cells["gpt-4o"], strict=True))
+    claude = dict(zip(headings, cells["claude"], strict=True))
+    per_study = sum(0.002 * i for i in range(1, 13) if i % 3) / 8
+    assert gpt["$/study"] == f"{per_study:.4g} (8 of 12 calls)"
+    assert claude["cost $"] == claude["$/study"] == "- (0 of 12 calls)"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_latency_percentiles_from_buckets_are_within_five_percent():

@@ -19,6 +19,7 @@ from simulator.process import running_simulator
 from simulator.samples import build_sample_folder
 from tasks.core.config import Settings
 from tasks.core.errors import ProviderRejected
+from tasks.core.schema import RunSummary
 from tasks.models.answers import plain_refusal, refused_error
 from tasks.models.panel import Panel, load_prompt
 from tests.helpers import (
@@ -27,6 +28,8 @@ from tests.helpers import (
     read_errors,
     read_many,
     read_reports,
+    run_screen,
+    sim_config,
     sim_model,
     sim_settings,
     tiny_png,
@@ -297,3 +300,31 @@ def test_gateway_worked_example_reads_with_both_sdks(simulator):
     assert via_openai.response_model == "radflow-simulator/anthropic/claude-sonnet-4-6"
     for model_id in ("gpt-4o", "claude-sonnet-4-6", "anthropic/claude-sonnet-4-6"):
         assert after[model_id] - before.get(model_id, 0) == 1
+
+
+@pytest.mark.e2e
+def test_cost_per_study_over_the_calls_with_usage(prefect_harness, tmp_path):
+    """Half of gpt-4o's answers without usage: its cost per study is over the others, and the
+    table `radflow screen` ends with says how many calls that is."""
+    from tasks.screening.compare import comparison_rows
+
+    source, dest = tmp_path / "studies", tmp_path / "out"
+    build_sample_folder(source, synthetic=10, real=False, junk=False)
+    with running_simulator("--faults", "no_usage:0.5@gpt-4o") as sim:
+        proc = run_screen(source, dest, sim_config(sim, tmp_path), api_url=prefect_harness)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [summary_file] = (dest / "runs").glob("*.json")
+    run = RunSummary.model_validate_json(summary_file.read_text())
+    gpt = [r for rep in read_reports(dest).values() for r in rep.readings if r.model == "gpt-4o"]
+    known = [r.cost_usd for r in gpt if r.cost_known]
+    assert len(gpt) == 10 and 0 < len(known) < 10  # the seeded draw: some of each
+    row = {r["model"]: r for r in comparison_rows(run.models)}["gpt-4o"]
+    assert (row["calls"], row["cost_known"]) == (10, len(known))
+    assert row["cost_per_study_usd"] == pytest.approx(sum(known) / len(known), abs=1e-6)
+    claude = {r["model"]: r for r in comparison_rows(run.models)}["claude"]
+    assert claude["cost_known"] == claude["calls"] == 10
+    table = [line for line in proc.stdout.splitlines() if "│" in line]
+    [gpt_line] = [line for line in table if "gpt-4o" in line and "openai" in line]
+    assert gpt_line.count(f"({len(known)} of 10 calls)") == 2  # cost $ and $/study
+    [claude_line] = [line for line in table if "claude-sonnet-4-6" in line]
+    assert "calls)" not in claude_line

@@ -326,7 +326,7 @@ class ModelStats(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     image_tokens: int = Field(0, description="estimated image input tokens of the calls")
-    cost_usd: float = Field(0.0, description="cost of the calls")
+    cost_usd: float = Field(0.0, description="cost of the calls whose cost is known")
     unknown_cost: int = Field(0, description="calls whose answer had no usage (cost unknown)")
     compared: int = Field(0, description="studies with this model's reading and a consensus")
     agreed: int = Field(0, description="of those, readings whose abnormal matches the consensus")

@@ -20,6 +20,7 @@ __all__ = [
     "add_report",
     "bucket_of",
     "comparison_rows",
+    "cost_note",
     "latency_percentile",
     "latency_samples",
     "merge_models",
@@ -105,6 +106,13 @@ def merge_models(into: dict[str, ModelStats], other: Mapping[str, ModelStats]) -
                 setattr(mine, field, value)
 
 
+def cost_note(row: Mapping[str, Any]) -> str:
+    """How a row's cost is to be read beside its figure: "" when every call's cost is known,
+    " (N of M calls)" when the cost covers only N of the M calls (the others had no usage)."""
+    calls, known = row["calls"], row["cost_known"]
+    return f" ({known} of {calls} calls)" if known < calls else ""
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -113,9 +121,15 @@ def comparison_rows(
     models: Mapping[str, ModelStats], run: str | None = None
 ) -> list[dict[str, Any]]:
     """One row per model (a table artifact's rows, the CLI's table): ``run`` first when
-    given (``radflow runs compare``)."""
+    given (``radflow runs compare``).
+
+    Cost is over the calls whose answer had usage: ``cost_known`` of ``calls``. The others'
+    cost is unknown, not zero, so ``cost_usd`` is the known calls' sum and
+    ``cost_per_study_usd`` that sum over ``cost_known`` (partial when ``cost_known < calls``),
+    and both are None when calls were made and no cost is known."""
     rows = []
     for name, s in models.items():
+        known = s.calls - s.unknown_cost
         row: dict[str, Any] = {"run": run} if run is not None else {}
         row |= {
             "model": name,
@@ -134,8 +148,9 @@ def comparison_rows(
             "input_tokens": s.input_tokens,
             "output_tokens": s.output_tokens,
             "image_tokens": s.image_tokens,
-            "cost_usd": round(s.cost_usd, 6),
-            "cost_per_study_usd": round(s.cost_usd / s.calls, 6) if s.calls else None,
+            "cost_usd": round(s.cost_usd, 6) if known or not s.calls else None,
+            "cost_known": known,
+            "cost_per_study_usd": round(s.cost_usd / known, 6) if known else None,
             "agreement": round(s.agreed / s.compared, 3) if s.compared else None,
         }
         rows.append(row)

@@ -14,7 +14,7 @@ from uuid import UUID
 from tasks.core.privacy import LogNames
 from tasks.core.schema import Report, RunSummary
 from tasks.core.words import yes_no
-from tasks.screening.compare import comparison_rows
+from tasks.screening.compare import comparison_rows, cost_note
 
 __all__ = [
     "MODELS_KEY",
@@ -94,12 +94,22 @@ def _models_markdown(summary: RunSummary) -> list[str]:
     for r in comparison_rows(summary.models):
         cells = [r["p50_ms"], r["p95_ms"], r["agreement"]]
         p50, p95, agreement = ("-" if c is None else f"{c:g}" for c in cells)
+        cost = "-" if r["cost_usd"] is None else f"{r['cost_usd']:.4f}"
         lines.append(
             f"| {_md_escape(r['model'])} | {r['provider']} | {r['host']} | {r['calls']}"
-            f" | {r['failed']} | {r['refused']} | {p50} | {p95} | {r['cost_usd']:.4f}"
+            f" | {r['failed']} | {r['refused']} | {p50} | {p95} | {cost}{cost_note(r)}"
             f" | {agreement} |"
         )
     return [*lines, ""]
+
+
+def _run_cost(summary: RunSummary) -> str:
+    """The run's cost cell: the known calls' sum, with the calls it covers when some had no
+    usage ("-" when none of them had)."""
+    calls = summary.model_calls
+    row = {"calls": calls, "cost_known": calls - summary.unknown_cost_readings}
+    cost = "-" if calls and not row["cost_known"] else f"{summary.cost_usd:.4f}"
+    return cost + cost_note(row)
 
 
 def summary_markdown(
@@ -124,7 +134,7 @@ def summary_markdown(
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {summary.studies} | {summary.reported} | {summary.skipped} | {summary.degraded}"
         f" | {summary.needs_review} | {summary.errors} | {summary.model_calls}"
-        f" | {summary.cost_usd:.4f} |",
+        f" | {_run_cost(summary)} |",
         "",
         *_models_markdown(summary),
         f"## Review queue ({len(queue)})",

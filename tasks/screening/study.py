@@ -41,7 +41,7 @@ __all__ = ["MODELS_MODULE", "Screening", "read_study", "screen_study"]
 
 # The panel and both model SDKs: imported when a run starts reading (Screening.start), not
 # with this module, so that `radflow screen` can import them in a thread while Prefect
-# starts the flow run (flows/cli.py); ~1.5-2 s of a new process's start-up.
+# starts the flow run (flows/screen_cli.py); ~1.5-2 s of a new process's start-up.
 MODELS_MODULE = "tasks.models.panel"
 
 
