@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -405,7 +406,10 @@ def serve(
     from flows.serve import DEFAULT_PREFECT_FILE
     from flows.serve import serve as serve_deployments
     from tasks.core.config import load_settings
+    from tasks.screening.shards import HEARTBEAT_ENV
 
+    for name, value in HEARTBEAT_ENV.items():  # shard runs' heartbeats: the crash watch's
+        os.environ.setdefault(name, value)
     try:
         settings = load_settings(None)  # $RADFLOW_CONFIG or ./radflow.yaml, as the runs load it
         if settings.limits == "global":  # the runs' limits exist before any run starts

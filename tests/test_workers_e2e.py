@@ -99,7 +99,6 @@ def workers(tmp_path) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Pop
         _prefect(env, "deploy", "--name", "shard", "--prefect-file", "deployments/prefect.yaml")
         worker_env = env | {
             "PREFECT_WORKER_QUERY_SECONDS": "1",
-            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
         procs: dict[str, subprocess.Popen] = {}
@@ -248,6 +247,11 @@ def test_two_workers_share_the_limits_and_a_killed_worker_loses_nothing(workers,
     assert summary["reported"] == STUDIES and summary["errors"] == 0
     assert sorted(summary["shards"]) == sorted(r["id"] for r in completed)
     assert summary["kappa_studies"] == STUDIES and len(summary["panel_votes"]) == STUDIES
+    # the parent asked for heartbeats every 30 s (the workers' environment does not)
+    assert all(
+        r["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        for r in runs.values()
+    )
     again = json.loads((dest / "runs" / f"{rerun[0]['id']}.json").read_text())
     assert again["skipped"] >= 2  # what the killed run had reported: not read again
     assert again["header_reads"] == 0

@@ -400,12 +400,11 @@ class RunnerConfig(_Strict):
         "a re-run skips the studies reported and takes answered calls from the cache",
     )
     shard_silence_seconds: float = Field(
-        600,
-        ge=30,
+        90,
+        ge=60,
         le=86_400,
-        description="a shard run sending no heartbeat this long is marked Crashed (and re-run); "
-        "above the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's default 180 s): "
-        "with 30 s heartbeats, 90 s detects a lost worker quickly",
+        description="a shard run on a work pool that sends no heartbeat (one every 30 s) this "
+        "long is marked Crashed by the server and run again: its worker is gone",
     )
 
 

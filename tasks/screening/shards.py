@@ -3,8 +3,9 @@ shard_deployment``): the deployment checked before any shard starts, together wi
 automation that marks a shard run Crashed when its heartbeats stop (a worker killed, a node
 lost), and each shard's run, re-run when it crashed, whose summary is read back from DEST.
 
-A shard run emits a heartbeat event every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (set
-in the worker's job environment); the automation :func:`watch_for_crashes` creates (Prefect's
+A shard run emits a heartbeat event every :data:`HEARTBEAT_SECONDS` (the parent sets
+``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in each shard run's job variables, `radflow serve` in its
+own environment; Prefect's own default is 180 s); the automation :func:`watch_for_crashes` creates (Prefect's
 "detect zombie flows" recipe, restricted to the shard deployment's runs) marks a run Crashed
 when ``runner.shard_silence_seconds`` pass without one. The parent then re-runs the shard from
 the same manifest: its reported studies are skipped, its answered calls come from the cache
@@ -30,6 +31,8 @@ from tasks.core.schema import RunSummary
 from tasks.storage import Store, read_json
 
 __all__ = [
+    "HEARTBEAT_ENV",
+    "HEARTBEAT_SECONDS",
     "check_deployment",
     "crash_watch",
     "on_deployment",
@@ -40,6 +43,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _ENDED = ("Completed", "Failed", "Cancelled", "Crashed")
+HEARTBEAT_SECONDS = 30  # Prefect's minimum
+HEARTBEAT_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}
 
 
 async def check_deployment(runner: RunnerConfig) -> None:
@@ -107,8 +112,11 @@ async def on_deployment(
 ) -> RunSummary:
     """Run the shard on a work pool, up to ``attempts`` times while its run crashes, and
     give the summary its run wrote under DEST (:func:`shard_summary`)."""
+    beating = {"env": HEARTBEAT_ENV}  # merged into the deployment's env by the worker
     for attempt in range(1, attempts + 1):
-        run = await run_deployment(name, parameters=parameters, timeout=None, as_subflow=True)
+        run = await run_deployment(
+            name, parameters=parameters, job_variables=beating, timeout=None, as_subflow=True
+        )
         if run.state is None or not run.state.is_crashed() or attempt == attempts:
             break
         logger.warning(
