@@ -15,6 +15,11 @@ from flows.screen_cli import screen
 from tasks.core.config import PreprocessConfig, Provider, WindowName
 from tasks.core.errors import ConfigError, RadflowError
 
+# Without PREFECT_API_URL a run starts a temporary Prefect API: give it 2 minutes, not
+# Prefect's 20 s (a first run migrates a new database; CI saw 20 s pass on a busy machine).
+# Set before Prefect is imported (no command imports it at module level); a user's value stays.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
 app = typer.Typer(
     help="Screen DICOM studies with a panel of vision LLMs, orchestrated by Prefect.",
     no_args_is_help=True,

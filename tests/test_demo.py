@@ -32,3 +32,24 @@ def test_demo_prints_only_radflows_lines_and_the_table(tmp_path):
     rows = [x for x in run.stdout.splitlines() if x.split()[:1] in (["693_J2KR"], ["MR2_J2KI"])]
     assert len(rows) == 2 and "4 reports, 1 error records, 8 model calls" in run.stdout
     assert len(list(out.glob("reports/studies/*/report.sr.dcm"))) == 4
+
+
+@pytest.mark.e2e  # a new Python process
+def test_the_cli_gives_a_temporary_prefect_api_two_minutes_to_start():
+    """CI once saw Prefect's 20 s pass while the demo's first run migrated its database."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    probe = (
+        "import flows.cli; from prefect.settings import get_current_settings as s; "
+        "print(s().server.ephemeral.startup_timeout_seconds)"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert run.stdout.strip() == "120", run.stderr[-2000:]
+    run = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "45"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.stdout.strip() == "45", run.stderr[-2000:]  # the user's value stays
