@@ -44,7 +44,8 @@ def demo_config(base_url: str, language: str) -> dict:
 
 
 def summary_table(dest: Path) -> Table:
-    """One row per report; compact enough for an 80-column terminal."""
+    """One row per report; compact enough for an 80-column terminal. A study with a reading
+    whose cost is unknown (the answer carried no usage) shows the known part and ``+?``."""
     table = Table(
         title="radflow demo — SIMULATED readings (test double), not medical opinions",
         box=box.SIMPLE_HEAD,
@@ -60,6 +61,7 @@ def summary_table(dest: Path) -> Table:
         modality = ", ".join(sorted({i["modality"] or "?" for i in r["images"]}))
         colour = {True: "[red]", False: "[green]", None: ""}[c["abnormal"]]
         tokens = sum(x["input_tokens"] + x["output_tokens"] for x in r["readings"])
+        unknown = any(not x.get("cost_known", True) for x in r["readings"])  # no usage given
         table.add_row(
             Path(r["sources"][0]).stem[:14] if r["sources"] else r["study_instance_uid"][-14:],
             modality,
@@ -68,7 +70,7 @@ def summary_table(dest: Path) -> Table:
             f"{c['agreement']:.0%}",
             yes_no(c["needs_review"]),
             str(tokens),
-            f"{r['cost_usd']:.4f}",
+            f"{r['cost_usd']:.4f}" + ("+?" if unknown else ""),  # the known part, marked
         )
     return table
 

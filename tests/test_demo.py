@@ -53,3 +53,24 @@ def test_the_cli_gives_a_temporary_prefect_api_two_minutes_to_start():
         capture_output=True, text=True,
     )  # fmt: skip
     assert run.stdout.strip() == "45", run.stderr[-2000:]  # the user's value stays
+
+
+def test_the_demo_table_marks_a_cost_it_does_not_know(tmp_path):
+    from rich.console import Console
+
+    from flows.demo import summary_table
+    from tests.helpers import make_report, panel_readings
+
+    known, unknown = panel_readings(), panel_readings()
+    for r in known + unknown:
+        r.cost_usd = 0.0021
+    unknown[1].cost_usd, unknown[1].cost_known = None, False  # an answer without usage
+    for uid, readings, cost in (("1.2.3", known, 0.0042), ("1.2.4", unknown, 0.0021)):
+        path = tmp_path / "studies" / uid / "report.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(make_report(uid, readings, cost_usd=cost).model_dump_json())
+    console = Console(record=True, width=120)
+    console.print(summary_table(tmp_path))
+    rows = {line.split()[0]: line.split()[-1] for line in console.export_text().splitlines()
+            if line.strip().startswith("1.2.")}  # fmt: skip
+    assert rows == {"1.2.3": "0.0042", "1.2.4": "0.0021+?"}
