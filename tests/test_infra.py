@@ -246,6 +246,26 @@ def test_shard_deployment_named_in_configs_exists():
     flow_name, deployment = settings.runner.shard_deployment.split("/")
     (entry,) = [d for d in _load(PREFECT_YAML)["deployments"] if d["name"] == deployment]
     assert _flow(entry["entrypoint"]).name == flow_name
+    assert settings.limits == "global"  # shards on the pool share the panel's limits
+
+
+@pytest.mark.e2e
+def test_a_shard_runs_job_env_keeps_the_templates_and_adds_the_heartbeat(prefect_harness):
+    """What a worker makes of the parent's job variables on the Kubernetes pool (Prefect's
+    own merge): the template's RADFLOW_CONFIG stays, the shard run beats every 30 s."""
+    import asyncio
+
+    from prefect.workers.base import BaseJobConfiguration
+
+    from tasks.screening.shards import HEARTBEAT_ENV
+
+    template = json.loads((K8S / "base-job-template.json").read_text())
+    job = asyncio.run(
+        BaseJobConfiguration.from_template_and_values(template, {"env": HEARTBEAT_ENV})
+    )
+    defaults = template["variables"]["properties"]["env"]["default"]
+    assert job.env == defaults | {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    assert job.env["RADFLOW_CONFIG"] == "/etc/radflow/radflow.yaml"
 
 
 # -- deployments/prefect.yaml -----------------------------------------------------------------

@@ -27,7 +27,15 @@ from tasks.screening.pool import (
     shutdown_pools,
 )
 from tasks.storage import LocalStore
-from tests.helpers import RADFLOW, child_env, process, read_reports, sim_calls, sim_config
+from tests.helpers import (
+    RADFLOW,
+    child_env,
+    process,
+    read_reports,
+    run_radflow,
+    sim_calls,
+    sim_config,
+)
 
 
 def test_runner_config_rejects_bad_values():
@@ -152,6 +160,16 @@ def test_config_runner_section_round_trips(tmp_path):
     assert (runner.shard_size, runner.shards_in_flight, runner.shard_deployment) == (500, 4, None)
 
 
+def test_limits_are_global_by_default_when_shards_run_on_a_work_pool(tmp_path):
+    """Shards on a work pool are several processes (maybe machines) calling one panel."""
+    on_pool = {"shard_deployment": "screen/shard"}
+    assert Settings().limits == "local"
+    assert Settings(runner={"shard_size": 500}).limits == "local"  # subflows: one process
+    assert Settings(runner=on_pool).limits == "global"
+    assert Settings(runner=on_pool, limits="local").limits == "local"  # a choice stays
+    assert Settings(limits="global").limits == "global"
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(900)  # `radflow serve` and each shard run import radflow in a new process
 def test_shards_run_as_deployment_runs_on_a_served_deployment(prefect_harness, simulator, tmp_path):
@@ -168,6 +186,9 @@ def test_shards_run_as_deployment_runs_on_a_served_deployment(prefect_harness, s
     )
     dest = tmp_path / "out"
     log = tmp_path / "serve.log"
+    # shards on a work pool: the panel's limits are global by default, created as a user would
+    synced = run_radflow("limits", "sync", "--config", str(config), api_url=prefect_harness)
+    assert synced.returncode == 0, synced.stderr[-2000:]
     serve_cmd = [*RADFLOW, "serve", "--only", "shard", "--poll-seconds", "1"]
     with process(serve_cmd, child_env(prefect_harness), log) as serve:
 
@@ -205,7 +226,10 @@ def test_a_missing_shard_deployment_fails_before_any_study_is_read(
 ):
     source = _tiny_studies(tmp_path / "in", 3)
     config = sim_config(
-        simulator, tmp_path, runner={"shard_size": 1, "shard_deployment": "screen/nope"}
+        simulator,
+        tmp_path,
+        limits="local",  # the deployment is what is missing here, not the limits
+        runner={"shard_size": 1, "shard_deployment": "screen/nope"},
     )
     before = sim_calls(simulator)
     with pytest.raises(ConfigError, match='runner.shard_deployment "screen/nope" is not a'):

@@ -447,12 +447,13 @@ class Settings(_Strict):
     max_studies_in_flight: int = Field(
         64, ge=1, le=4096, description="studies being read at once (bounds memory)"
     )
-    limits: Literal["local", "global"] = Field(
-        "local",
+    limits: Literal["auto", "local", "global"] = Field(
+        "auto",
         description="where the models' max_concurrency and requests_per_minute hold: local = "
         "within one process; global = also across every process and worker, as Prefect "
         "global concurrency and rate limits (radflow-model-<name>, radflow-rpm-<name>; "
-        "create them with `radflow limits sync`); use global for shards on a work pool",
+        "create them with `radflow limits sync`); auto = global when shards run on a work "
+        "pool (runner.shard_deployment), local otherwise",
     )
     runner: RunnerConfig = Field(
         default_factory=RunnerConfig, description="process pool and shards for large runs"
@@ -487,6 +488,14 @@ class Settings(_Strict):
     @property
     def dicomweb(self) -> DicomWebConfig:
         return self.storage.dicomweb
+
+    @model_validator(mode="after")
+    def _resolve_limits(self) -> Settings:
+        """``auto`` becomes ``global`` for shards on a work pool (several processes, maybe
+        machines, share the panel's provider limits), ``local`` otherwise."""
+        if self.limits == "auto":
+            self.limits = "global" if self.runner.shard_deployment else "local"
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
