@@ -189,6 +189,20 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 120, every: f
     return value
 
 
+def prefect_cli(env: dict[str, str], *args: str) -> str:
+    """``prefect ARGS`` (no prompts) in the repository root; its output, asserted to succeed."""
+    proc = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 def prefect_api(env_or_url: dict[str, str] | str, method: str, path: str, **kw: Any) -> Any:
     """One Prefect API call (``env_or_url``: a client's environment or the API URL); a 503
     (the server's SQLite busy under load) is retried with back-off, as Prefect's client does."""

@@ -28,6 +28,7 @@ from tests.helpers import (
     ROOT,
     TEST_KEY,
     prefect_api,
+    prefect_cli,
     prefect_server_process,
     process,
     sim_config,
@@ -42,19 +43,6 @@ pytestmark = pytest.mark.e2e
 def prefect_server(tmp_path_factory) -> Iterator[dict[str, str]]:
     with prefect_server_process(tmp_path_factory.mktemp("prefect-home")) as env:
         yield env
-
-
-def _prefect(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(
-        [str(BIN / "prefect"), "--no-prompt", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
 
 
 def _flow_runs(env: dict[str, str], deployment_id: str) -> list[dict]:
@@ -138,11 +126,11 @@ def test_uploads_trigger_one_screening_run_per_study(prefect_server, moto_server
             print(f"\n[{time.monotonic() - start:6.1f} s] {name}", end="")
 
     # 1. `prefect deploy --all` of the YAML against this server (work pool and secrets first)
-    _prefect(env, "work-pool", "create", "radflow", "--type", "process")
+    prefect_cli(env, "work-pool", "create", "radflow", "--type", "process")
     for block in ("radflow-openai-api-key", "radflow-anthropic-api-key"):
         code = f"from prefect.blocks.system import Secret; Secret(value='dummy').save('{block}')"
         subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=300)
-    _prefect(env, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    prefect_cli(env, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     phase("prefect deploy --all done")
     nightly = _deployment(env, "nightly")
     assert nightly["work_pool_name"] == "radflow" and nightly["work_queue_name"] == "screening"

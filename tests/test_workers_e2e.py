@@ -31,6 +31,7 @@ from tests.helpers import (
     ROOT,
     TEST_KEY,
     prefect_api,
+    prefect_cli,
     prefect_server_process,
     read_errors,
     read_reports,
@@ -43,18 +44,6 @@ pytestmark = pytest.mark.e2e
 
 STUDIES, SHARD, SLOTS = 40, 10, 2  # 4 shards; 2 calls in flight per model over every process
 SILENCE = 60  # seconds without a heartbeat (sent every 30 s) before a shard run is Crashed
-
-
-def _prefect(env: dict[str, str], *args: str) -> None:
-    proc = subprocess.run(
-        [str(BIN / "prefect"), "--no-prompt", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
 
 
 def _descendants(pid: int) -> list[int]:
@@ -92,11 +81,11 @@ def workers(tmp_path) -> Iterator[tuple[dict[str, str], dict[str, subprocess.Pop
     (tmp_path / "prefect-home").mkdir()
     with prefect_server_process(tmp_path / "prefect-home") as env:
         env = env | {KEY_ENV: TEST_KEY}
-        _prefect(env, "work-pool", "create", "radflow", "--type", "process")
+        prefect_cli(env, "work-pool", "create", "radflow", "--type", "process")
         for block in ("radflow-openai-api-key", "radflow-anthropic-api-key"):
             code = f"from prefect.blocks.system import Secret; Secret(value='x').save('{block}')"
             subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True)
-        _prefect(env, "deploy", "--name", "shard", "--prefect-file", "deployments/prefect.yaml")
+        prefect_cli(env, "deploy", "--name", "shard", "--prefect-file", "deployments/prefect.yaml")
         worker_env = env | {
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_LOGGING_LEVEL": "INFO",
