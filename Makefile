@@ -61,7 +61,7 @@ test: .venv/.compiled orthanc
 		|| (apt-get install -y -qq chromium >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the flow-run page screenshot check will be skipped"
-	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15
 
 test-unit: .venv/.compiled
 	.venv/bin/python -m pytest -q -m "not e2e"
