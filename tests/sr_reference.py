@@ -171,7 +171,7 @@ def sr_cases() -> list[SrCase]:
     impression, recommended exams, review reasons, multi-frame evidence read at one frame,
     several evidence objects (one of another study, one twice), predecessors, a one-component
     PatientName, Korean and English, text over 1,024 characters, evidence with and without
-    the acquisition equipment highdicom records."""
+    the acquisition equipment highdicom records (and with a value it refuses there)."""
     ct, mr, us = _header("CT_small.dcm"), _header("MR_small.dcm"), _header("US1_J2KR.dcm")
     emri = _header("emri_small.dcm")  # Enhanced MR, 10 frames, AcquisitionDateTime
     ct_ev = evidence_dataset(ct, "ct.dcm")
@@ -187,6 +187,12 @@ def sr_cases() -> list[SrCase]:
     emri_made.Manufacturer = "ACME"  # then highdicom records its acquisition equipment
     one_name = copy.deepcopy(ct_ev)
     one_name.PatientName = "CQ500-CT-310"  # as in pydicom-data's 693_J2KR.dcm
+    long_station = copy.deepcopy(ct_ev)
+    # StationName over SH's 16 characters, as a source header may have it: highdicom's
+    # acquisition equipment item is then left out
+    long_station.add(
+        pydicom.DataElement(0x00081010, "SH", "S" * 20, validation_mode=pydicom.config.IGNORE)
+    )
     agree = panel_readings(disagree=False)
     agree[0].recommended_exams = [long_text]
     agree[1].findings = [long_text]
@@ -246,6 +252,11 @@ def sr_cases() -> list[SrCase]:
             "one-component-name",
             make_report(ct.StudyInstanceUID, panel_readings(), images=[_image(ct)]),
             [one_name],
+        ),
+        SrCase(
+            "station-name-too-long",
+            make_report(ct.StudyInstanceUID, panel_readings(), images=[_image(ct)]),
+            [long_station],
         ),
         SrCase(
             "immediate-ko",

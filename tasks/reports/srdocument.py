@@ -21,6 +21,7 @@ from highdicom._standard_utils import (  # the standard's tables highdicom copie
 )
 from pydicom.datadict import tag_for_keyword
 from pydicom.filewriter import write_file_meta_info
+from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ComprehensiveSRStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
@@ -135,6 +136,29 @@ def _predecessors(previous: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
     return _references(groups)
 
 
+def _acquisition_equipment(source: pydicom.Dataset) -> hd.ContributingEquipment:
+    """The source image's acquisition equipment, as highdicom's
+    ``ContributingEquipment.for_image_acquisition`` makes it (without its uncached walk of the
+    IOD tables, done once per SOP class by ``_is_image``)."""
+    when = source.get("AcquisitionDateTime")
+    date, clock = source.get("AcquisitionDate"), source.get("AcquisitionTime")
+    if when is None and isinstance(date, datetime.date) and isinstance(clock, datetime.time):
+        when = datetime.datetime.combine(date, clock)
+    return hd.ContributingEquipment(
+        manufacturer=source.Manufacturer,
+        purpose_of_reference=codes.DCM.AcquisitionEquipment,
+        manufacturer_model_name=source.get("ManufacturerModelName"),
+        software_versions=source.get("SoftwareVersions"),
+        device_serial_number=source.get("DeviceSerialNumber"),
+        institution_name=source.get("InstitutionName"),
+        institutional_department_name=source.get("InstitutionalDepartmentName"),
+        institution_address=source.get("InstitutionAddress"),
+        station_name=source.get("StationName"),
+        contribution_datetime=when,
+        contribution_description="Acquisition equipment of the source image(s)",
+    )
+
+
 def _equipment(source: pydicom.Dataset, now: datetime.datetime) -> list[pydicom.Dataset]:
     """Contributing Equipment Sequence (PS3.3 C.12.1.1.9): the acquisition equipment of the
     first evidence image if its header names a manufacturer, then highdicom as the library
@@ -142,7 +166,7 @@ def _equipment(source: pydicom.Dataset, now: datetime.datetime) -> list[pydicom.
     items: list[pydicom.Dataset] = []
     if _is_image(source.SOPClassUID) and source.get("Manufacturer"):
         try:
-            items.append(hd.ContributingEquipment.for_image_acquisition(source))
+            items.append(_acquisition_equipment(source))
         except ValueError as exc:  # a value the LO/SH/ST/DT checks refuse: the item is left out
             logger.debug("no acquisition equipment item for the SR: %s", exc)
     library = hd.ContributingEquipment.for_highdicom()
