@@ -9,7 +9,7 @@ export UV_LINK_MODE := copy
 # openai, pydicom... from source again: `import flows.screen` took 8.5 s instead of 4.2 s.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-startup bench-pool bench-reliability bench-pacs bench-compare bench-limits orthanc clean help schema config-doc
+.PHONY: demo test test-unit lint format bench-screen bench-preprocess bench-scale bench-startup bench-pool bench-reliability bench-pacs bench-compare bench-limits bench-sr orthanc clean help schema config-doc
 .DEFAULT_GOAL := help
 
 help:
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-pacs   screening time and bytes per study: DICOMweb (Orthanc) vs folder"
 	@echo "make bench-compare  provider comparison and --estimate: two simulated models"
 	@echo "make bench-limits  cost per call of limits: global (Prefect global limits)"
+	@echo "make bench-sr     CPU per DICOM SR: build_sr vs highdicom's ComprehensiveSR constructor"
 
 # uv itself comes from pip when missing; the environment lives in .venv/ (uv default).
 .venv/.synced: pyproject.toml uv.lock Makefile
@@ -106,6 +107,9 @@ bench-compare: .venv/.compiled  ## two simulated models at two latencies and pri
 
 bench-limits: .venv/.compiled  ## per call: a Prefect global concurrency / rate-limit slot
 	.venv/bin/python -m benchmarks.limits --calls 200 --parallel 8
+
+bench-sr: .venv/.compiled  ## CPU per SR: build_sr against highdicom's constructor, same reports
+	.venv/bin/python -m benchmarks.sr --rounds 5
 
 clean:
 	rm -rf .venv demo-output bench-output .pytest_cache

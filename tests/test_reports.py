@@ -30,7 +30,7 @@ from tasks.core.schema import (
 )
 from tasks.reports.fhir import build_fhir, fhir_json
 from tasks.reports.markdown import render_markdown
-from tasks.reports.sr import build_sr, device_uid, evidence_dataset, sr_bytes
+from tasks.reports.sr import build_sr, content_tree, device_uid, evidence_dataset, sr_bytes
 from tasks.reports.write import (
     render_review_table,
     report_schema,
@@ -41,6 +41,7 @@ from tasks.reports.write import (
 )
 from tasks.storage import LocalStore
 from tests.helpers import KEY_ENV, make_report, panel_readings, read_reports, sim_config
+from tests.sr_reference import TIME_DEPENDENT, differences, highdicom_sr, sr_cases
 
 SCHEMA_FILE = Path(__file__).parent.parent / "schemas" / "report.schema.json"
 
@@ -172,6 +173,66 @@ def test_sr_keeps_a_one_component_patient_name_without_a_warning(ct):
         sr = build_sr(_report(ct), [evidence_dataset(ct, "ct.dcm")])
     assert sr.PatientName == "CQ500-CT-310"  # copied as it is
     assert [str(w.message)[:60] for w in caught] == []
+
+
+def _stamp(ours: pydicom.Dataset, reference: pydicom.Dataset) -> None:
+    """Give ``ours`` the reference's values at the TIME_DEPENDENT paths, after checking that
+    both have them."""
+    for path in TIME_DEPENDENT:
+        mine, theirs, keyword = ours, reference, path
+        if "." in path:  # "ContributingEquipmentSequence[-1].ContributionDateTime"
+            sequence, keyword = path.split(".")
+            sequence = sequence.removesuffix("[-1]")
+            mine, theirs = ours[sequence].value[-1], reference[sequence].value[-1]
+        assert keyword in mine and keyword in theirs, path
+        mine[keyword].value = theirs[keyword].value
+
+
+@pytest.mark.parametrize("case", sr_cases(), ids=lambda case: case.name)
+def test_sr_equals_highdicoms_constructor(case):
+    """build_sr assembles the document itself: every tag, VR and value, nested sequences
+    included, is what highdicom's ComprehensiveSR constructor makes of the same content tree
+    (tests/sr_reference.py), but for the time-dependent ones (TIME_DEPENDENT: Content and
+    Instance Creation Date/Time, the highdicom item's ContributionDateTime; no UID is
+    generated fresh). The files are then byte for byte equal, and highdicom reads ours."""
+    args = (case.evidence, case.previous, case.instance_number)
+    ours = build_sr(case.report, *args)
+    assert type(ours) is pydicom.Dataset
+    by_sop = {ds.SOPInstanceUID: ds for ds in case.evidence}
+    reference = highdicom_sr(case.report, content_tree(case.report, by_sop), *args)
+    assert list(differences(ours, reference)) == []
+    _stamp(ours, reference)
+    raw = sr_bytes(ours)
+    assert raw == sr_bytes(reference)
+    back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw))
+    # as read back: the file meta's group length is the one written, DA/TM/DT values are str
+    assert list(differences(back, ours, file_meta=False, types=False)) == []
+    assert back.file_meta.MediaStorageSOPInstanceUID == ours.SOPInstanceUID
+    sr = hd.sr.srread(pydicom.filebase.DicomBytesIO(raw))
+    assert isinstance(sr, hd.sr.ComprehensiveSR)
+    parsed = hd.sr.ComprehensiveSR.from_dataset(back)
+    assert parsed.content[0].ContentSequence[0].ConceptNameCodeSequence[0].CodeValue == "121049"
+    assert [e[2] for e in parsed.get_evidence()] == list(dict.fromkeys(by_sop))
+
+
+def test_sr_comparison_sees_a_changed_value_tag_or_vr(ct):
+    """The comparison of test_sr_equals_highdicoms_constructor can fail: a nested value, a
+    missing tag and a VR are each reported."""
+    case = sr_cases()[0]
+    ours = build_sr(case.report, case.evidence)
+    reference = highdicom_sr(
+        case.report, content_tree(case.report, {ct.SOPInstanceUID: ct}), case.evidence
+    )
+    assert list(differences(ours, reference)) == []
+    ours.ContentSequence[-1].ContentSequence[0].TextValue = "changed"
+    del ours.AccessionNumber
+    ours.ContentSequence[0].add_new("ConceptNameCodeSequence", "SQ", [])
+    reference.SeriesNumber = 991
+    found = list(differences(ours, reference))
+    assert any("TextValue: 'changed'" in d for d in found), found
+    assert "AccessionNumber: in one only" in found
+    assert "SeriesNumber: '990' != '991'" in found or any("SeriesNumber" in d for d in found)
+    assert len(found) >= 4, found
 
 
 def test_fhir_diagnostic_report_round_trips_as_r4(ct):

@@ -1,12 +1,12 @@
-"""report.sr.dcm: the consensus as a DICOM Comprehensive SR (highdicom) in the source study,
-referencing the key images that were read and naming the AI models as device observers."""
+"""report.sr.dcm: the consensus as a DICOM Comprehensive SR in the source study, referencing
+the key images that were read and naming the AI models as device observers; the content tree
+of highdicom's content items, the document around it from tasks/reports/srdocument.py."""
 
 from __future__ import annotations
 
 import copy
 import io
 import logging
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -17,15 +17,17 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from tasks.core.errors import CorruptDicom, RadflowError, parser_error
-from tasks.core.schema import Report
+from tasks.core.schema import Consensus, Report
 from tasks.core.words import ABNORMAL_CODES, LANGUAGE_TAGS, URGENCY_MEANINGS, YES_NO_CODES
 from tasks.pacs.version import report_version
+from tasks.reports.srdocument import sr_document
 
 if TYPE_CHECKING:  # annotations only: no import cycle with tasks.storage
     from tasks.storage import Store
 
 __all__ = [
     "build_sr",
+    "content_tree",
     "device_uid",
     "evidence_dataset",
     "read_evidence",
@@ -53,9 +55,10 @@ LANGUAGES = {
     language.value: hd.sr.CodedConcept(tag, "RFC5646", name)
     for language, (tag, name) in LANGUAGE_TAGS.items()
 }
-# highdicom's warning (highdicom/valuerep.py check_person_name) about a one-component name
-_ONE_COMPONENT_NAME = r'The string ".*" is unlikely to represent the intended person name'
-# Type 2 attributes highdicom copies from the first evidence dataset: present, maybe empty.
+SERIES_NUMBER = 990
+SERIES_DESCRIPTION = "radflow AI screening (preliminary)"
+CHARACTER_SET = "ISO_IR 192"  # UTF-8: Korean reports, any patient name
+# Type 2 attributes the SR copies from the first evidence dataset: present, maybe empty.
 _TYPE2 = (
     "PatientID",
     "PatientName",
@@ -89,9 +92,9 @@ def sr_uids(report: Report) -> tuple[str, str]:
 
 
 # What the SR takes from its evidence: the patient, clinical-trial and study-level elements
-# (groups 0008/0010/0012/0020/0032, of which highdicom copies the Patient and Study modules)
+# (groups 0008/0010/0012/0020/0032, of which the SR copies the Patient and Study modules)
 # and each instance's identity. Acquisition and pixel-description groups, private elements
-# and the rest stay behind: highdicom deep-copies every evidence dataset it is given.
+# and the rest stay behind: the headers are kept per study until its report is written.
 _EVIDENCE_GROUPS = frozenset({0x0008, 0x0010, 0x0012, 0x0020, 0x0032})
 
 
@@ -134,28 +137,27 @@ def _text(name: Code, value: str, rel: str = "CONTAINS") -> hd.sr.TextContentIte
     return hd.sr.TextContentItem(name=name, value=value[:1024] or "-", relationship_type=rel)
 
 
+def _code(name: Code, value: Code) -> hd.sr.CodeContentItem:
+    return hd.sr.CodeContentItem(name=name, value=value, relationship_type="CONTAINS")
+
+
+def _num(name: Code, value: float) -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(name=name, value=value, unit=NO_UNITS, relationship_type="CONTAINS")
+
+
 def _section(name: Code, items: list) -> hd.sr.ContainerContentItem:
     section = hd.sr.ContainerContentItem(name=name, relationship_type="CONTAINS")
     section.ContentSequence = items
     return section
 
 
-def build_sr(
-    report: Report,
-    evidence: Sequence[pydicom.Dataset],
-    previous: Sequence[pydicom.Dataset] = (),
-    instance_number: int = 1,
-) -> hd.sr.ComprehensiveSR:
-    """A Comprehensive SR, structured after TID 2000 (Basic Diagnostic Imaging Report):
+def content_tree(report: Report, by_sop: dict[str, pydicom.Dataset]) -> hd.sr.ContainerContentItem:
+    """The root container, structured after TID 2000 (Basic Diagnostic Imaging Report):
     language, one device observer context (TID 1002/1004) per panel model, then sections
-    Findings (TEXT per merged finding with its supporting models; IMAGE per key image read),
-    Conclusions (CODE abnormal/normal, urgency, review flag; NUM agreement and score),
-    Impressions (the model-written impression, if any) and Recommendations. Preliminary,
-    partial and unverified: AI output for review. ``previous`` are the earlier radflow SRs of
-    the study it supersedes (Predecessor Documents Sequence, PS3.3 C.17.2.3)."""
-    if not evidence:
-        raise ValueError(f"study {report.study_instance_uid}: no evidence dataset for the SR")
-    by_sop = {ds.SOPInstanceUID: ds for ds in evidence}
+    Findings (TEXT per merged finding with its supporting models; IMAGE per key image read,
+    looked up by SOP Instance UID in ``by_sop``), Conclusions (CODE abnormal/normal, urgency,
+    review flag; NUM agreement and score), Impressions (the model-written impression, if any)
+    and Recommendations."""
     c = report.consensus
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
     items: list = list(hd.sr.LanguageOfContentItemAndDescendants(LANGUAGES[report.language]))
@@ -186,40 +188,7 @@ def build_sr(
             )
         )
     items.append(_section(codes.DCM.Findings, findings or [_text(codes.DCM.Finding, "none")]))
-    conclusions: list = []
-    if c.abnormal is not None:
-        conclusions.append(
-            hd.sr.CodeContentItem(
-                name=codes.DCM.Conclusion,
-                value=ABNORMAL[c.abnormal],
-                relationship_type="CONTAINS",
-            )
-        )
-    if c.urgency is not None:
-        conclusions.append(
-            hd.sr.CodeContentItem(
-                name=URGENCY, value=URGENCY_CODES[c.urgency], relationship_type="CONTAINS"
-            )
-        )
-    conclusions.append(
-        hd.sr.CodeContentItem(
-            name=NEEDS_REVIEW, value=YES_NO[c.needs_review], relationship_type="CONTAINS"
-        )
-    )
-    for reason in c.review_reasons:
-        conclusions.append(_text(codes.DCM.Conclusion, f"review: {reason}"))
-    conclusions.append(
-        hd.sr.NumContentItem(
-            name=AGREEMENT, value=c.agreement, unit=NO_UNITS, relationship_type="CONTAINS"
-        )
-    )
-    if c.score is not None:
-        conclusions.append(
-            hd.sr.NumContentItem(
-                name=SCORE, value=c.score, unit=NO_UNITS, relationship_type="CONTAINS"
-            )
-        )
-    items.append(_section(codes.DCM.Conclusions, conclusions))
+    items.append(_section(codes.DCM.Conclusions, _conclusions(c)))
     if report.impression is not None and report.impression.ok:
         imp = report.impression
         text = f"[model-written by {imp.model} ({imp.model_id})] {imp.text}"
@@ -231,30 +200,56 @@ def build_sr(
         ]
         items.append(_section(codes.DCM.Recommendations, recs))
     root.ContentSequence = items
+    return root
+
+
+def _conclusions(c: Consensus) -> list:
+    """The Conclusions section's items: abnormal/normal, urgency, review flag and reasons,
+    agreement and score."""
+    out: list = []
+    if c.abnormal is not None:
+        out.append(_code(codes.DCM.Conclusion, ABNORMAL[c.abnormal]))
+    if c.urgency is not None:
+        out.append(_code(URGENCY, URGENCY_CODES[c.urgency]))
+    out.append(_code(NEEDS_REVIEW, YES_NO[c.needs_review]))
+    out.extend(_text(codes.DCM.Conclusion, f"review: {reason}") for reason in c.review_reasons)
+    out.append(_num(AGREEMENT, c.agreement))
+    if c.score is not None:
+        out.append(_num(SCORE, c.score))
+    return out
+
+
+def build_sr(
+    report: Report,
+    evidence: Sequence[pydicom.Dataset],
+    previous: Sequence[pydicom.Dataset] = (),
+    instance_number: int = 1,
+) -> pydicom.Dataset:
+    """The report as a Comprehensive SR in the source study (``content_tree`` in the document
+    of ``sr_document``): preliminary, partial and unverified, AI output for review.
+    ``evidence`` are the key images' source headers (``evidence_dataset``), the first of them
+    giving the patient and study; ``previous`` are the earlier radflow SRs of the study it
+    supersedes (Predecessor Documents Sequence, PS3.3 C.17.2.3). Element for element what
+    highdicom's ``ComprehensiveSR`` constructor made of the same tree (checked by
+    tests/test_reports.py::test_sr_equals_highdicoms_constructor), at a fraction of the CPU."""
+    if not evidence:
+        raise ValueError(f"study {report.study_instance_uid}: no evidence dataset for the SR")
+    root = content_tree(report, {ds.SOPInstanceUID: ds for ds in evidence})
     series_uid, sop_uid = sr_uids(report)
-    with warnings.catch_warnings():
-        # The Patient module is copied from the evidence as it is: highdicom warns about a
-        # PatientName of one component ("CQ500-CT-310" in pydicom-data), and its warning
-        # would print the name on the console. Only that warning, only while the SR is built
-        # (in threads at once, a race of catch_warnings can only keep or drop this filter).
-        warnings.filterwarnings("ignore", _ONE_COMPONENT_NAME, UserWarning, r"highdicom\.")
-        return hd.sr.ComprehensiveSR(
-            evidence=list(evidence),
-            content=root,
-            series_instance_uid=series_uid,
-            series_number=990,
-            sop_instance_uid=sop_uid,
-            instance_number=instance_number,
-            previous_versions=list(previous) or None,
-            manufacturer="radflow",
-            manufacturer_model_name="radflow",
-            software_versions=report.radflow_version,
-            series_description="radflow AI screening (preliminary)",
-            is_complete=False,
-            is_final=False,
-            is_verified=False,
-            specific_character_set="ISO_IR 192",
-        )
+    return sr_document(
+        root,
+        evidence,
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        previous=previous,
+        manufacturer="radflow",
+        manufacturer_model_name="radflow",
+        software_versions=report.radflow_version,
+        series_description=SERIES_DESCRIPTION,
+        specific_character_set=CHARACTER_SET,
+    )
 
 
 def sr_bytes(sr: pydicom.Dataset) -> bytes:
@@ -265,21 +260,26 @@ def sr_bytes(sr: pydicom.Dataset) -> bytes:
 
 
 def warm_up() -> None:
-    """Build and drop one SR of a made-up instance, so that highdicom reads its tables of the
-    standard (~0.3 s on an idle machine, once per process) now: in a thread while a run's
-    first models are reading, or when `radflow serve` starts, not in a study's report."""
+    """Build and drop one SR document of a made-up instance, so that highdicom's tables of the
+    standard (which modules an IOD has, the Patient and Study attributes to copy: ~0.3 s on an
+    idle machine, once per process) are read now: in a thread while a run's first models are
+    reading, or when `radflow serve` starts, not in a study's report."""
     ds = pydicom.Dataset()
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (generate_uid() for _ in "123")
     ds.SOPClassUID = pydicom.uid.CTImageStorage
     ds.Modality = "CT"
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport)
     root.ContentSequence = [_text(codes.DCM.Finding, "warm-up")]
-    hd.sr.ComprehensiveSR(
-        evidence=[evidence_dataset(ds, "warm-up")],
-        content=root,
+    sr_document(
+        root,
+        [evidence_dataset(ds, "warm-up")],
         series_instance_uid=generate_uid(),
-        series_number=990,
+        series_number=SERIES_NUMBER,
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer="radflow",
+        manufacturer_model_name="radflow",
+        software_versions="warm-up",
+        series_description=SERIES_DESCRIPTION,
+        specific_character_set=CHARACTER_SET,
     )
