@@ -20,7 +20,7 @@ from tasks.core.errors import CorruptDicom, RadflowError, parser_error
 from tasks.core.schema import Consensus, Report
 from tasks.core.words import ABNORMAL_CODES, LANGUAGE_TAGS, URGENCY_MEANINGS, YES_NO_CODES
 from tasks.pacs.version import report_version
-from tasks.reports.srdocument import sr_document
+from tasks.reports.srdocument import EVIDENCE_REQUIRED, sr_document
 
 if TYPE_CHECKING:  # annotations only: no import cycle with tasks.storage
     from tasks.storage import Store
@@ -59,17 +59,7 @@ SERIES_NUMBER = 990
 SERIES_DESCRIPTION = "radflow AI screening (preliminary)"
 CHARACTER_SET = "ISO_IR 192"  # UTF-8: Korean reports, any patient name
 # Type 2 attributes the SR copies from the first evidence dataset: present, maybe empty.
-_TYPE2 = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
+_TYPE2 = (*EVIDENCE_REQUIRED, "ReferringPhysicianName")
 
 
 def device_uid(name: str, model_id: str) -> str:

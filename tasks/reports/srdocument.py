@@ -25,7 +25,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ComprehensiveSRStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
-__all__ = ["sr_document", "study_tags"]
+__all__ = ["EVIDENCE_REQUIRED", "sr_document", "study_tags"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ _IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.9.7433.1.1")
 _IMPLEMENTATION_VERSION = f"highdicom{hd.__version__}"
 # What highdicom's constructor reads from the first evidence dataset and fails without
 # (``evidence_dataset`` adds them empty where a source lacks them).
-_REQUIRED = (
+EVIDENCE_REQUIRED = (
     "PatientID",
     "PatientName",
     "PatientBirthDate",
@@ -252,7 +252,7 @@ def sr_document(
     for tag in study_tags(source.SOPClassUID):
         if tag in source:
             ds.add(source[tag])
-    for keyword in _REQUIRED:
+    for keyword in EVIDENCE_REQUIRED:
         if keyword not in ds:
             raise AttributeError(f"evidence {source.SOPInstanceUID} has no {keyword}")
     ds.ContributingEquipmentSequence = _equipment(source, now)
